@@ -1,0 +1,912 @@
+//! The per-session actor: one tokio task owning a live session, like tower's `buffer` worker.
+//!
+//! Commands arrive on a bounded mpsc with a oneshot reply each. The current step of a turn (a
+//! model call or a tool call) is a boxed future that owns what it needs, so the actor keeps
+//! serving commands — queued input, cancellation, subscriptions — while it runs, and commits the
+//! step's result when it completes. All commits go through [`Actor::commit`], fenced by the epoch
+//! this actor got from `activate`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::{ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState};
+use crate::catalog::SessionConfig;
+use crate::error::{Error, Result};
+use crate::hooks::{HookDecision, ToolCall};
+use crate::llm::{ModelRequest, ModelResponse};
+use crate::model::{
+    ContentBlock, Entry, EntryPayload, Epoch, InputId, Message, NodeId, Role, Seq, SessionId,
+    TurnStatus, Usage,
+};
+use crate::registry::SessionRegistry;
+use crate::runtime::LiveSessions;
+use crate::store::{CommitAck, CommitBatch, SessionRecord, SessionStore, now_ms};
+use crate::template::InputMode;
+use crate::tools::{ToolContext, ToolOutput};
+
+/// A user input on its way to a session.
+#[derive(Debug)]
+pub(crate) struct InputRequest {
+    pub(crate) input_id: InputId,
+    pub(crate) content: Vec<ContentBlock>,
+}
+
+/// What a subscriber gets: committed entries after its seq, then the live channel.
+pub(crate) type Subscription = (Vec<Entry>, broadcast::Receiver<TurnEvent>);
+
+/// Commands to a session actor. Large payloads are boxed to keep the mailbox slots small.
+pub(crate) enum Command {
+    Send {
+        input: Box<InputRequest>,
+        reply: oneshot::Sender<Result<TurnOutcome>>,
+    },
+    Subscribe {
+        after: Seq,
+        reply: oneshot::Sender<Result<Subscription>>,
+    },
+    Cancel {
+        reply: oneshot::Sender<bool>,
+    },
+    Stop {
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Passivate {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A cheap handle to a live actor.
+#[derive(Clone, Debug)]
+pub(crate) struct ActorHandle {
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) generation: u64,
+    pub(crate) abort: tokio::task::AbortHandle,
+}
+
+/// Everything needed to start an actor for an activated session.
+pub(crate) struct ActorParams {
+    pub(crate) node: NodeId,
+    pub(crate) record: SessionRecord,
+    pub(crate) entries: Vec<Entry>,
+    pub(crate) config: SessionConfig,
+    pub(crate) store: Arc<dyn SessionStore>,
+    pub(crate) registry: Arc<dyn SessionRegistry>,
+    pub(crate) live: Arc<LiveSessions>,
+    pub(crate) generation: u64,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) mailbox: usize,
+}
+
+/// How long a retryable commit failure is retried before the actor gives the session up.
+const COMMIT_RETRIES: u32 = 5;
+/// Retries of a retryable model error within one step.
+const MODEL_RETRIES: u32 = 3;
+/// Capacity of the event channel (created on first subscription).
+const EVENT_CAPACITY: usize = 1024;
+
+type StepFuture = Pin<Box<dyn Future<Output = StepResult> + Send>>;
+
+enum StepResult {
+    Model(Result<ModelResponse>),
+    Tool { call_id: String, output: ToolOutput },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum StepKind {
+    Model,
+    Tool,
+}
+
+/// Why the actor stopped.
+enum Exit {
+    /// Idle timeout, `Passivate`, or `Stop`: release the registry placement.
+    Release,
+    /// Every handle was dropped (runtime gone).
+    Dropped,
+    /// Another writer holds the session now: leave its placement alone.
+    Fenced,
+    /// A store or engine failure: give the session up; the next request rebuilds it.
+    Failed,
+}
+
+struct Ended {
+    status: TurnStatus,
+    answer_seq: Option<Seq>,
+    usage: Usage,
+    end_seq: Seq,
+}
+
+struct Actor {
+    id: SessionId,
+    node: NodeId,
+    epoch: Epoch,
+    seq: Seq,
+    state: TurnState,
+    conv: Conversation,
+    /// Input id → seq of its `Input` entry, for idempotent resubmission.
+    inputs: HashMap<InputId, Seq>,
+    /// Outcomes of finished turns by input id.
+    ended: HashMap<InputId, Ended>,
+    config: SessionConfig,
+    store: Arc<dyn SessionStore>,
+    registry: Arc<dyn SessionRegistry>,
+    live: Arc<LiveSessions>,
+    generation: u64,
+    idle_timeout: Duration,
+    waiters: HashMap<InputId, Vec<oneshot::Sender<Result<TurnOutcome>>>>,
+    /// Created on the first subscription, so an idle session without subscribers costs nothing.
+    events: Option<broadcast::Sender<TurnEvent>>,
+    /// A cancellation waiting for the next boundary.
+    cancel: Option<TurnStatus>,
+    /// When the current turn must end.
+    deadline: Option<Instant>,
+}
+
+/// Starts the actor task for an activated session and returns its handle.
+pub(crate) fn spawn_actor(params: ActorParams) -> ActorHandle {
+    let (tx, rx) = mpsc::channel(params.mailbox.max(1));
+    let id = params.record.id.clone();
+    let span = info_span!("session", session = %id, epoch = params.record.epoch, node = %params.node);
+    let mut conv = Conversation::default();
+    let mut inputs = HashMap::new();
+    let mut ended = HashMap::new();
+    for e in &params.entries {
+        conv.push(e);
+        match &e.payload {
+            EntryPayload::Input { input_id, .. } => {
+                inputs.insert(input_id.clone(), e.seq);
+            }
+            EntryPayload::TurnEnd {
+                input_id,
+                status,
+                answer_seq,
+                usage,
+            } => {
+                ended.insert(
+                    input_id.clone(),
+                    Ended {
+                        status: status.clone(),
+                        answer_seq: *answer_seq,
+                        usage: *usage,
+                        end_seq: e.seq,
+                    },
+                );
+            }
+            _ => {}
+        }
+    }
+    let mut actor = Actor {
+        id,
+        node: params.node,
+        epoch: params.record.epoch,
+        seq: params.record.seq,
+        state: params.record.state,
+        conv,
+        inputs,
+        ended,
+        config: params.config,
+        store: params.store,
+        registry: params.registry,
+        live: params.live,
+        generation: params.generation,
+        idle_timeout: params.idle_timeout,
+        waiters: HashMap::new(),
+        events: None,
+        cancel: None,
+        deadline: None,
+    };
+    actor.deadline = actor.state.turn.as_ref().map(|t| actor.deadline_for(t));
+    let handle = tokio::spawn(actor.run(rx).instrument(span));
+    ActorHandle {
+        tx,
+        generation: params.generation,
+        abort: handle.abort_handle(),
+    }
+}
+
+impl Actor {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        if self.state.has_work() {
+            debug!(seq = self.seq, "resuming interrupted turn");
+        }
+        let mut step: Option<(StepKind, StepFuture)> = None;
+        let exit = 'main: loop {
+            if step.is_none() {
+                match self.next_step().await {
+                    Ok(next) => step = next,
+                    Err(e) => break 'main self.exit_for(e),
+                }
+            }
+            let idle = step.is_none() && !self.state.has_work();
+            let deadline = self.deadline;
+            tokio::select! {
+                biased;
+                cmd = rx.recv() => {
+                    let Some(cmd) = cmd else { break 'main Exit::Dropped };
+                    let model_in_flight = matches!(step, Some((StepKind::Model, _)));
+                    match self.handle(cmd).await {
+                        Ok(Flow::Continue) => {}
+                        Ok(Flow::DropModelStep) => if model_in_flight { step = None },
+                        Ok(Flow::Exit(exit)) => break 'main exit,
+                        Err(e) => break 'main self.exit_for(e),
+                    }
+                }
+                res = async { step.as_mut().expect("guarded").1.as_mut().await }, if step.is_some() => {
+                    step = None;
+                    if let Err(e) = self.finish_step(res).await {
+                        break 'main self.exit_for(e);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    // A hard deadline: the step in flight is abandoned.
+                    step = None;
+                    if let Err(e) = self.end_turn(TurnStatus::TimedOut, Vec::new(), None).await {
+                        break 'main self.exit_for(e);
+                    }
+                }
+                _ = tokio::time::sleep(self.idle_timeout), if idle => {
+                    if self.live.retire(&self.id, self.generation, &mut rx, false) {
+                        break 'main Exit::Release;
+                    }
+                }
+            }
+        };
+        self.shutdown(exit, &mut rx).await;
+    }
+
+    /// Maps an error that ends the actor to how it ends, failing every waiting caller with it.
+    fn exit_for(&mut self, e: Error) -> Exit {
+        for (_, waiters) in self.waiters.drain() {
+            for w in waiters {
+                let _ = w.send(Err(e.clone()));
+            }
+        }
+        if matches!(e, Error::Fenced { .. }) {
+            debug!(error = %e, "fenced: another writer owns the session");
+            Exit::Fenced
+        } else {
+            warn!(error = %e, "session actor giving the session up");
+            Exit::Failed
+        }
+    }
+
+    async fn shutdown(mut self, exit: Exit, rx: &mut mpsc::Receiver<Command>) {
+        // Leave the live map first, so new requests start a fresh actor rather than queue here.
+        self.live.retire(&self.id, self.generation, rx, true);
+        // Commands that raced in are dropped unanswered: their callers see the actor gone and
+        // retry on a fresh one (inputs are idempotent by id).
+        while rx.try_recv().is_ok() {}
+        self.waiters.clear();
+        if matches!(exit, Exit::Release | Exit::Failed | Exit::Dropped)
+            && let Err(e) = self.registry.unregister(&self.id, &self.node).await
+        {
+            warn!(error = %e, "could not release registry placement");
+        }
+        debug!("session actor stopped");
+    }
+
+    /// Decides the next step of the turn, committing whatever the decision needs first. Returns
+    /// `None` when there is nothing to do.
+    async fn next_step(&mut self) -> Result<Option<(StepKind, StepFuture)>> {
+        loop {
+            let Some(turn) = self.state.turn.clone() else {
+                let Some(next) = self.state.queued.front().cloned() else {
+                    return Ok(None);
+                };
+                // Start the oldest queued input's turn.
+                let mut state = self.state.clone();
+                state.queued.pop_front();
+                state.turn = Some(new_turn(&next));
+                state.phase = Phase::CallingModel;
+                self.commit(Vec::new(), state).await?;
+                continue;
+            };
+            if let Some(status) = self.cancel.take() {
+                self.end_turn(status, Vec::new(), None).await?;
+                continue;
+            }
+            if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                self.end_turn(TurnStatus::TimedOut, Vec::new(), None).await?;
+                continue;
+            }
+            match &self.state.phase {
+                Phase::Idle => {
+                    // A turn without a phase cannot be produced by this engine; repair it.
+                    let mut state = self.state.clone();
+                    state.phase = Phase::CallingModel;
+                    self.commit(Vec::new(), state).await?;
+                }
+                Phase::CallingModel => {
+                    let limit = self.config.template.limits.max_steps;
+                    if turn.steps >= limit {
+                        self.end_turn(TurnStatus::MaxSteps { limit }, Vec::new(), None)
+                            .await?;
+                        continue;
+                    }
+                    self.emit(TurnEvent::ModelCallStarted {
+                        step: turn.steps + 1,
+                    });
+                    return Ok(Some((StepKind::Model, self.model_step())));
+                }
+                Phase::RunningTools { calls } => {
+                    let Some(call) = calls.first().cloned() else {
+                        let mut state = self.state.clone();
+                        state.phase = Phase::CallingModel;
+                        self.commit(Vec::new(), state).await?;
+                        continue;
+                    };
+                    let idempotent = self
+                        .config
+                        .tools
+                        .get(&call.name)
+                        .is_none_or(|t| t.idempotent());
+                    if !idempotent && call.started {
+                        // In doubt: it may have run. Never run it again; tell the model.
+                        warn!(call_id = %call.id, tool = %call.name, "tool call in doubt after resume; not re-run");
+                        let output = ToolOutput::error(format!(
+                            "The outcome of tool call {} ({}) is unknown: the session was \
+                             interrupted while it ran. It was not run again.",
+                            call.id, call.name
+                        ));
+                        self.record_tool_result(call.id.clone(), output).await?;
+                        continue;
+                    }
+                    if !idempotent {
+                        let mut state = self.state.clone();
+                        if let Phase::RunningTools { calls } = &mut state.phase {
+                            calls[0].started = true;
+                        }
+                        let payload = EntryPayload::ToolStarted {
+                            call_id: call.id.clone(),
+                            tool: call.name.clone(),
+                        };
+                        self.commit(vec![payload], state).await?;
+                    }
+                    self.emit(TurnEvent::ToolCallStarted {
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                    });
+                    return Ok(Some((StepKind::Tool, self.tool_step(call))));
+                }
+            }
+        }
+    }
+
+    fn model_step(&self) -> StepFuture {
+        let template = &self.config.template;
+        let mut request = ModelRequest {
+            session: self.id.clone(),
+            model: template.model.clone(),
+            system: template.system_prompt.clone(),
+            messages: self.conv.messages().clone(),
+            tools: self.config.tool_specs.clone(),
+            params: self.config.params.clone(),
+        };
+        let hooks = self.config.hooks.clone();
+        let client = self.config.client.clone();
+        let timeout = Duration::from_millis(template.limits.model_call_timeout_ms);
+        let session = self.id.clone();
+        Box::pin(async move {
+            for hook in hooks.iter() {
+                if let HookDecision::Veto(reason) = hook.before_model(&mut request).await {
+                    return StepResult::Model(Err(Error::Model {
+                        message: format!("model call vetoed by a hook: {reason}"),
+                        retryable: false,
+                    }));
+                }
+            }
+            let mut attempt = 0;
+            let result = loop {
+                let err = match tokio::time::timeout(timeout, client.complete(request.clone())).await
+                {
+                    Ok(Ok(response)) => break Ok(response),
+                    Ok(Err(e)) => e,
+                    Err(_) => Error::Timeout {
+                        session: Some(session.clone()),
+                        what: format!("model call after {timeout:?}"),
+                    },
+                };
+                if !err.is_retryable() || attempt >= MODEL_RETRIES {
+                    break Err(err);
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            };
+            let result = match result {
+                Ok(mut response) => {
+                    for hook in hooks.iter() {
+                        hook.after_model(&mut response).await;
+                    }
+                    Ok(response)
+                }
+                Err(e) => Err(e),
+            };
+            StepResult::Model(result)
+        })
+    }
+
+    fn tool_step(&self, call: PendingCall) -> StepFuture {
+        let hooks = self.config.hooks.clone();
+        let tool = self.config.tools.get(&call.name).cloned();
+        let timeout = Duration::from_millis(self.config.template.limits.tool_call_timeout_ms);
+        let ctx = ToolContext {
+            session: self.id.clone(),
+            call_id: call.id.clone(),
+        };
+        Box::pin(async move {
+            let mut tc = ToolCall {
+                id: call.id,
+                name: call.name,
+                input: call.input,
+            };
+            for hook in hooks.iter() {
+                if let HookDecision::Veto(reason) = hook.before_tool(&mut tc).await {
+                    return StepResult::Tool {
+                        call_id: tc.id,
+                        output: ToolOutput::error(format!("tool call refused: {reason}")),
+                    };
+                }
+            }
+            let mut output = match tool {
+                None => ToolOutput::error(format!("no tool named {:?}", tc.name)),
+                Some(tool) => tokio::time::timeout(timeout, tool.call(tc.input.clone(), ctx))
+                    .await
+                    .unwrap_or_else(|_| {
+                        ToolOutput::error(format!("tool {} timed out after {timeout:?}", tc.name))
+                    }),
+            };
+            for hook in hooks.iter() {
+                hook.after_tool(&tc, &mut output).await;
+            }
+            StepResult::Tool {
+                call_id: tc.id,
+                output,
+            }
+        })
+    }
+
+    async fn finish_step(&mut self, result: StepResult) -> Result<()> {
+        match result {
+            StepResult::Model(Ok(response)) => {
+                let message = Message {
+                    role: Role::Assistant,
+                    content: response.content,
+                };
+                let answer_seq = self.seq + 1;
+                let mut state = self.state.clone();
+                let turn = state
+                    .turn
+                    .as_mut()
+                    .ok_or_else(|| Error::Internal("model step finished outside a turn".into()))?;
+                turn.steps += 1;
+                turn.usage.add(response.usage);
+                turn.answer_seq = Some(answer_seq);
+                let calls: Vec<PendingCall> = message
+                    .tool_uses()
+                    .map(|(id, name, input)| PendingCall {
+                        id: id.to_string(),
+                        name: name.to_string(),
+                        input: input.clone(),
+                        started: false,
+                    })
+                    .collect();
+                let assistant = EntryPayload::Assistant {
+                    message: message.clone(),
+                    stop_reason: response.stop_reason,
+                    usage: response.usage,
+                };
+                if calls.is_empty() {
+                    self.state.turn = state.turn;
+                    self.end_turn(TurnStatus::Completed, vec![assistant], Some(message))
+                        .await
+                } else {
+                    state.phase = Phase::RunningTools { calls };
+                    self.commit(vec![assistant], state).await?;
+                    Ok(())
+                }
+            }
+            StepResult::Model(Err(e)) => {
+                warn!(error = %e, "model call failed; ending turn");
+                self.end_turn(
+                    TurnStatus::Failed {
+                        message: e.to_string(),
+                    },
+                    Vec::new(),
+                    None,
+                )
+                .await
+            }
+            StepResult::Tool { call_id, output } => self.record_tool_result(call_id, output).await,
+        }
+    }
+
+    async fn record_tool_result(&mut self, call_id: String, output: ToolOutput) -> Result<()> {
+        let mut state = self.state.clone();
+        if let Phase::RunningTools { calls } = &mut state.phase {
+            calls.retain(|c| c.id != call_id);
+            if calls.is_empty() {
+                state.phase = Phase::CallingModel;
+            }
+        }
+        let payload = EntryPayload::ToolResult {
+            call_id,
+            content: output.content,
+            is_error: output.is_error,
+        };
+        self.commit(vec![payload], state).await?;
+        Ok(())
+    }
+
+    /// Ends the current turn with `status`, after `entries`: pending tool calls get error
+    /// results (so every tool call has one), then the `TurnEnd`. The oldest queued input's turn
+    /// starts in the same commit.
+    async fn end_turn(
+        &mut self,
+        status: TurnStatus,
+        mut entries: Vec<EntryPayload>,
+        message: Option<Message>,
+    ) -> Result<()> {
+        let Some(turn) = self.state.turn.clone() else {
+            return Ok(());
+        };
+        let pending: Vec<PendingCall> = match &self.state.phase {
+            Phase::RunningTools { calls } => calls.clone(),
+            _ => Vec::new(),
+        };
+        for call in pending {
+            entries.push(EntryPayload::ToolResult {
+                call_id: call.id,
+                content: format!("not run: the turn ended ({})", status_name(&status)),
+                is_error: true,
+            });
+        }
+        entries.push(EntryPayload::TurnEnd {
+            input_id: turn.input_id.clone(),
+            status: status.clone(),
+            answer_seq: turn.answer_seq,
+            usage: turn.usage,
+        });
+        let end_seq = self.seq + entries.len() as u64;
+        let outcome_completed = status == TurnStatus::Completed;
+        let mut state = self.state.clone();
+        state.turn = None;
+        state.phase = Phase::Idle;
+        if let Some(next) = state.queued.pop_front() {
+            state.turn = Some(new_turn(&next));
+            state.phase = Phase::CallingModel;
+        }
+        self.commit(entries, state).await?;
+        let outcome = TurnOutcome {
+            session: self.id.clone(),
+            input_id: turn.input_id.clone(),
+            status,
+            message: message.filter(|_| outcome_completed),
+            usage: turn.usage,
+            end_seq,
+        };
+        debug!(input = %turn.input_id, status = status_name(&outcome.status), end_seq, "turn ended");
+        self.emit(TurnEvent::TurnFinished(outcome.clone()));
+        self.reply(&turn.input_id, outcome);
+        Ok(())
+    }
+
+    fn reply(&mut self, input_id: &InputId, outcome: TurnOutcome) {
+        if let Some(waiters) = self.waiters.remove(input_id) {
+            for w in waiters {
+                let _ = w.send(outcome.clone().into_result());
+            }
+        }
+    }
+
+    /// Commits `payloads` (as the next entries) with `state`, fenced by this actor's epoch.
+    /// Retryable failures are retried with backoff; anything else ends the actor.
+    async fn commit(&mut self, payloads: Vec<EntryPayload>, state: TurnState) -> Result<CommitAck> {
+        let at_ms = if payloads.is_empty() { 0 } else { now_ms() };
+        let entries: Vec<Entry> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let seq = self.seq + 1 + i as u64;
+                Entry {
+                    seq,
+                    parent: (seq > 1).then(|| seq - 1),
+                    at_ms,
+                    payload,
+                }
+            })
+            .collect();
+        let batch = CommitBatch { entries, state };
+        let mut attempt = 0;
+        let ack = loop {
+            match self
+                .store
+                .commit(&self.id, self.epoch, self.seq, &batch)
+                .await
+            {
+                Ok(ack) => break ack,
+                Err(e) if e.is_retryable() && !matches!(e, Error::Conflict { .. }) && attempt < COMMIT_RETRIES => {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let CommitAck::Applied { seq } = ack {
+            debug!(seq, entries = batch.entries.len(), "committed");
+            let CommitBatch { entries, state } = batch;
+            let new_turn = state.turn.as_ref().map(|t| &t.input_id)
+                != self.state.turn.as_ref().map(|t| &t.input_id);
+            self.seq = seq;
+            self.state = state;
+            if new_turn {
+                self.deadline = self.state.turn.as_ref().map(|t| self.deadline_for(t));
+            }
+            for entry in entries {
+                self.conv.push(&entry);
+                match &entry.payload {
+                    EntryPayload::Input { input_id, .. } => {
+                        self.inputs.insert(input_id.clone(), entry.seq);
+                    }
+                    EntryPayload::TurnEnd {
+                        input_id,
+                        status,
+                        answer_seq,
+                        usage,
+                    } => {
+                        self.ended.insert(
+                            input_id.clone(),
+                            Ended {
+                                status: status.clone(),
+                                answer_seq: *answer_seq,
+                                usage: *usage,
+                                end_seq: entry.seq,
+                            },
+                        );
+                    }
+                    _ => {}
+                }
+                self.emit_entry(entry);
+            }
+        }
+        Ok(ack)
+    }
+
+    fn deadline_for(&self, turn: &ActiveTurn) -> Instant {
+        let limit = self.config.template.limits.turn_deadline_ms;
+        let elapsed = now_ms().saturating_sub(turn.started_at_ms);
+        Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+    }
+
+    fn emit(&self, event: TurnEvent) {
+        if let Some(tx) = &self.events
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn emit_entry(&self, entry: Entry) {
+        if let Some(tx) = &self.events
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send(TurnEvent::Entry(Arc::new(entry)));
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) -> Result<Flow> {
+        match cmd {
+            Command::Send { input, reply } => self.accept(*input, reply).await,
+            Command::Subscribe { after, reply } => {
+                let tx = self
+                    .events
+                    .get_or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0);
+                let rx = tx.subscribe();
+                // Replay is read while no commit can interleave (we are the writer), so the
+                // subscriber sees each seq once: replayed up to `self.seq`, live after it.
+                let replay = read_entries(&*self.store, &self.id, after, self.seq).await;
+                let _ = reply.send(replay.map(|r| (r, rx)));
+                Ok(Flow::Continue)
+            }
+            Command::Cancel { reply } => {
+                let running = self.state.turn.is_some();
+                if running {
+                    self.cancel = Some(TurnStatus::Cancelled);
+                }
+                let _ = reply.send(running);
+                Ok(Flow::DropModelStep)
+            }
+            Command::Stop { reply } => {
+                let result = self.close().await;
+                let failed = result.is_err();
+                let _ = reply.send(result);
+                Ok(Flow::Exit(if failed { Exit::Failed } else { Exit::Release }))
+            }
+            Command::Passivate { reply } => {
+                let _ = reply.send(());
+                Ok(Flow::Exit(Exit::Release))
+            }
+        }
+    }
+
+    async fn accept(
+        &mut self,
+        input: InputRequest,
+        reply: oneshot::Sender<Result<TurnOutcome>>,
+    ) -> Result<Flow> {
+        let limits = self.config.template.limits;
+        let size: usize = input.content.iter().map(content_size).sum();
+        if size > limits.max_input_bytes {
+            let _ = reply.send(Err(Error::InputTooLarge {
+                session: self.id.clone(),
+                size,
+                limit: limits.max_input_bytes,
+            }));
+            return Ok(Flow::Continue);
+        }
+        if self.inputs.contains_key(&input.input_id) {
+            // Resubmission: the original outcome, never a second append.
+            match self.original_outcome(&input.input_id).await {
+                Ok(Some(outcome)) => {
+                    let _ = reply.send(outcome.into_result());
+                }
+                Ok(None) => self.waiters.entry(input.input_id).or_default().push(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        let busy = self.state.has_work();
+        let mode = self.config.template.input_mode;
+        if busy && mode == InputMode::Reject {
+            let _ = reply.send(Err(Error::Busy {
+                session: self.id.clone(),
+            }));
+            return Ok(Flow::Continue);
+        }
+        let seq = self.seq + 1;
+        let mut state = self.state.clone();
+        let queued = QueuedInput {
+            input_id: input.input_id.clone(),
+            seq,
+        };
+        if busy {
+            state.queued.push_back(queued);
+        } else {
+            state.turn = Some(new_turn(&queued));
+            state.phase = Phase::CallingModel;
+        }
+        let payload = EntryPayload::Input {
+            input_id: input.input_id.clone(),
+            content: input.content,
+        };
+        let input_id = input.input_id;
+        match self.commit(vec![payload], state).await {
+            Ok(CommitAck::Applied { .. }) => {
+                self.waiters.entry(input_id).or_default().push(reply);
+            }
+            Ok(CommitAck::DuplicateInput { .. }) => {
+                // The store knows this input but our memory does not: our view is stale.
+                // Drop the reply (the caller retries) and let a fresh actor reload.
+                return Err(Error::Internal(format!(
+                    "session {}: store holds input {input_id} this actor did not load",
+                    self.id
+                )));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.clone()));
+                return Err(e);
+            }
+        }
+        if busy && mode == InputMode::Interrupt {
+            self.cancel = Some(TurnStatus::Cancelled);
+            return Ok(Flow::DropModelStep);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The stored outcome of `input_id`'s turn, or `None` while it is queued or running.
+    async fn original_outcome(&self, input_id: &InputId) -> Result<Option<TurnOutcome>> {
+        let Some(ended) = self.ended.get(input_id) else {
+            return Ok(None);
+        };
+        let message = match (ended.status == TurnStatus::Completed, ended.answer_seq) {
+            (true, Some(seq)) => self
+                .store
+                .entries(&self.id, seq - 1, 1)
+                .await?
+                .into_iter()
+                .find_map(|e| match e.payload {
+                    EntryPayload::Assistant { message, .. } if e.seq == seq => Some(message),
+                    _ => None,
+                }),
+            _ => None,
+        };
+        Ok(Some(TurnOutcome {
+            session: self.id.clone(),
+            input_id: input_id.clone(),
+            status: ended.status.clone(),
+            message,
+            usage: ended.usage,
+            end_seq: ended.end_seq,
+        }))
+    }
+
+    /// Closes the session: the running turn and queued inputs end as cancelled, then the store
+    /// marks it terminal.
+    async fn close(&mut self) -> Result<()> {
+        while self.state.turn.is_some() {
+            self.end_turn(TurnStatus::Cancelled, Vec::new(), None).await?;
+        }
+        self.store.mark_terminal(&self.id, self.epoch).await
+    }
+}
+
+enum Flow {
+    Continue,
+    DropModelStep,
+    Exit(Exit),
+}
+
+fn new_turn(q: &QueuedInput) -> ActiveTurn {
+    ActiveTurn {
+        input_id: q.input_id.clone(),
+        input_seq: q.seq,
+        steps: 0,
+        usage: Usage::default(),
+        started_at_ms: now_ms(),
+        answer_seq: None,
+    }
+}
+
+fn status_name(status: &TurnStatus) -> &'static str {
+    match status {
+        TurnStatus::Completed => "completed",
+        TurnStatus::Cancelled => "cancelled",
+        TurnStatus::TimedOut => "timed out",
+        TurnStatus::MaxSteps { .. } => "max steps",
+        TurnStatus::Failed { .. } => "failed",
+    }
+}
+
+fn content_size(block: &ContentBlock) -> usize {
+    match block {
+        ContentBlock::Text { text } => text.len(),
+        ContentBlock::ToolUse { id, name, input } => id.len() + name.len() + input.to_string().len(),
+        ContentBlock::ToolResult {
+            tool_use_id,
+            content,
+            ..
+        } => tool_use_id.len() + content.len(),
+    }
+}
+
+/// Reads committed entries in `(after, upto]`, page by page.
+pub(crate) async fn read_entries(
+    store: &dyn SessionStore,
+    id: &SessionId,
+    after: Seq,
+    upto: Seq,
+) -> Result<Vec<Entry>> {
+    const PAGE: usize = 1000;
+    let mut out = Vec::new();
+    let mut cursor = after;
+    while cursor < upto {
+        let page = store.entries(id, cursor, PAGE).await?;
+        let Some(last) = page.last() else { break };
+        cursor = last.seq;
+        out.extend(page.into_iter().filter(|e| e.seq <= upto));
+        if cursor >= upto {
+            break;
+        }
+    }
+    Ok(out)
+}

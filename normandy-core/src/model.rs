@@ -1,0 +1,484 @@
+//! Ids and the conversation graph: [`SessionId`], [`NodeId`], [`InputId`], [`Entry`], [`Message`]
+//! and its content blocks.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A fencing epoch: bumped by every activation of a session in the store.
+pub type Epoch = u64;
+/// A per-session sequence number: the seq of the last committed entry (0 before the first).
+pub type Seq = u64;
+
+/// Longest id accepted, in bytes.
+pub const MAX_ID_LEN: usize = 200;
+
+fn validate(what: &'static str, s: &str, extra: Option<char>) -> Result<()> {
+    let reject = |reason| {
+        Err(Error::InvalidId {
+            what,
+            value: s.chars().take(64).collect(),
+            reason,
+        })
+    };
+    if s.is_empty() {
+        return reject("must not be empty");
+    }
+    if s.len() > MAX_ID_LEN {
+        return reject("longer than 200 bytes");
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return reject("must be printable with no whitespace");
+    }
+    if let Some(c) = extra
+        && s.contains(c)
+    {
+        return reject("contains a reserved character");
+    }
+    Ok(())
+}
+
+macro_rules! string_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// Validates and wraps an id: 1–200 bytes, printable, no whitespace.
+            pub fn new(s: impl AsRef<str>) -> Result<Self> {
+                let s = s.as_ref();
+                validate($what, s, None)?;
+                Ok(Self(Arc::from(s)))
+            }
+
+            /// The id as a string slice.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}({:?})", stringify!($name), &*self.0)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = Error;
+            fn try_from(s: String) -> Result<Self> {
+                Self::new(s)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = Error;
+            fn try_from(s: &str) -> Result<Self> {
+                Self::new(s)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0.to_string()
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+    };
+}
+
+string_id!(
+    /// The key of a session: 1–200 bytes, printable, no whitespace.
+    SessionId,
+    "session id"
+);
+string_id!(
+    /// A client-given (or generated) id for one user input, used to make resubmission idempotent.
+    InputId,
+    "input id"
+);
+
+impl SessionId {
+    /// A fresh random session id (UUIDv7, so ids sort by creation time).
+    pub fn generate() -> Self {
+        Self(Arc::from(uuid::Uuid::now_v7().to_string()))
+    }
+}
+
+impl InputId {
+    /// A fresh random input id (UUIDv7).
+    pub fn generate() -> Self {
+        Self(Arc::from(uuid::Uuid::now_v7().to_string()))
+    }
+}
+
+/// A node's identity: a stable name plus an incarnation that changes at every process start, so a
+/// restarted node is never mistaken for its previous life.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NodeId {
+    name: Arc<str>,
+    incarnation: u64,
+}
+
+impl NodeId {
+    /// Validates the name (like a session id, without `#`) and pairs it with an incarnation.
+    pub fn new(name: impl AsRef<str>, incarnation: u64) -> Result<Self> {
+        let name = name.as_ref();
+        validate("node id", name, Some('#'))?;
+        Ok(Self {
+            name: Arc::from(name),
+            incarnation,
+        })
+    }
+
+    /// A node id whose incarnation is the current time in milliseconds since the Unix epoch.
+    pub fn with_fresh_incarnation(name: impl AsRef<str>) -> Result<Self> {
+        Self::new(name, crate::now_ms())
+    }
+
+    /// The stable name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}#{}", self.name, self.incarnation)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({self})")
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = Error;
+    /// Parses `name#incarnation` (or a bare `name`, incarnation 0).
+    fn from_str(s: &str) -> Result<Self> {
+        match s.rsplit_once('#') {
+            Some((name, inc)) => {
+                let incarnation = inc.parse().map_err(|_| Error::InvalidId {
+                    what: "node id",
+                    value: s.chars().take(64).collect(),
+                    reason: "incarnation after '#' must be a number",
+                })?;
+                Self::new(name, incarnation)
+            }
+            None => Self::new(s, 0),
+        }
+    }
+}
+
+impl TryFrom<String> for NodeId {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<NodeId> for String {
+    fn from(id: NodeId) -> String {
+        id.to_string()
+    }
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The user (inputs and tool results).
+    User,
+    /// The model.
+    Assistant,
+}
+
+/// One block of message content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentBlock {
+    /// Plain text.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The model asks for a tool call.
+    ToolUse {
+        /// The call id, unique within the session; also the tool's idempotency key.
+        id: String,
+        /// The tool's name.
+        name: String,
+        /// The tool's input (JSON).
+        input: serde_json::Value,
+    },
+    /// The result of a tool call.
+    ToolResult {
+        /// The call id this answers.
+        tool_use_id: String,
+        /// The result text (JSON results are rendered as text).
+        content: String,
+        /// Whether the call failed.
+        is_error: bool,
+    },
+}
+
+impl ContentBlock {
+    /// A text block.
+    pub fn text(text: impl Into<String>) -> Self {
+        ContentBlock::Text { text: text.into() }
+    }
+}
+
+/// A message of the conversation as the model sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// Its blocks.
+    pub content: Vec<ContentBlock>,
+}
+
+impl Message {
+    /// A user message with one text block.
+    pub fn user(text: impl Into<String>) -> Self {
+        Self {
+            role: Role::User,
+            content: vec![ContentBlock::text(text)],
+        }
+    }
+
+    /// An assistant message with one text block.
+    pub fn assistant(text: impl Into<String>) -> Self {
+        Self {
+            role: Role::Assistant,
+            content: vec![ContentBlock::text(text)],
+        }
+    }
+
+    /// All text blocks joined with newlines.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for block in &self.content {
+            if let ContentBlock::Text { text } = block {
+                if !out.is_empty() {
+                    out.push('\n');
+                }
+                out.push_str(text);
+            }
+        }
+        out
+    }
+
+    /// The tool calls this message asks for.
+    pub fn tool_uses(&self) -> impl Iterator<Item = (&str, &str, &serde_json::Value)> {
+        self.content.iter().filter_map(|b| match b {
+            ContentBlock::ToolUse { id, name, input } => Some((id.as_str(), name.as_str(), input)),
+            _ => None,
+        })
+    }
+}
+
+/// Why the model stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// It finished its answer.
+    EndTurn,
+    /// It wants tool results.
+    ToolUse,
+    /// It hit the token limit.
+    MaxTokens,
+    /// Any other reason.
+    Other,
+}
+
+/// Token usage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+}
+
+impl Usage {
+    /// Adds another usage to this one.
+    pub fn add(&mut self, other: Usage) {
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+    }
+}
+
+/// How a turn ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum TurnStatus {
+    /// The model gave its final answer.
+    Completed,
+    /// The turn was cancelled.
+    Cancelled,
+    /// The turn deadline passed.
+    TimedOut,
+    /// The max-steps guard stopped it.
+    MaxSteps {
+        /// The limit that was hit.
+        limit: u32,
+    },
+    /// The model call failed for good.
+    Failed {
+        /// What failed.
+        message: String,
+    },
+}
+
+/// One node of the conversation graph.
+///
+/// `parent` is the session's head when the entry was written (the entry before it in causal
+/// order); forks of a session start from an entry and follow parents back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Sequence number, 1-based and contiguous within the session.
+    pub seq: Seq,
+    /// The entry this one follows, if any.
+    pub parent: Option<Seq>,
+    /// Wall-clock time of writing, milliseconds since the Unix epoch (informational).
+    pub at_ms: u64,
+    /// What the entry records.
+    pub payload: EntryPayload,
+}
+
+/// What an [`Entry`] records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EntryPayload {
+    /// A user input was accepted. Its `input_id` is unique within the session.
+    Input {
+        /// The input's id.
+        input_id: InputId,
+        /// The user's message content.
+        content: Vec<ContentBlock>,
+    },
+    /// A model response.
+    Assistant {
+        /// The response message.
+        message: Message,
+        /// Why the model stopped.
+        stop_reason: StopReason,
+        /// Tokens used by this call.
+        usage: Usage,
+    },
+    /// A non-idempotent tool call is about to run (written before it runs).
+    ToolStarted {
+        /// The call id.
+        call_id: String,
+        /// The tool's name.
+        tool: String,
+    },
+    /// A tool call's result.
+    ToolResult {
+        /// The call id.
+        call_id: String,
+        /// The result text.
+        content: String,
+        /// Whether it is an error result.
+        is_error: bool,
+    },
+    /// A turn ended; carries its outcome so a resubmitted input gets the original answer.
+    TurnEnd {
+        /// The input that started the turn.
+        input_id: InputId,
+        /// How it ended.
+        status: TurnStatus,
+        /// Seq of the final assistant entry, if any.
+        answer_seq: Option<Seq>,
+        /// Total usage of the turn.
+        usage: Usage,
+    },
+}
+
+impl EntryPayload {
+    /// A short stable name of the payload kind, for indexed columns and logs.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            EntryPayload::Input { .. } => "input",
+            EntryPayload::Assistant { .. } => "assistant",
+            EntryPayload::ToolStarted { .. } => "tool_started",
+            EntryPayload::ToolResult { .. } => "tool_result",
+            EntryPayload::TurnEnd { .. } => "turn_end",
+        }
+    }
+
+    /// The input id, for `Input` entries (backends index it, unique per session).
+    pub fn input_id(&self) -> Option<&InputId> {
+        match self {
+            EntryPayload::Input { input_id, .. } => Some(input_id),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_validated() {
+        assert!(SessionId::new("chat-42").is_ok());
+        assert_eq!(
+            SessionId::new("").unwrap_err().kind(),
+            crate::ErrorKind::InvalidId
+        );
+        assert!(SessionId::new("a b").is_err());
+        assert!(SessionId::new("a\u{7}").is_err());
+        assert!(SessionId::new("x".repeat(201)).is_err());
+        assert!(SessionId::new("x".repeat(200)).is_ok());
+        let err = SessionId::new("bad id").unwrap_err().to_string();
+        assert!(err.contains("session id") && err.contains("bad id"), "{err}");
+    }
+
+    #[test]
+    fn node_ids_round_trip() {
+        let n = NodeId::new("node-a", 7).unwrap();
+        assert_eq!(n.to_string(), "node-a#7");
+        assert_eq!("node-a#7".parse::<NodeId>().unwrap(), n);
+        assert!("node-a#x".parse::<NodeId>().is_err());
+        assert!(NodeId::new("a#b", 1).is_err());
+    }
+
+    #[test]
+    fn ids_reject_invalid_on_deserialize() {
+        let bytes = rmp_serde::to_vec("has space").unwrap();
+        assert!(rmp_serde::from_slice::<SessionId>(&bytes).is_err());
+    }
+}
