@@ -1,1 +1,43 @@
-fn main() {}
+//! Project tasks, run as `cargo xtask <command>` (always in release: see `.cargo/config.toml`).
+//!
+//! # Layout
+//! - `bench`: `cargo xtask bench <engine|lmdb|postgres|redis|all>`: our figures beside a raw-client
+//!   baseline measured in the same run, with the ratio.
+//! - `migrate`: `cargo xtask migrate <up|down|status|export>` for the Postgres store.
+//! - `test`: runs the README's test command.
+
+mod bench;
+mod migrate;
+
+use anyhow::{Result, bail};
+
+const USAGE: &str = "usage: cargo xtask <command>
+
+commands:
+  bench <engine|lmdb|postgres|redis|all> [--quick]
+                      benchmarks, each beside its raw baseline from the same run
+  migrate <up [--only base]|down|status|export --to DIR> [--database-url URL]
+                      Postgres store migrations (DATABASE_URL when no flag)
+  test                runs the test suite as CI does (cargo nextest run --workspace)";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    match cmd.as_str() {
+        "bench" => bench::run(rest),
+        "migrate" => migrate::run(rest),
+        "test" => {
+            let sh = xshell::Shell::new()?;
+            xshell::cmd!(sh, "cargo nextest run --workspace").run()?;
+            Ok(())
+        }
+        "-h" | "--help" | "help" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => bail!("unknown command {other:?}\n\n{USAGE}"),
+    }
+}
