@@ -176,12 +176,12 @@ impl TemplateCatalog {
     ///
     /// A stored template equal to the catalog's shares the catalog's copy.
     pub fn build(&self, template: ConfigTemplate, creds: &Credentials) -> Result<SessionConfig> {
-        let reg = self
-            .entries
-            .get(&template.template_id)
-            .ok_or_else(|| Error::TemplateNotFound {
-                template_id: template.template_id.clone(),
-            })?;
+        let reg =
+            self.entries
+                .get(&template.template_id)
+                .ok_or_else(|| Error::TemplateNotFound {
+                    template_id: template.template_id.clone(),
+                })?;
         let template = if *reg.template == template {
             reg.template.clone()
         } else {

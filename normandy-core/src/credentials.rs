@@ -246,7 +246,11 @@ mod tests {
         assert!(err.to_string().contains("FromClient"), "{err}");
         p.insert(s.clone(), Credentials::new().with("k", "v"));
         assert_eq!(
-            p.resolve(&s, &["k".into()]).await.unwrap().expose("k").unwrap(),
+            p.resolve(&s, &["k".into()])
+                .await
+                .unwrap()
+                .expose("k")
+                .unwrap(),
             "v"
         );
     }

@@ -49,8 +49,12 @@ pub mod template;
 pub mod tools;
 
 pub use catalog::{CatalogEntry, SessionConfig, TemplateCatalog};
-pub use credentials::{CredentialProvider, Credentials, EnvCredentials, FromClient, StaticCredentials};
-pub use engine::{ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState};
+pub use credentials::{
+    CredentialProvider, Credentials, EnvCredentials, FromClient, StaticCredentials,
+};
+pub use engine::{
+    ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use hooks::{Hook, HookDecision, ToolCall};
 pub use llm::{LlmClient, ModelRequest, ModelResponse, ScriptedClient, ToolSpec};

@@ -103,7 +103,11 @@ impl ModelResponse {
     }
 
     /// A response asking for one tool call.
-    pub fn tool_call(id: impl Into<String>, name: impl Into<String>, input: serde_json::Value) -> Self {
+    pub fn tool_call(
+        id: impl Into<String>,
+        name: impl Into<String>,
+        input: serde_json::Value,
+    ) -> Self {
         Self::tool_calls(vec![(id.into(), name.into(), input)])
     }
 

@@ -464,7 +464,10 @@ mod tests {
         assert!(SessionId::new("x".repeat(201)).is_err());
         assert!(SessionId::new("x".repeat(200)).is_ok());
         let err = SessionId::new("bad id").unwrap_err().to_string();
-        assert!(err.contains("session id") && err.contains("bad id"), "{err}");
+        assert!(
+            err.contains("session id") && err.contains("bad id"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -239,9 +239,7 @@ impl SessionsBuilder {
         Ok(Sessions {
             inner: Arc::new(Inner {
                 node,
-                store: self
-                    .store
-                    .unwrap_or_else(|| Arc::new(InMemoryStore::new())),
+                store: self.store.unwrap_or_else(|| Arc::new(InMemoryStore::new())),
                 registry: self
                     .registry
                     .unwrap_or_else(|| Arc::new(LocalRegistry::new())),
@@ -379,7 +377,7 @@ impl Sessions {
             }
             match rx.await {
                 Ok(Ok(outcome)) => return Ok(outcome),
-                Ok(Err(e)) if matches!(e, Error::Conflict { .. }) => {
+                Ok(Err(Error::Conflict { .. })) => {
                     self.inner.live.remove_stale(id, handle.generation);
                 }
                 Ok(Err(e)) => return Err(e),
@@ -452,15 +450,10 @@ impl Sessions {
         self.inner.store.entries(id, after, limit).await
     }
 
-    /// Every committed entry of the session.
+    /// Every committed entry of the session. Reads entries only, so a session whose record is
+    /// damaged can still be exported.
     pub async fn history_all(&self, id: &SessionId) -> Result<Vec<Entry>> {
-        let record = self
-            .inner
-            .store
-            .load(id)
-            .await?
-            .ok_or_else(|| Error::NotFound { session: id.clone() })?;
-        read_entries(&*self.inner.store, id, 0, record.seq).await
+        read_entries(&*self.inner.store, id, 0, Seq::MAX).await
     }
 
     /// Subscribes to a session's events after `after`: committed entries first, then live ones
@@ -628,10 +621,10 @@ impl Sessions {
                      (its history is still readable); is the template migration applied?"
                 ))
             })?;
-            let creds = inner
-                .credentials
-                .resolve(id, &template.credentials)
-                .await?;
+            // The catalog first: a node without the template should say so, not that a
+            // credential is missing.
+            inner.catalog.template(&template.template_id)?;
+            let creds = inner.credentials.resolve(id, &template.credentials).await?;
             let config = inner.catalog.build(template, &creds)?;
             let entries = read_entries(&*inner.store, id, 0, record.seq).await?;
             Ok(spawn_actor(ActorParams {

@@ -16,7 +16,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::{ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState};
+use super::{
+    ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState,
+};
 use crate::catalog::SessionConfig;
 use crate::error::{Error, Result};
 use crate::hooks::{HookDecision, ToolCall};
@@ -153,7 +155,8 @@ struct Actor {
 pub(crate) fn spawn_actor(params: ActorParams) -> ActorHandle {
     let (tx, rx) = mpsc::channel(params.mailbox.max(1));
     let id = params.record.id.clone();
-    let span = info_span!("session", session = %id, epoch = params.record.epoch, node = %params.node);
+    let span =
+        info_span!("session", session = %id, epoch = params.record.epoch, node = %params.node);
     let mut conv = Conversation::default();
     let mut inputs = HashMap::new();
     let mut ended = HashMap::new();
@@ -313,7 +316,8 @@ impl Actor {
                 continue;
             }
             if self.deadline.is_some_and(|d| d <= Instant::now()) {
-                self.end_turn(TurnStatus::TimedOut, Vec::new(), None).await?;
+                self.end_turn(TurnStatus::TimedOut, Vec::new(), None)
+                    .await?;
                 continue;
             }
             match &self.state.phase {
@@ -404,15 +408,15 @@ impl Actor {
             }
             let mut attempt = 0;
             let result = loop {
-                let err = match tokio::time::timeout(timeout, client.complete(request.clone())).await
-                {
-                    Ok(Ok(response)) => break Ok(response),
-                    Ok(Err(e)) => e,
-                    Err(_) => Error::Timeout {
-                        session: Some(session.clone()),
-                        what: format!("model call after {timeout:?}"),
-                    },
-                };
+                let err =
+                    match tokio::time::timeout(timeout, client.complete(request.clone())).await {
+                        Ok(Ok(response)) => break Ok(response),
+                        Ok(Err(e)) => e,
+                        Err(_) => Error::Timeout {
+                            session: Some(session.clone()),
+                            what: format!("model call after {timeout:?}"),
+                        },
+                    };
                 if !err.is_retryable() || attempt >= MODEL_RETRIES {
                     break Err(err);
                 }
@@ -631,7 +635,11 @@ impl Actor {
                 .await
             {
                 Ok(ack) => break ack,
-                Err(e) if e.is_retryable() && !matches!(e, Error::Conflict { .. }) && attempt < COMMIT_RETRIES => {
+                Err(e)
+                    if e.is_retryable()
+                        && !matches!(e, Error::Conflict { .. })
+                        && attempt < COMMIT_RETRIES =>
+                {
                     attempt += 1;
                     warn!(error = %e, attempt, "commit failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
@@ -727,7 +735,11 @@ impl Actor {
                 let result = self.close().await;
                 let failed = result.is_err();
                 let _ = reply.send(result);
-                Ok(Flow::Exit(if failed { Exit::Failed } else { Exit::Release }))
+                Ok(Flow::Exit(if failed {
+                    Exit::Failed
+                } else {
+                    Exit::Release
+                }))
             }
             Command::Passivate { reply } => {
                 let _ = reply.send(());
@@ -844,7 +856,8 @@ impl Actor {
     /// marks it terminal.
     async fn close(&mut self) -> Result<()> {
         while self.state.turn.is_some() {
-            self.end_turn(TurnStatus::Cancelled, Vec::new(), None).await?;
+            self.end_turn(TurnStatus::Cancelled, Vec::new(), None)
+                .await?;
         }
         self.store.mark_terminal(&self.id, self.epoch).await
     }
@@ -880,7 +893,9 @@ fn status_name(status: &TurnStatus) -> &'static str {
 fn content_size(block: &ContentBlock) -> usize {
     match block {
         ContentBlock::Text { text } => text.len(),
-        ContentBlock::ToolUse { id, name, input } => id.len() + name.len() + input.to_string().len(),
+        ContentBlock::ToolUse { id, name, input } => {
+            id.len() + name.len() + input.to_string().len()
+        }
         ContentBlock::ToolResult {
             tool_use_id,
             content,

@@ -14,9 +14,13 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{ContentBlock, Entry, EntryPayload, InputId, Message, Role, Seq, SessionId, TurnStatus, Usage};
+use crate::model::{
+    ContentBlock, Entry, EntryPayload, InputId, Message, Role, Seq, SessionId, TurnStatus, Usage,
+};
 
-pub(crate) use actor::{ActorHandle, ActorParams, Command, InputRequest, read_entries, spawn_actor};
+pub(crate) use actor::{
+    ActorHandle, ActorParams, Command, InputRequest, read_entries, spawn_actor,
+};
 
 /// Where a session's turn stood at its last committed boundary.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

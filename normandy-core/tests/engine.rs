@@ -1,0 +1,859 @@
+//! Turn-engine tests: multi-step turns, crashes at every boundary, in-doubt tool calls, fencing,
+//! idempotent input, input modes, limits, passivation, subscriptions.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt;
+use normandy_core::*;
+use serde_json::json;
+use tokio::sync::Notify;
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+/// A tool that counts its executions per call id.
+#[derive(Clone, Default)]
+struct CountingTool {
+    name: &'static str,
+    idempotent: bool,
+    delay: Duration,
+    runs: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CountingTool {
+    fn new(name: &'static str, idempotent: bool) -> Self {
+        Self {
+            name,
+            idempotent,
+            ..Default::default()
+        }
+    }
+
+    fn runs(&self) -> Vec<String> {
+        self.runs.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl Tool for CountingTool {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: self.name.into(),
+            description: "counts".into(),
+            input_schema: json!({"type": "object"}),
+        }
+    }
+
+    fn idempotent(&self) -> bool {
+        self.idempotent
+    }
+
+    async fn call(&self, input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.runs.lock().unwrap().push(ctx.call_id.clone());
+        ToolOutput::ok(format!("{}({input})", self.name))
+    }
+}
+
+/// A model that, per turn, asks for `a` and `b` in step 1, `c` in step 2, then answers.
+/// A function of the request, so a rebuilt session continues the same script.
+fn script() -> ScriptedClient {
+    ScriptedClient::from_fn(|req| {
+        let text = req.last_user_text().unwrap_or_default();
+        // Count assistant messages since the latest user text message: the step within the turn.
+        let start = req
+            .messages
+            .iter()
+            .rposition(|m| {
+                m.role == Role::User
+                    && m.content
+                        .iter()
+                        .any(|b| matches!(b, ContentBlock::Text { .. }))
+            })
+            .unwrap_or(0);
+        let step = req.messages[start..]
+            .iter()
+            .filter(|m| m.role == Role::Assistant)
+            .count();
+        let tag = text.replace(' ', "_");
+        Ok(match step {
+            0 => ModelResponse::tool_calls(vec![
+                (format!("{tag}-a"), "a".into(), json!({"x": 1})),
+                (format!("{tag}-b"), "b".into(), json!({"x": 2})),
+            ]),
+            1 => ModelResponse::tool_call(format!("{tag}-c"), "c", json!({"x": 3})),
+            _ => {
+                let results = req.last_tool_results();
+                ModelResponse::text(format!("answer to {text} after {}", results[0].1))
+                    .with_usage(10, 5)
+            }
+        })
+    })
+}
+
+struct Fixture {
+    catalog: TemplateCatalog,
+    a: CountingTool,
+    b: CountingTool,
+    c: CountingTool,
+    client: ScriptedClient,
+}
+
+fn fixture(template: ConfigTemplate, c_idempotent: bool) -> Fixture {
+    let a = CountingTool::new("a", true);
+    let b = CountingTool::new("b", true);
+    let c = CountingTool::new("c", c_idempotent);
+    let client = script();
+    let catalog = TemplateCatalog::new()
+        .with(
+            template,
+            CatalogEntry::with_client(client.clone())
+                .tool(a.clone())
+                .tool(b.clone())
+                .tool(c.clone()),
+        )
+        .unwrap();
+    Fixture {
+        catalog,
+        a,
+        b,
+        c,
+        client,
+    }
+}
+
+fn template() -> ConfigTemplate {
+    ConfigTemplate::new("t", "scripted").resume_policy(ResumePolicy::Eager)
+}
+
+fn runtime(catalog: &TemplateCatalog, store: Arc<dyn SessionStore>, node: &str) -> Sessions {
+    Sessions::builder(catalog.clone())
+        .node(NodeId::new(node, 1).unwrap())
+        .store(store)
+        .build()
+        .unwrap()
+}
+
+fn sid(s: &str) -> SessionId {
+    SessionId::new(s).unwrap()
+}
+
+fn iid(s: &str) -> InputId {
+    InputId::new(s).unwrap()
+}
+
+async fn start(sessions: &Sessions, id: &str) -> SessionId {
+    sessions
+        .start_with(
+            "t",
+            StartOptions {
+                id: Some(sid(id)),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+}
+
+fn inputs_in(history: &[Entry]) -> Vec<String> {
+    history
+        .iter()
+        .filter_map(|e| e.payload.input_id().map(|i| i.to_string()))
+        .collect()
+}
+
+fn count_kind(history: &[Entry], kind: &str) -> usize {
+    history
+        .iter()
+        .filter(|e| e.payload.kind_name() == kind)
+        .count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// A store that "crashes" at its n-th commit: the actor never hears back, as if the process died.
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum CrashPoint {
+    /// The n-th commit is applied, then the process dies before the ack.
+    AfterApply,
+    /// The process dies before the n-th commit reaches the store.
+    BeforeApply,
+}
+
+struct CrashingStore {
+    inner: Arc<InMemoryStore>,
+    crash_at: usize,
+    point: CrashPoint,
+    commits: AtomicUsize,
+    crashed: Notify,
+    did_crash: AtomicBool,
+}
+
+#[async_trait]
+impl SessionStore for CrashingStore {
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+    async fn create(&self, s: NewSession) -> Result<SessionRecord> {
+        self.inner.create(s).await
+    }
+    async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
+        self.inner.activate(id, node).await
+    }
+    async fn commit(
+        &self,
+        id: &SessionId,
+        epoch: Epoch,
+        expected_seq: Seq,
+        batch: &CommitBatch,
+    ) -> Result<CommitAck> {
+        let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.crash_at {
+            if self.point == CrashPoint::AfterApply {
+                self.inner.commit(id, epoch, expected_seq, batch).await?;
+            }
+            self.did_crash.store(true, Ordering::SeqCst);
+            self.crashed.notify_one();
+            futures::future::pending::<()>().await;
+        }
+        self.inner.commit(id, epoch, expected_seq, batch).await
+    }
+    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
+        self.inner.load(id).await
+    }
+    async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
+        self.inner.entries(id, after, limit).await
+    }
+    async fn list_resumable(
+        &self,
+        owner: &OwnerFilter,
+        cursor: Option<&SessionId>,
+        limit: usize,
+    ) -> Result<ResumablePage> {
+        self.inner.list_resumable(owner, cursor, limit).await
+    }
+    async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
+        self.inner.mark_terminal(id, epoch).await
+    }
+    async fn delete(&self, id: &SessionId) -> Result<bool> {
+        self.inner.delete(id).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn multi_step_turn_runs_tools_and_commits_every_boundary() {
+    let f = fixture(template(), true);
+    let store = Arc::new(InMemoryStore::new());
+    let sessions = runtime(&f.catalog, store.clone(), "a");
+    let id = start(&sessions, "s1").await;
+    let outcome = sessions
+        .send(&id, Input::text("q1").with_id(iid("in-1")))
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, TurnStatus::Completed);
+    assert_eq!(outcome.text(), "answer to q1 after c({\"x\":3})");
+    assert_eq!(outcome.usage.input_tokens, 10);
+    assert_eq!(f.a.runs(), vec!["q1-a"]);
+    assert_eq!(f.b.runs(), vec!["q1-b"]);
+    assert_eq!(f.c.runs(), vec!["q1-c"]);
+    let history = sessions.history_all(&id).await.unwrap();
+    let kinds: Vec<_> = history.iter().map(|e| e.payload.kind_name()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "input",
+            "assistant",
+            "tool_result",
+            "tool_result",
+            "assistant",
+            "tool_result",
+            "assistant",
+            "turn_end"
+        ]
+    );
+    // seqs are contiguous and parents chain
+    for (i, e) in history.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+        assert_eq!(e.parent, (i > 0).then_some(i as u64));
+    }
+    let record = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.seq, 8);
+    assert!(!record.state.has_work());
+    assert_eq!(outcome.end_seq, 8);
+}
+
+/// Runs one turn to completion with a crash at commit `n`, then rebuilds the session on a new
+/// node from the same store and checks the turn finished with no recorded tool result re-run.
+async fn crash_and_resume(n: usize, point: CrashPoint, c_idempotent: bool) -> Option<()> {
+    let f = fixture(template(), c_idempotent);
+    let inner = Arc::new(InMemoryStore::new());
+    let crashing = Arc::new(CrashingStore {
+        inner: inner.clone(),
+        crash_at: n,
+        point,
+        commits: AtomicUsize::new(0),
+        crashed: Notify::new(),
+        did_crash: AtomicBool::new(false),
+    });
+    let node_a = runtime(&f.catalog, crashing.clone(), "a");
+    let id = start(&node_a, "s").await;
+    let send = {
+        let node_a = node_a.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            node_a
+                .send(&id, Input::text("q").with_id(iid("in-1")))
+                .await
+        })
+    };
+    tokio::select! {
+        _ = crashing.crashed.notified() => {}
+        r = tokio::time::sleep(Duration::from_secs(5)) => panic!("no crash at commit {n}: {r:?}"),
+    }
+    if !crashing.did_crash.load(Ordering::SeqCst) {
+        return None;
+    }
+    // The process dies: its task is aborted mid-commit, its caller never hears back.
+    assert!(node_a.kill(&id));
+    send.abort();
+
+    let runs_before = (f.a.runs(), f.b.runs(), f.c.runs());
+    let node_b = runtime(&f.catalog, inner.clone(), "b");
+    // Eager sessions in a turn are listed for the reaper; idle ones are not.
+    let page = inner
+        .list_resumable(&OwnerFilter::Any, None, 10)
+        .await
+        .unwrap();
+    let had_work = inner.load(&id).await.unwrap().unwrap().state.has_work();
+    assert_eq!(
+        page.sessions.len(),
+        usize::from(had_work),
+        "commit {n} {point:?}"
+    );
+    // Resubmitting the same input after the crash continues the turn (or returns its outcome).
+    let outcome = node_b
+        .send(&id, Input::text("q").with_id(iid("in-1")))
+        .await
+        .unwrap_or_else(|e| panic!("commit {n} {point:?}: {e}"));
+    assert_eq!(
+        outcome.text(),
+        "answer to q after c({\"x\":3})",
+        "commit {n} {point:?}"
+    );
+
+    let history = node_b.history_all(&id).await.unwrap();
+    assert_eq!(inputs_in(&history), vec!["in-1"], "input once, commit {n}");
+    assert_eq!(count_kind(&history, "turn_end"), 1, "commit {n} {point:?}");
+    assert_eq!(
+        count_kind(&history, "tool_result"),
+        3,
+        "commit {n} {point:?}"
+    );
+
+    // No call whose result was recorded ran again; each call ran at most once more than
+    // recorded before the crash (an idempotent call without a result re-runs with its id).
+    let recorded: Vec<String> = history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EntryPayload::ToolResult { call_id, .. } => Some(call_id.clone()),
+            _ => None,
+        })
+        .collect();
+    for (tool, before) in [
+        (&f.a, &runs_before.0),
+        (&f.b, &runs_before.1),
+        (&f.c, &runs_before.2),
+    ] {
+        let after = tool.runs();
+        for call in &after {
+            let times = after.iter().filter(|c| *c == call).count();
+            assert!(
+                times <= 2,
+                "{call} ran {times} times (commit {n} {point:?})"
+            );
+            if times == 2 {
+                assert!(tool.idempotent, "non-idempotent {call} re-ran");
+                assert_eq!(before.iter().filter(|c| *c == call).count(), 1);
+            }
+        }
+    }
+    assert_eq!(recorded.len(), 3);
+    Some(())
+}
+
+#[tokio::test]
+async fn crash_at_every_boundary_then_resume_never_reruns_recorded_tools() {
+    // One turn commits: input, assistant(a,b), result a, result b, assistant(c), result c,
+    // assistant+turn_end: 7 commits. Crash at each, before and after it is applied.
+    let mut crashed = 0;
+    for point in [CrashPoint::AfterApply, CrashPoint::BeforeApply] {
+        for n in 1..=7 {
+            if crash_and_resume(n, point, true).await.is_some() {
+                crashed += 1;
+            }
+        }
+    }
+    assert_eq!(crashed, 14);
+}
+
+#[tokio::test]
+async fn interrupted_model_call_is_reissued() {
+    // Crash after the input commit: the model call was in flight; the new node issues it.
+    let f = fixture(template(), true);
+    let inner = Arc::new(InMemoryStore::new());
+    let node_a = runtime(&f.catalog, inner.clone(), "a");
+    let id = start(&node_a, "s").await;
+    // Hold the first model call forever by killing right after the input is accepted.
+    let slow = ScriptedClient::from_fn(|_| Ok(ModelResponse::text("never")))
+        .with_latency(Duration::from_secs(3600));
+    let slow_catalog = TemplateCatalog::new()
+        .with(template(), CatalogEntry::with_client(slow.clone()))
+        .unwrap();
+    let node_slow = runtime(&slow_catalog, inner.clone(), "slow");
+    let send = {
+        let node_slow = node_slow.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            node_slow
+                .send(&id, Input::text("q").with_id(iid("in-1")))
+                .await
+        })
+    };
+    // Wait until the input is committed and the model call is in flight.
+    for _ in 0..200 {
+        if inner.load(&id).await.unwrap().unwrap().seq == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let record = inner.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.state.phase, Phase::CallingModel);
+    assert!(node_slow.kill(&id));
+    send.abort();
+    let calls_before = f.client.calls();
+    node_a.resume(&id).await.unwrap();
+    let outcome = node_a
+        .send(&id, Input::text("q").with_id(iid("in-1")))
+        .await
+        .unwrap();
+    assert_eq!(outcome.status, TurnStatus::Completed);
+    assert_eq!(
+        f.client.calls() - calls_before,
+        3,
+        "model re-issued, then two more steps"
+    );
+    assert_eq!(slow.calls(), 0, "the interrupted call never answered");
+}
+
+#[tokio::test]
+async fn non_idempotent_call_in_doubt_is_not_rerun() {
+    // c is non-idempotent: its start is committed before it runs. Crash after that commit
+    // (commit 5 is ToolStarted for c when c is non-idempotent: input, asst, ra, rb, asst(c) is 5;
+    // started(c) is 6) and after c ran but before its result was committed (commit 7 dropped).
+    for (n, point) in [(6, CrashPoint::AfterApply), (7, CrashPoint::BeforeApply)] {
+        let f = fixture(template(), false);
+        let inner = Arc::new(InMemoryStore::new());
+        let crashing = Arc::new(CrashingStore {
+            inner: inner.clone(),
+            crash_at: n,
+            point,
+            commits: AtomicUsize::new(0),
+            crashed: Notify::new(),
+            did_crash: AtomicBool::new(false),
+        });
+        let node_a = runtime(&f.catalog, crashing.clone(), "a");
+        let id = start(&node_a, "s").await;
+        let send = {
+            let node_a = node_a.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                node_a
+                    .send(&id, Input::text("q").with_id(iid("in-1")))
+                    .await
+            })
+        };
+        crashing.crashed.notified().await;
+        node_a.kill(&id);
+        send.abort();
+        let ran_before = f.c.runs().len();
+        let node_b = runtime(&f.catalog, inner.clone(), "b");
+        let outcome = node_b
+            .send(&id, Input::text("q").with_id(iid("in-1")))
+            .await
+            .unwrap();
+        assert_eq!(
+            f.c.runs().len(),
+            ran_before,
+            "in-doubt call must not run again (n={n})"
+        );
+        let history = node_b.history_all(&id).await.unwrap();
+        let c_result = history
+            .iter()
+            .find_map(|e| match &e.payload {
+                EntryPayload::ToolResult {
+                    call_id,
+                    content,
+                    is_error,
+                } if call_id == "q-c" => Some((content.clone(), *is_error)),
+                _ => None,
+            })
+            .unwrap();
+        assert!(c_result.1, "in-doubt result is an error result");
+        assert!(c_result.0.contains("unknown"), "{}", c_result.0);
+        assert_eq!(count_kind(&history, "tool_started"), 1);
+        assert!(outcome.text().contains("is unknown"), "{}", outcome.text());
+    }
+}
+
+#[tokio::test]
+async fn stale_owner_is_fenced_and_writes_nothing() {
+    let f = fixture(template(), true);
+    let store = Arc::new(InMemoryStore::new());
+    let node_a = runtime(&f.catalog, store.clone(), "a");
+    let node_b = runtime(&f.catalog, store.clone(), "b");
+    let id = start(&node_a, "s").await;
+    node_a.send(&id, "first").await.unwrap();
+    let seq_a = store.load(&id).await.unwrap().unwrap().seq;
+    // Node B takes over (as after a partition): A's epoch is now stale.
+    node_b.resume(&id).await.unwrap();
+    let err = node_a.send(&id, "from a").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
+    let record = store.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.seq, seq_a, "the fenced writer wrote nothing");
+    assert_eq!(record.owner.unwrap().name(), "b");
+    // A's actor stopped at once.
+    assert_eq!(node_a.live_count(), 0);
+    node_b.send(&id, "from b").await.unwrap();
+}
+
+#[tokio::test]
+async fn resubmitted_input_returns_original_outcome() {
+    let f = fixture(template(), true);
+    let sessions = runtime(&f.catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let first = sessions
+        .send(&id, Input::text("q").with_id(iid("x")))
+        .await
+        .unwrap();
+    let again = sessions
+        .send(&id, Input::text("q").with_id(iid("x")))
+        .await
+        .unwrap();
+    assert_eq!(first, again);
+    // Also after passivation (the outcome comes from the store).
+    assert!(sessions.passivate(&id).await);
+    let third = sessions
+        .send(&id, Input::text("q").with_id(iid("x")))
+        .await
+        .unwrap();
+    assert_eq!(first, third);
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(inputs_in(&history), vec!["x"]);
+    assert_eq!(f.c.runs().len(), 1);
+}
+
+fn slow_fixture(mode: InputMode) -> (TemplateCatalog, CountingTool) {
+    let mut slow = CountingTool::new("a", true);
+    slow.delay = Duration::from_millis(150);
+    let client = ScriptedClient::from_fn(|req| {
+        Ok(if req.last_tool_results().is_empty() {
+            let text = req.last_user_text().unwrap_or_default();
+            ModelResponse::tool_call(format!("{text}-a"), "a", json!({}))
+        } else {
+            ModelResponse::text(format!("done {}", req.last_user_text().unwrap_or_default()))
+        })
+    });
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("t", "m").input_mode(mode),
+            CatalogEntry::with_client(client).tool(slow.clone()),
+        )
+        .unwrap();
+    (catalog, slow)
+}
+
+#[tokio::test]
+async fn input_during_a_turn_is_queued_and_runs_in_order() {
+    let (catalog, _) = slow_fixture(InputMode::Queue);
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let s1 = sessions.clone();
+    let id1 = id.clone();
+    let first = tokio::spawn(async move { s1.send(&id1, "one").await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = sessions.send(&id, "two").await.unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.text(), "done one");
+    assert_eq!(second.text(), "done two");
+    assert!(first.end_seq < second.end_seq);
+    // The queued input was accepted (committed) during the first turn, and the model never saw
+    // it between a tool call and its result.
+    let history = sessions.history_all(&id).await.unwrap();
+    let kinds: Vec<_> = history.iter().map(|e| e.payload.kind_name()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "input").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == "turn_end").count(), 2);
+    let conv = Conversation::from_entries(&history);
+    let texts: Vec<_> = conv
+        .messages()
+        .iter()
+        .filter(|m| m.role == Role::User && !m.text().is_empty())
+        .map(|m| m.text())
+        .collect();
+    assert_eq!(texts, vec!["one", "two"]);
+}
+
+#[tokio::test]
+async fn reject_mode_says_busy_and_interrupt_mode_cancels() {
+    let (catalog, _) = slow_fixture(InputMode::Reject);
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let s1 = sessions.clone();
+    let id1 = id.clone();
+    let first = tokio::spawn(async move { s1.send(&id1, "one").await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let err = sessions.send(&id, "two").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Busy);
+    assert!(err.is_retryable());
+    first.await.unwrap().unwrap();
+
+    let (catalog, _) = slow_fixture(InputMode::Interrupt);
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let s1 = sessions.clone();
+    let id1 = id.clone();
+    let first = tokio::spawn(async move { s1.send(&id1, "one").await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let second = sessions.send(&id, "two").await.unwrap();
+    assert_eq!(second.text(), "done two");
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled);
+}
+
+#[tokio::test]
+async fn max_steps_deadline_and_cancel_end_the_turn() {
+    // A model that always wants another tool call.
+    let looping = ScriptedClient::from_fn(|req| {
+        let n = req.messages.len();
+        Ok(ModelResponse::tool_call(
+            format!("call-{n}"),
+            "a",
+            json!({}),
+        ))
+    });
+    let mut slow = CountingTool::new("a", true);
+    slow.delay = Duration::from_millis(100);
+    let limits = TurnLimits {
+        max_steps: 3,
+        ..TurnLimits::default()
+    };
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("t", "m").limits(limits),
+            CatalogEntry::with_client(looping.clone()).tool(CountingTool::new("a", true)),
+        )
+        .unwrap()
+        .with(
+            ConfigTemplate::new("slow", "m").limits(TurnLimits {
+                turn_deadline_ms: 250,
+                ..TurnLimits::default()
+            }),
+            CatalogEntry::with_client(looping).tool(slow),
+        )
+        .unwrap();
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let err = sessions.send(&id, "go").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::MaxSteps, "{err}");
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(count_kind(&history, "assistant"), 3);
+    // Every tool call has a result, even the one the guard stopped.
+    assert_eq!(count_kind(&history, "tool_result"), 3);
+
+    let slow_id = sessions.start("slow").await.unwrap();
+    let started = std::time::Instant::now();
+    let err = sessions.send(&slow_id, "go").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let s2 = sessions.clone();
+    let id2 = slow_id.clone();
+    let running = tokio::spawn(async move { s2.send(&id2, "again").await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(sessions.cancel(&slow_id).await.unwrap());
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled);
+}
+
+#[tokio::test]
+async fn oversized_input_is_refused_and_nothing_is_stored() {
+    let f = fixture(
+        template().limits(TurnLimits {
+            max_input_bytes: 1024,
+            ..TurnLimits::default()
+        }),
+        true,
+    );
+    let store = Arc::new(InMemoryStore::new());
+    let sessions = runtime(&f.catalog, store.clone(), "a");
+    let id = start(&sessions, "s").await;
+    let err = sessions.send(&id, "x".repeat(2000)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InputTooLarge);
+    assert!(
+        err.to_string().contains("2000") && err.to_string().contains("s"),
+        "{err}"
+    );
+    assert_eq!(store.load(&id).await.unwrap().unwrap().seq, 0);
+}
+
+#[tokio::test]
+async fn idle_sessions_passivate_and_come_back() {
+    let f = fixture(template(), true);
+    let store = Arc::new(InMemoryStore::new());
+    let sessions = Sessions::builder(f.catalog.clone())
+        .store(store.clone())
+        .idle_timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+    let id = start(&sessions, "s").await;
+    sessions.send(&id, "one").await.unwrap();
+    assert_eq!(sessions.live_count(), 1);
+    for _ in 0..100 {
+        if sessions.live_count() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sessions.live_count(), 0, "idle session passivated");
+    let epoch = store.load(&id).await.unwrap().unwrap().epoch;
+    let out = sessions.send(&id, "two").await.unwrap();
+    assert_eq!(out.text(), "answer to two after c({\"x\":3})");
+    assert_eq!(store.load(&id).await.unwrap().unwrap().epoch, epoch + 1);
+    assert_eq!(
+        inputs_in(&sessions.history_all(&id).await.unwrap()).len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn subscribers_get_replay_then_live_events_once() {
+    let f = fixture(template(), true);
+    let sessions = runtime(&f.catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    sessions.send(&id, "one").await.unwrap();
+    let mut events = sessions.subscribe(&id, 2).await.unwrap();
+    sessions.send(&id, "two").await.unwrap();
+    let mut seqs = Vec::new();
+    let mut finished = 0;
+    let mut tool_starts = 0;
+    while finished == 0 {
+        match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+            Ok(Some(Ok(TurnEvent::Entry(e)))) => seqs.push(e.seq),
+            Ok(Some(Ok(TurnEvent::TurnFinished(o)))) => {
+                assert_eq!(o.text(), "answer to two after c({\"x\":3})");
+                finished += 1;
+            }
+            Ok(Some(Ok(TurnEvent::ToolCallStarted { .. }))) => tool_starts += 1,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        seqs,
+        (3..=16).collect::<Vec<_>>(),
+        "each seq once, in order"
+    );
+    assert_eq!(tool_starts, 3);
+}
+
+#[tokio::test]
+async fn corrupt_state_is_a_typed_error_and_history_needs_no_credentials() {
+    let f = fixture(template().credential("api"), true);
+    let store = Arc::new(InMemoryStore::new());
+    let creds = StaticCredentials::new(Credentials::new().with("api", "secret"));
+    let sessions = Sessions::builder(f.catalog.clone())
+        .store(store.clone())
+        .credentials(Arc::new(creds))
+        .build()
+        .unwrap();
+    let id = start(&sessions, "s").await;
+    sessions.send(&id, "one").await.unwrap();
+    sessions.passivate(&id).await;
+
+    // A node without the credential (or the template) can still read the history.
+    let bare = Sessions::builder(TemplateCatalog::new())
+        .store(store.clone())
+        .build()
+        .unwrap();
+    assert_eq!(bare.history_all(&id).await.unwrap().len(), 8);
+    let err = bare.send(&id, "two").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::TemplateNotFound, "{err}");
+
+    store.overwrite_state_bytes(&id, b"NM\x01\x02garbage".to_vec());
+    let err = sessions.send(&id, "two").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains("session s"), "{err}");
+    // Nothing was overwritten: entries are intact.
+    assert_eq!(bare.history_all(&id).await.unwrap().len(), 8);
+}
+
+#[tokio::test]
+async fn resume_interrupted_continues_eager_turns_without_a_request() {
+    let f = fixture(template(), true);
+    let inner = Arc::new(InMemoryStore::new());
+    let crashing = Arc::new(CrashingStore {
+        inner: inner.clone(),
+        crash_at: 4,
+        point: CrashPoint::AfterApply,
+        commits: AtomicUsize::new(0),
+        crashed: Notify::new(),
+        did_crash: AtomicBool::new(false),
+    });
+    let node_a = runtime(&f.catalog, crashing.clone(), "a");
+    let id = start(&node_a, "s").await;
+    let n2 = node_a.clone();
+    let id2 = id.clone();
+    let send = tokio::spawn(async move { n2.send(&id2, "q").await });
+    crashing.crashed.notified().await;
+    node_a.kill(&id);
+    send.abort();
+
+    let node_b = runtime(&f.catalog, inner.clone(), "b");
+    let owner_a = OwnerFilter::Node(NodeId::new("a", 1).unwrap());
+    assert_eq!(node_b.resume_interrupted(&owner_a).await.unwrap(), 1);
+    for _ in 0..200 {
+        if !inner.load(&id).await.unwrap().unwrap().state.has_work() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let history = node_b.history_all(&id).await.unwrap();
+    assert_eq!(count_kind(&history, "turn_end"), 1);
+    assert!(
+        inner
+            .list_resumable(&OwnerFilter::Any, None, 10)
+            .await
+            .unwrap()
+            .sessions
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn closed_sessions_refuse_input_but_keep_history() {
+    let f = fixture(template(), true);
+    let sessions = runtime(&f.catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    sessions.send(&id, "one").await.unwrap();
+    sessions.stop(&id).await.unwrap();
+    let err = sessions.send(&id, "two").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionClosed, "{err}");
+    assert_eq!(sessions.history_all(&id).await.unwrap().len(), 8);
+    let err = sessions.send(&sid("nope"), "x").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+}
