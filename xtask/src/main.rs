@@ -6,8 +6,12 @@
 //! - `migrate`: `cargo xtask migrate <up|down|status|export>` for the Postgres store.
 //! - `test`: runs the README's test command.
 
+mod alloc;
 mod bench;
 mod migrate;
+
+#[global_allocator]
+static GLOBAL: alloc::Counting = alloc::Counting;
 
 use anyhow::{Result, bail};
 

@@ -221,8 +221,10 @@ impl Actor {
         }
         let mut step: Option<(StepKind, StepFuture)> = None;
         let exit = 'main: loop {
+            // Nested futures are boxed so the idle actor's own future stays small: memory per
+            // live idle session is what a node with many sessions pays.
             if step.is_none() {
-                match self.next_step().await {
+                match Box::pin(self.next_step()).await {
                     Ok(next) => step = next,
                     Err(e) => break 'main self.exit_for(e),
                 }
@@ -234,7 +236,7 @@ impl Actor {
                 cmd = rx.recv() => {
                     let Some(cmd) = cmd else { break 'main Exit::Dropped };
                     let model_in_flight = matches!(step, Some((StepKind::Model, _)));
-                    match self.handle(cmd).await {
+                    match Box::pin(self.handle(cmd)).await {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::DropModelStep) => if model_in_flight { step = None },
                         Ok(Flow::Exit(exit)) => break 'main exit,
@@ -243,14 +245,14 @@ impl Actor {
                 }
                 res = async { step.as_mut().expect("guarded").1.as_mut().await }, if step.is_some() => {
                     step = None;
-                    if let Err(e) = self.finish_step(res).await {
+                    if let Err(e) = Box::pin(self.finish_step(res)).await {
                         break 'main self.exit_for(e);
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     // A hard deadline: the step in flight is abandoned.
                     step = None;
-                    if let Err(e) = self.end_turn(TurnStatus::TimedOut, Vec::new(), None).await {
+                    if let Err(e) = Box::pin(self.end_turn(TurnStatus::TimedOut, Vec::new(), None)).await {
                         break 'main self.exit_for(e);
                     }
                 }
@@ -261,7 +263,7 @@ impl Actor {
                 }
             }
         };
-        self.shutdown(exit, &mut rx).await;
+        Box::pin(self.shutdown(exit, &mut rx)).await;
     }
 
     /// Maps an error that ends the actor to how it ends, failing every waiting caller with it.
