@@ -1,0 +1,396 @@
+//! The main job: a trip-budget agent with real tools, whose turns survive being killed.
+//!
+//! The "model" is scripted (no API key needed) but the turn is real: the engine calls a
+//! calculator tool for each item, sums them with another call, records the total in a ledger
+//! file (a non-idempotent side effect), then answers. State lives in an LMDB environment
+//! (`./normandy-data` by default), so killing the process mid-turn and running it again resumes
+//! the interrupted turn without repeating the tool calls that had finished.
+//!
+//! ```text
+//! cargo run -p normandy-demo                      # run a turn
+//! cargo run -p normandy-demo -- --kill-after 2    # SIGKILL itself after two tool calls
+//! cargo run -p normandy-demo                      # ...and resume the interrupted turn
+//! cargo run -p normandy-demo -- --fresh           # start over
+//! cargo run -p normandy-demo -- --memory          # tier 0: in-memory, nothing kept
+//! ```
+
+mod tools;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use normandy_core::{
+    CatalogEntry, ConfigTemplate, ContentBlock, EntryPayload, ErrorKind, Input, InputId,
+    ModelRequest, ModelResponse, ResumePolicy, Role, ScriptedClient, SessionId, SessionStore,
+    Sessions, StartOptions, TemplateCatalog, TurnEvent,
+};
+use normandy_store_lmdb::{LmdbConfig, LmdbStore};
+use serde_json::json;
+
+use tools::{AfterCall, Calculator, Counter, Ledger};
+
+const USAGE: &str = "usage: normandy-demo [--data DIR] [--memory] [--fresh] [--kill-after N]
+                     [--delay-ms MS] [--session ID] [--question TEXT]
+
+  --data DIR        where the LMDB environment lives (default ./normandy-data)
+  --memory          tier 0: in-memory store, nothing survives the process
+  --fresh           delete the session (and the ledger) first
+  --kill-after N    SIGKILL this process after N tool calls, to show a resume
+  --delay-ms MS     how long each tool call takes (default 400)
+  --session ID      session id (default trip-demo)
+  --question TEXT   the items, as `label: expression; ...`";
+
+const DEFAULT_QUESTION: &str =
+    "hotel: 3 * 89.90; flights: 2 * 210.25; dinners: 4 * 35; museum: 2 * (18 + 4.5)";
+
+struct Args {
+    data: PathBuf,
+    memory: bool,
+    fresh: bool,
+    kill_after: Option<usize>,
+    delay: Duration,
+    session: String,
+    question: String,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut args = Args {
+        data: PathBuf::from("normandy-data"),
+        memory: false,
+        fresh: false,
+        kill_after: None,
+        delay: Duration::from_millis(400),
+        session: "trip-demo".into(),
+        question: DEFAULT_QUESTION.into(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
+        match a.as_str() {
+            "--data" => args.data = value("--data")?.into(),
+            "--memory" => args.memory = true,
+            "--fresh" => args.fresh = true,
+            "--kill-after" => args.kill_after = Some(value("--kill-after")?.parse()?),
+            "--delay-ms" => args.delay = Duration::from_millis(value("--delay-ms")?.parse()?),
+            "--session" => args.session = value("--session")?,
+            "--question" => args.question = value("--question")?,
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n\n{USAGE}"),
+        }
+    }
+    Ok(args)
+}
+
+/// The scripted "model": a pure function of the conversation, so a rebuilt session continues
+/// exactly where the last committed boundary left it.
+fn planner(req: &ModelRequest) -> normandy_core::Result<ModelResponse> {
+    let msgs = &req.messages;
+    let turn_start = msgs
+        .iter()
+        .rposition(|m| {
+            m.role == Role::User
+                && m.content
+                    .iter()
+                    .any(|b| matches!(b, ContentBlock::Text { .. }))
+        })
+        .unwrap_or(0);
+    let turn_no = msgs[..=turn_start]
+        .iter()
+        .filter(|m| m.role == Role::User && !m.text().is_empty())
+        .count();
+    let items: Vec<(String, String)> = msgs[turn_start]
+        .text()
+        .split(';')
+        .filter_map(|item| {
+            let (label, expr) = item.split_once(':')?;
+            Some((label.trim().to_string(), expr.trim().to_string()))
+        })
+        .collect();
+    if items.is_empty() {
+        return Ok(ModelResponse::text(
+            "Give me items as `label: expression; label: expression`.",
+        ));
+    }
+    // Tool results of this turn, by call id.
+    let results: std::collections::HashMap<String, String> = msgs[turn_start..]
+        .iter()
+        .flat_map(|m| m.content.iter())
+        .filter_map(|b| match b {
+            ContentBlock::ToolResult {
+                tool_use_id,
+                content,
+                ..
+            } => Some((tool_use_id.clone(), content.clone())),
+            _ => None,
+        })
+        .collect();
+    let step = msgs[turn_start..]
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .count();
+    let call = |i: usize| format!("t{turn_no}-item{i}");
+    Ok(match step {
+        0 => ModelResponse::tool_calls(
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, (_, expr))| (call(i), "calculator".into(), json!({ "expression": expr })))
+                .collect(),
+        )
+        .with_usage(120, 40),
+        1 => {
+            let parts: Vec<&str> = (0..items.len())
+                .map(|i| results.get(&call(i)).map(String::as_str).unwrap_or("0"))
+                .collect();
+            ModelResponse::tool_call(
+                format!("t{turn_no}-sum"),
+                "calculator",
+                json!({ "expression": parts.join(" + ") }),
+            )
+            .with_usage(160, 20)
+        }
+        2 => {
+            let total = results
+                .get(&format!("t{turn_no}-sum"))
+                .cloned()
+                .unwrap_or_default();
+            ModelResponse::tool_call(
+                format!("t{turn_no}-ledger"),
+                "record_expense",
+                json!({ "label": "trip", "amount": total }),
+            )
+            .with_usage(180, 20)
+        }
+        _ => {
+            let total = results
+                .get(&format!("t{turn_no}-sum"))
+                .cloned()
+                .unwrap_or_default();
+            let ledger = results
+                .get(&format!("t{turn_no}-ledger"))
+                .cloned()
+                .unwrap_or_default();
+            let lines: Vec<String> = items
+                .iter()
+                .enumerate()
+                .map(|(i, (label, _))| {
+                    let v = results.get(&call(i)).cloned().unwrap_or_default();
+                    format!("  {label:<10} {v:>10}")
+                })
+                .collect();
+            ModelResponse::text(format!(
+                "Trip total: {total}\n{}\nRecorded: {ledger}",
+                lines.join("\n")
+            ))
+            .with_usage(200, 60)
+        }
+    })
+}
+
+fn kill_switch(limit: Option<usize>, calc: Counter, ledger: Counter) -> AfterCall {
+    Arc::new(move |_| {
+        if let Some(limit) = limit
+            && calc.get() + ledger.get() >= limit
+        {
+            println!("\n*** --kill-after {limit}: sending SIGKILL to myself mid-turn ***");
+            kill_self();
+        }
+    })
+}
+
+#[allow(unsafe_code)]
+fn kill_self() {
+    // SAFETY: kill(2) on our own pid with a constant signal has no memory-safety conditions.
+    unsafe {
+        libc::kill(libc::getpid(), libc::SIGKILL);
+    }
+}
+
+fn describe(event: &TurnEvent) -> Option<String> {
+    Some(match event {
+        TurnEvent::ModelCallStarted { step } => format!("· model call {step}"),
+        TurnEvent::ToolCallStarted { call_id, tool } => format!("  → {tool} [{call_id}] running"),
+        TurnEvent::Entry(e) => match &e.payload {
+            EntryPayload::Input { content, .. } => format!(
+                "#{:<3} you: {}",
+                e.seq,
+                normandy_core::Message {
+                    role: Role::User,
+                    content: content.clone()
+                }
+                .text()
+            ),
+            EntryPayload::Assistant { message, .. } => {
+                let calls: Vec<String> = message
+                    .tool_uses()
+                    .map(|(_, name, input)| format!("{name}({})", compact(input)))
+                    .collect();
+                if calls.is_empty() {
+                    format!("#{:<3} model answers", e.seq)
+                } else {
+                    format!("#{:<3} model asks for {}", e.seq, calls.join(", "))
+                }
+            }
+            EntryPayload::ToolStarted { tool, .. } => {
+                format!(
+                    "#{:<3} start of {tool} recorded before it runs (not idempotent)",
+                    e.seq
+                )
+            }
+            EntryPayload::ToolResult {
+                call_id,
+                content,
+                is_error,
+            } => format!(
+                "#{:<3} ← [{call_id}] {}{content}",
+                e.seq,
+                if *is_error { "ERROR " } else { "" }
+            ),
+            EntryPayload::TurnEnd { status, usage, .. } => format!(
+                "#{:<3} turn ended: {status:?} ({} tokens in, {} out)",
+                e.seq, usage.input_tokens, usage.output_tokens
+            ),
+        },
+        TurnEvent::TurnFinished(_) => return None,
+        _ => return None,
+    })
+}
+
+fn compact(v: &serde_json::Value) -> String {
+    match v.get("expression") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        _ => v.to_string(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = parse_args()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+
+    let (store, ledger_path): (Arc<dyn SessionStore>, PathBuf) = if args.memory {
+        println!("tier 0: in-memory store (nothing survives this process)");
+        (
+            Arc::new(normandy_core::InMemoryStore::new()),
+            std::env::temp_dir().join(format!("normandy-ledger-{}.tsv", std::process::id())),
+        )
+    } else {
+        std::fs::create_dir_all(&args.data)
+            .with_context(|| format!("creating {}", args.data.display()))?;
+        let store = LmdbStore::open(LmdbConfig::new(args.data.join("lmdb")))
+            .with_context(|| format!("opening the LMDB store in {}", args.data.display()))?;
+        println!(
+            "tier 0d: LMDB store in {} (durable, no server)",
+            args.data.display()
+        );
+        (Arc::new(store), args.data.join("ledger.tsv"))
+    };
+
+    let calc_runs = Counter::default();
+    let ledger_runs = Counter::default();
+    let after = kill_switch(args.kill_after, calc_runs.clone(), ledger_runs.clone());
+    let template = ConfigTemplate::new("trip-planner", "scripted-planner")
+        .system_prompt("You add up trip expenses with the calculator and record the total.")
+        .resume_policy(ResumePolicy::Eager);
+    let catalog = TemplateCatalog::new().with(
+        template,
+        CatalogEntry::with_client(ScriptedClient::from_fn(planner))
+            .tool(Calculator {
+                delay: args.delay,
+                runs: calc_runs.clone(),
+                after: after.clone(),
+            })
+            .tool(Ledger {
+                path: ledger_path.clone(),
+                delay: args.delay,
+                runs: ledger_runs.clone(),
+                after,
+            }),
+    )?;
+    let sessions = Sessions::builder(catalog).store(store.clone()).build()?;
+
+    let id = SessionId::new(&args.session)?;
+    if args.fresh {
+        store.delete(&id).await?;
+        let _ = std::fs::remove_file(&ledger_path);
+        println!("--fresh: deleted session {id} and the ledger");
+    }
+    match store.load(&id).await? {
+        None => {
+            sessions
+                .start_with(
+                    "trip-planner",
+                    StartOptions {
+                        id: Some(id.clone()),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            println!("session {id}: new");
+        }
+        Some(record) if record.state.has_work() => println!(
+            "session {id}: the last run stopped mid-turn at entry #{} ({:?}); resuming that turn",
+            record.seq, record.state.phase
+        ),
+        Some(record) => println!("session {id}: {} entries stored", record.seq),
+    }
+    let since = store.load(&id).await?.map(|r| r.seq).unwrap_or(0);
+
+    // Watch the turn as it runs: committed entries (numbered) and progress events.
+    let mut events = sessions.subscribe(&id, since).await?;
+    let printer = tokio::spawn(async move {
+        while let Some(Ok(event)) = events.next().await {
+            if let Some(line) = describe(&event) {
+                println!("{line}");
+            }
+            if matches!(event, TurnEvent::TurnFinished(_)) {
+                break;
+            }
+        }
+    });
+
+    // A fixed input id makes the run idempotent: running again after a kill continues this
+    // input's turn instead of starting a second one.
+    let input_id = InputId::new(format!("{}-q1", args.session))?;
+    let outcome = sessions
+        .send(&id, Input::text(&args.question).with_id(input_id))
+        .await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), printer).await;
+    match outcome {
+        Ok(outcome) => {
+            println!("\nassistant:\n{}", outcome.text());
+            if outcome.end_seq <= since {
+                println!(
+                    "\n(this input's turn had already finished: that is its stored answer; use --fresh to start over)"
+                );
+            }
+        }
+        Err(e) if e.kind() == ErrorKind::Fenced => {
+            bail!("another process took over session {id}: {e}")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    println!(
+        "\ntool calls run by this process: calculator {}, record_expense {}",
+        calc_runs.get(),
+        ledger_runs.get()
+    );
+    if let Ok(ledger) = std::fs::read_to_string(&ledger_path) {
+        println!("ledger ({}):", ledger_path.display());
+        for line in ledger.lines() {
+            println!("  {line}");
+        }
+    }
+    sessions.shutdown().await;
+    Ok(())
+}
