@@ -24,8 +24,8 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use normandy_core::{
     CatalogEntry, ConfigTemplate, ContentBlock, EntryPayload, ErrorKind, Input, InputId,
-    ModelRequest, ModelResponse, ResumePolicy, Role, ScriptedClient, SessionId, SessionStore,
-    Sessions, StartOptions, TemplateCatalog, TurnEvent,
+    ModelRequest, ModelResponse, Phase, ResumePolicy, Role, ScriptedClient, SessionId,
+    SessionStore, Sessions, StartOptions, TemplateCatalog, TurnEvent,
 };
 use normandy_store_lmdb::{LmdbConfig, LmdbStore};
 use serde_json::json;
@@ -338,10 +338,24 @@ async fn main() -> Result<()> {
                 .await?;
             println!("session {id}: new");
         }
-        Some(record) if record.state.has_work() => println!(
-            "session {id}: the last run stopped mid-turn at entry #{} ({:?}); resuming that turn",
-            record.seq, record.state.phase
-        ),
+        Some(record) if record.state.has_work() => {
+            let at = match &record.state.phase {
+                Phase::RunningTools { calls } => format!(
+                    "tool calls without a result: {}",
+                    calls
+                        .iter()
+                        .map(|c| c.id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                Phase::CallingModel => "a model call was due".to_string(),
+                Phase::Idle => "input queued".to_string(),
+            };
+            println!(
+                "session {id}: the last run stopped mid-turn after entry #{} ({at}); resuming that turn",
+                record.seq
+            )
+        }
         Some(record) => println!("session {id}: {} entries stored", record.seq),
     }
     let since = store.load(&id).await?.map(|r| r.seq).unwrap_or(0);

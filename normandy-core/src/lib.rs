@@ -10,7 +10,8 @@
 //! - [`template`], [`catalog`], [`credentials`]: how a session's configuration is stored without
 //!   secrets and rebuilt on any node.
 //! - [`llm`], [`tools`], [`hooks`]: the model seam, tools, and hooks around both.
-//! - [`store`], [`registry`]: the two backend traits, with [`InMemoryStore`] and [`LocalRegistry`].
+//! - [`store`], [`registry`]: the two backend traits, with [`InMemoryStore`] and [`LocalRegistry`];
+//!   [`membership`]: node leases, for clusters.
 //! - [`codec`]: the versioned MessagePack of every stored blob.
 //! - [`engine`]: turn state, events, outcomes, and the per-session actor.
 //! - [`runtime`]: one node's wiring and [`Sessions`], the handle users call.
@@ -41,6 +42,7 @@ pub mod engine;
 pub mod error;
 pub mod hooks;
 pub mod llm;
+pub mod membership;
 pub mod model;
 pub mod registry;
 pub mod runtime;
@@ -58,6 +60,7 @@ pub use engine::{
 pub use error::{Error, ErrorKind, Result};
 pub use hooks::{Hook, HookDecision, ToolCall};
 pub use llm::{LlmClient, ModelRequest, ModelResponse, ScriptedClient, ToolSpec};
+pub use membership::{Member, Membership};
 pub use model::{
     ContentBlock, Entry, EntryPayload, Epoch, InputId, Message, NodeId, Role, Seq, SessionId,
     StopReason, TurnStatus, Usage,

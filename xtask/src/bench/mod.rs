@@ -1,6 +1,7 @@
 //! `cargo xtask bench <target>`: each target prints our figure beside a raw baseline from the
 //! same run, and the ratio.
 
+mod cluster;
 mod engine;
 mod lmdb;
 mod postgres;
@@ -27,7 +28,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "lmdb" => lmdb::run(quick)?,
             "postgres" => postgres::run(quick)?,
             "redis" => redis::run(quick)?,
-            other => bail!("unknown bench target {other:?} (engine, lmdb, postgres, redis, all)"),
+            "cluster" => cluster::run(quick)?,
+            other => bail!("unknown bench target {other:?} (engine, lmdb, postgres, redis, cluster, all)"),
         }
     }
     Ok(())
