@@ -36,7 +36,8 @@ pub enum InputMode {
     Interrupt,
 }
 
-/// Limits of a session's turns. Defaults: 1 MiB input, 16 steps, 10-minute turn deadline.
+/// Limits of a session's turns. Defaults: 1 MiB input, 16 steps, 10-minute turn deadline, 64
+/// queued inputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TurnLimits {
@@ -50,6 +51,9 @@ pub struct TurnLimits {
     pub model_call_timeout_ms: u64,
     /// Deadline of one tool call, in milliseconds.
     pub tool_call_timeout_ms: u64,
+    /// Most inputs accepted and waiting behind the running turn; more are refused with a
+    /// retryable `Overloaded`, so the queue is never unbounded.
+    pub max_queued_inputs: u32,
 }
 
 impl Default for TurnLimits {
@@ -60,6 +64,7 @@ impl Default for TurnLimits {
             turn_deadline_ms: 600_000,
             model_call_timeout_ms: 120_000,
             tool_call_timeout_ms: 120_000,
+            max_queued_inputs: 64,
         }
     }
 }

@@ -62,7 +62,11 @@ impl Tool for CountingTool {
 /// A model that, per turn, asks for `a` and `b` in step 1, `c` in step 2, then answers.
 /// A function of the request, so a rebuilt session continues the same script.
 fn script() -> ScriptedClient {
-    ScriptedClient::from_fn(|req| {
+    ScriptedClient::from_fn(script_fn)
+}
+
+fn script_fn(req: &ModelRequest) -> Result<ModelResponse> {
+    {
         let text = req.last_user_text().unwrap_or_default();
         // Count assistant messages since the latest user text message: the step within the turn.
         let start = req
@@ -92,7 +96,7 @@ fn script() -> ScriptedClient {
                     .with_usage(10, 5)
             }
         })
-    })
+    }
 }
 
 struct Fixture {
@@ -186,6 +190,8 @@ enum CrashPoint {
 
 struct CrashingStore {
     inner: Arc<InMemoryStore>,
+    /// Every commit takes this long (a slow disk).
+    delay: Duration,
     crash_at: usize,
     point: CrashPoint,
     commits: AtomicUsize,
@@ -212,6 +218,9 @@ impl SessionStore for CrashingStore {
         batch: &CommitBatch,
     ) -> Result<CommitAck> {
         let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
         if n == self.crash_at {
             if self.point == CrashPoint::AfterApply {
                 self.inner.commit(id, epoch, expected_seq, batch).await?;
@@ -295,6 +304,7 @@ async fn crash_and_resume(n: usize, point: CrashPoint, c_idempotent: bool) -> Op
     let inner = Arc::new(InMemoryStore::new());
     let crashing = Arc::new(CrashingStore {
         inner: inner.clone(),
+        delay: Duration::ZERO,
         crash_at: n,
         point,
         commits: AtomicUsize::new(0),
@@ -461,6 +471,7 @@ async fn non_idempotent_call_in_doubt_is_not_rerun() {
         let inner = Arc::new(InMemoryStore::new());
         let crashing = Arc::new(CrashingStore {
             inner: inner.clone(),
+            delay: Duration::ZERO,
             crash_at: n,
             point,
             commits: AtomicUsize::new(0),
@@ -808,6 +819,7 @@ async fn resume_interrupted_continues_eager_turns_without_a_request() {
     let inner = Arc::new(InMemoryStore::new());
     let crashing = Arc::new(CrashingStore {
         inner: inner.clone(),
+        delay: Duration::ZERO,
         crash_at: 4,
         point: CrashPoint::AfterApply,
         commits: AtomicUsize::new(0),
@@ -856,4 +868,240 @@ async fn closed_sessions_refuse_input_but_keep_history() {
     assert_eq!(sessions.history_all(&id).await.unwrap().len(), 8);
     let err = sessions.send(&sid("nope"), "x").await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound);
+}
+
+struct Guard;
+
+#[async_trait]
+impl Hook for Guard {
+    async fn before_model(&self, request: &mut ModelRequest) -> HookDecision {
+        request.system = Some("guarded".into());
+        HookDecision::Continue
+    }
+    async fn before_tool(&self, call: &mut ToolCall) -> HookDecision {
+        if call.name == "b" {
+            return HookDecision::Veto("b is not allowed".into());
+        }
+        call.input = json!({"x": 100});
+        HookDecision::Continue
+    }
+    async fn after_tool(&self, _call: &ToolCall, output: &mut ToolOutput) {
+        output.content.push_str(" [checked]");
+    }
+}
+
+#[tokio::test]
+async fn hooks_edit_and_veto_calls() {
+    let a = CountingTool::new("a", true);
+    let b = CountingTool::new("b", true);
+    let c = CountingTool::new("c", true);
+    let saw_system = Arc::new(AtomicBool::new(false));
+    let saw = saw_system.clone();
+    let client = ScriptedClient::from_fn(move |req| {
+        if req.system.as_deref() == Some("guarded") {
+            saw.store(true, Ordering::SeqCst);
+        }
+        script_fn(req)
+    });
+    let catalog = TemplateCatalog::new()
+        .with(
+            template(),
+            CatalogEntry::with_client(client)
+                .tool(a.clone())
+                .tool(b.clone())
+                .tool(c.clone())
+                .hook("guard", Guard),
+        )
+        .unwrap();
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    sessions.send(&id, "q").await.unwrap();
+    assert!(saw_system.load(Ordering::SeqCst));
+    assert!(b.runs().is_empty(), "vetoed tool never ran");
+    let history = sessions.history_all(&id).await.unwrap();
+    let results: Vec<(String, String, bool)> = history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EntryPayload::ToolResult {
+                call_id,
+                content,
+                is_error,
+            } => Some((call_id.clone(), content.clone(), *is_error)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(results[0].1, "a({\"x\":100}) [checked]");
+    assert!(results[1].2 && results[1].1.contains("b is not allowed"));
+}
+
+#[tokio::test]
+async fn a_full_mailbox_fails_with_overloaded_after_the_timeout() {
+    // Slow commits keep the actor busy, so its one-slot mailbox stays full.
+    let f = fixture(template(), true);
+    let slow = Arc::new(CrashingStore {
+        inner: Arc::new(InMemoryStore::new()),
+        delay: Duration::from_millis(30),
+        crash_at: usize::MAX,
+        point: CrashPoint::AfterApply,
+        commits: AtomicUsize::new(0),
+        crashed: Notify::new(),
+        did_crash: AtomicBool::new(false),
+    });
+    let sessions = Sessions::builder(f.catalog.clone())
+        .store(slow)
+        .mailbox(1)
+        .send_timeout(Duration::from_millis(20))
+        .build()
+        .unwrap();
+    let id = start(&sessions, "s").await;
+    sessions.resume(&id).await.unwrap();
+    let sends: Vec<_> = (0..20)
+        .map(|i| {
+            let s = sessions.clone();
+            let id = id.clone();
+            tokio::spawn(async move { s.send(&id, format!("m{i}")).await })
+        })
+        .collect();
+    let mut overloaded = 0;
+    let mut ok = 0;
+    for s in sends {
+        match s.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.kind() == ErrorKind::Overloaded => {
+                assert!(e.is_retryable());
+                assert!(e.to_string().contains("mailbox"), "{e}");
+                overloaded += 1;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert!(overloaded > 0, "some sends must be refused");
+    assert!(ok > 0, "some sends must be accepted");
+    // Every accepted input ran exactly once; refused ones left no trace.
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(inputs_in(&history).len(), ok);
+    assert_eq!(count_kind(&history, "turn_end"), ok);
+}
+
+#[tokio::test]
+async fn the_input_queue_is_bounded() {
+    let (catalog, _) = slow_fixture(InputMode::Queue);
+    let mut catalog = catalog;
+    catalog
+        .register(
+            ConfigTemplate::new("t", "m").limits(TurnLimits {
+                max_queued_inputs: 2,
+                ..TurnLimits::default()
+            }),
+            {
+                let client = ScriptedClient::from_fn(|req| {
+                    Ok(if req.last_tool_results().is_empty() {
+                        ModelResponse::tool_call(
+                            format!("{}-a", req.messages.len()),
+                            "a",
+                            json!({}),
+                        )
+                    } else {
+                        ModelResponse::text("done")
+                    })
+                });
+                let mut slow = CountingTool::new("a", true);
+                slow.delay = Duration::from_millis(100);
+                CatalogEntry::with_client(client).tool(slow)
+            },
+        )
+        .unwrap();
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let first = {
+        let s = sessions.clone();
+        let id = id.clone();
+        tokio::spawn(async move { s.send(&id, "one").await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let queued: Vec<_> = (0..2)
+        .map(|i| {
+            let s = sessions.clone();
+            let id = id.clone();
+            tokio::spawn(async move { s.send(&id, format!("q{i}")).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let err = sessions.send(&id, "too many").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Overloaded, "{err}");
+    first.await.unwrap().unwrap();
+    for q in queued {
+        q.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn client_given_credentials_stay_in_process() {
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("t", "m").credential("key"),
+            CatalogEntry::new(|_, creds| {
+                let key = creds.expose("key")?.to_string();
+                Ok(Arc::new(ScriptedClient::from_fn(move |_| {
+                    Ok(ModelResponse::text(format!("key has {} chars", key.len())))
+                })) as Arc<dyn LlmClient>)
+            }),
+        )
+        .unwrap();
+    let store = Arc::new(InMemoryStore::new());
+    let sessions = Sessions::builder(catalog.clone())
+        .store(store.clone())
+        .credentials_from_client()
+        .build()
+        .unwrap();
+    let id = sessions
+        .start_with(
+            "t",
+            StartOptions {
+                id: None,
+                credentials: Some(Credentials::new().with("key", "sk-canary-777")),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        sessions.send(&id, "hi").await.unwrap().text(),
+        "key has 13 chars"
+    );
+    let raw = store.raw_bytes();
+    assert!(
+        !raw.windows(9).any(|w| w == b"sk-canary"),
+        "secret reached the store"
+    );
+    // Another runtime (another process) cannot rebuild it: the error says why.
+    let other = Sessions::builder(catalog)
+        .store(store.clone())
+        .credentials_from_client()
+        .build()
+        .unwrap();
+    let err = other.send(&id, "hi").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Credentials, "{err}");
+    assert!(err.to_string().contains("FromClient"), "{err}");
+    // Without credentials_from_client, passing credentials at start is a config error.
+    let plain = Sessions::builder(
+        TemplateCatalog::new()
+            .with(
+                ConfigTemplate::new("t", "m"),
+                CatalogEntry::with_client(ScriptedClient::echo()),
+            )
+            .unwrap(),
+    )
+    .build()
+    .unwrap();
+    let err = plain
+        .start_with(
+            "t",
+            StartOptions {
+                id: None,
+                credentials: Some(Credentials::new()),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
 }

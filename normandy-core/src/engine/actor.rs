@@ -786,6 +786,16 @@ impl Actor {
             }));
             return Ok(Flow::Continue);
         }
+        if busy && self.state.queued.len() >= limits.max_queued_inputs as usize {
+            let _ = reply.send(Err(Error::Overloaded {
+                session: self.id.clone(),
+                what: format!(
+                    "{} inputs already wait behind the running turn",
+                    self.state.queued.len()
+                ),
+            }));
+            return Ok(Flow::Continue);
+        }
         let seq = self.seq + 1;
         let mut state = self.state.clone();
         let queued = QueuedInput {
