@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
@@ -86,6 +86,12 @@ enum Slot {
     Live(ActorHandle),
     /// An activation is under way; waiters watch for it to finish.
     Starting(watch::Receiver<()>),
+    /// The actor stopped taking commands and is releasing its placement; a new activation waits
+    /// for that, so the old release can never undo the new registration.
+    Retiring {
+        generation: u64,
+        done: watch::Receiver<()>,
+    },
 }
 
 /// The live actors of one node.
@@ -100,15 +106,16 @@ impl LiveSessions {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Removes the actor of `generation` from the map and closes its mailbox, under the map's
-    /// lock, so no new command can reach it. Unless `force`, refuses (returns false) while
-    /// commands wait in the mailbox.
+    /// Stops the actor of `generation` taking commands: closes its mailbox under the map's lock
+    /// and marks its slot retiring until [`finish`](Self::finish). Unless `force`, refuses
+    /// (returns false) while commands wait in the mailbox.
     pub(crate) fn retire<T>(
         &self,
         id: &SessionId,
         generation: u64,
         rx: &mut mpsc::Receiver<T>,
         force: bool,
+        done: &mut Option<watch::Sender<()>>,
     ) -> bool {
         let mut map = self.lock();
         if !force && !rx.is_empty() {
@@ -117,10 +124,32 @@ impl LiveSessions {
         if let Some(Slot::Live(h)) = map.get(id)
             && h.generation == generation
         {
-            map.remove(id);
+            let (tx, rx) = watch::channel(());
+            map.insert(
+                id.clone(),
+                Slot::Retiring {
+                    generation,
+                    done: rx,
+                },
+            );
+            *done = Some(tx);
         }
         rx.close();
         true
+    }
+
+    /// Removes whatever slot the actor of `generation` still holds (called when it has fully
+    /// stopped, also on panic or abort).
+    pub(crate) fn finish(&self, id: &SessionId, generation: u64) {
+        let mut map = self.lock();
+        let ours = match map.get(id) {
+            Some(Slot::Live(h)) => h.generation == generation,
+            Some(Slot::Retiring { generation: g, .. }) => *g == generation,
+            _ => false,
+        };
+        if ours {
+            map.remove(id);
+        }
     }
 
     fn remove_stale(&self, id: &SessionId, generation: u64) {
@@ -137,7 +166,7 @@ impl LiveSessions {
             .iter()
             .filter_map(|(id, s)| match s {
                 Slot::Live(h) => Some((id.clone(), h.clone())),
-                Slot::Starting(_) => None,
+                Slot::Starting(_) | Slot::Retiring { .. } => None,
             })
             .collect()
     }
@@ -154,6 +183,9 @@ struct Inner {
     idle_timeout: Duration,
     mailbox: usize,
     send_timeout: Duration,
+    /// Whether new activations are allowed. A cluster node clears it while it drains or while
+    /// its lease is in doubt, so that no retry inside `send` places a session here again.
+    accepting: AtomicBool,
 }
 
 /// Builds a [`Sessions`] runtime.
@@ -255,6 +287,7 @@ impl SessionsBuilder {
                 idle_timeout: self.idle_timeout,
                 mailbox: self.mailbox,
                 send_timeout: self.send_timeout,
+                accepting: AtomicBool::new(true),
             }),
         })
     }
@@ -309,9 +342,27 @@ impl Sessions {
         &self.inner.catalog
     }
 
+    /// Allows (default) or refuses new activations on this node. While refused, a request that
+    /// needs to activate a session fails with a retryable `Unavailable` naming this node; live
+    /// actors keep running until passivated. A cluster node refuses while it drains for shutdown
+    /// or while its membership lease is in doubt.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.inner.accepting.store(accepting, Ordering::SeqCst);
+    }
+
+    /// Whether new activations are allowed (see [`set_accepting`](Self::set_accepting)).
+    pub fn is_accepting(&self) -> bool {
+        self.inner.accepting.load(Ordering::SeqCst)
+    }
+
     /// Number of live (activated, not passivated) sessions on this node.
     pub fn live_count(&self) -> usize {
-        self.inner.live.lock().len()
+        self.inner
+            .live
+            .lock()
+            .values()
+            .filter(|s| matches!(s, Slot::Live(_)))
+            .count()
     }
 
     /// Creates a session from the catalog's template `template_id`, with a generated id.
@@ -577,7 +628,9 @@ impl Sessions {
                 let mut map = self.inner.live.lock();
                 match map.get(id) {
                     Some(Slot::Live(h)) => return Ok(h.clone()),
-                    Some(Slot::Starting(rx)) => (None, Some(rx.clone())),
+                    Some(Slot::Starting(rx)) | Some(Slot::Retiring { done: rx, .. }) => {
+                        (None, Some(rx.clone()))
+                    }
                     None => {
                         let (tx, rx) = watch::channel(());
                         map.insert(id.clone(), Slot::Starting(rx));
@@ -612,6 +665,16 @@ impl Sessions {
     /// Registers, activates and rebuilds the session, then spawns its actor.
     async fn activate(&self, id: &SessionId) -> Result<ActorHandle> {
         let inner = &self.inner;
+        if !inner.accepting.load(Ordering::SeqCst) {
+            return Err(Error::Unavailable {
+                backend: "node",
+                message: format!(
+                    "node {} is not taking sessions now (draining or lease in doubt); \
+                     session {id} must be served elsewhere",
+                    inner.node
+                ),
+            });
+        }
         inner.registry.register(id, &inner.node).await?;
         let result = async {
             let record = inner.store.activate(id, &inner.node).await?;

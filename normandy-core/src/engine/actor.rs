@@ -220,6 +220,14 @@ impl Actor {
             debug!(seq = self.seq, "resuming interrupted turn");
         }
         let mut step: Option<(StepKind, StepFuture)> = None;
+        // Held while releasing the placement; dropping it wakes activations waiting on us.
+        let mut retiring = None;
+        // Frees this actor's slot however the task ends: return, panic or abort.
+        let _slot = SlotGuard {
+            live: self.live.clone(),
+            id: self.id.clone(),
+            generation: self.generation,
+        };
         let exit = 'main: loop {
             // Nested futures are boxed so the idle actor's own future stays small: memory per
             // live idle session is what a node with many sessions pays.
@@ -257,13 +265,14 @@ impl Actor {
                     }
                 }
                 _ = tokio::time::sleep(self.idle_timeout), if idle => {
-                    if self.live.retire(&self.id, self.generation, &mut rx, false) {
+                    if self.live.retire(&self.id, self.generation, &mut rx, false, &mut retiring) {
                         break 'main Exit::Release;
                     }
                 }
             }
         };
-        Box::pin(self.shutdown(exit, &mut rx)).await;
+        Box::pin(self.shutdown(exit, &mut rx, &mut retiring)).await;
+        drop(retiring);
     }
 
     /// Maps an error that ends the actor to how it ends, failing every waiting caller with it.
@@ -282,9 +291,16 @@ impl Actor {
         }
     }
 
-    async fn shutdown(mut self, exit: Exit, rx: &mut mpsc::Receiver<Command>) {
-        // Leave the live map first, so new requests start a fresh actor rather than queue here.
-        self.live.retire(&self.id, self.generation, rx, true);
+    async fn shutdown(
+        mut self,
+        exit: Exit,
+        rx: &mut mpsc::Receiver<Command>,
+        retiring: &mut Option<tokio::sync::watch::Sender<()>>,
+    ) {
+        // Stop taking commands first; a new activation of this session waits until the release
+        // below is done, so it can never be undone by it.
+        self.live
+            .retire(&self.id, self.generation, rx, true, retiring);
         // Commands that raced in are dropped unanswered: their callers see the actor gone and
         // retry on a fresh one (inputs are idempotent by id).
         while rx.try_recv().is_ok() {}
@@ -294,6 +310,7 @@ impl Actor {
         {
             warn!(error = %e, "could not release registry placement");
         }
+        self.live.finish(&self.id, self.generation);
         debug!("session actor stopped");
     }
 
@@ -872,6 +889,18 @@ impl Actor {
                 .await?;
         }
         self.store.mark_terminal(&self.id, self.epoch).await
+    }
+}
+
+struct SlotGuard {
+    live: Arc<LiveSessions>,
+    id: SessionId,
+    generation: u64,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.live.finish(&self.id, self.generation);
     }
 }
 
