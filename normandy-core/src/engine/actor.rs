@@ -356,7 +356,11 @@ impl Actor {
                     self.emit(TurnEvent::ModelCallStarted {
                         step: turn.steps + 1,
                     });
-                    return Ok(Some((StepKind::Model, self.model_step())));
+                    let span = info_span!("model_call", input = %turn.input_id, step = turn.steps + 1, seq = self.seq);
+                    return Ok(Some((
+                        StepKind::Model,
+                        Box::pin(self.model_step().instrument(span)),
+                    )));
                 }
                 Phase::RunningTools { calls } => {
                     let Some(call) = calls.first().cloned() else {
@@ -396,7 +400,11 @@ impl Actor {
                         call_id: call.id.clone(),
                         tool: call.name.clone(),
                     });
-                    return Ok(Some((StepKind::Tool, self.tool_step(call))));
+                    let span = info_span!("tool_call", input = %turn.input_id, call_id = %call.id, tool = %call.name, seq = self.seq);
+                    return Ok(Some((
+                        StepKind::Tool,
+                        Box::pin(self.tool_step(call).instrument(span)),
+                    )));
                 }
             }
         }
