@@ -24,7 +24,16 @@ pub trait StoreHarness: Send + Sync + 'static {
     async fn overwrite_state(&self, id: &SessionId, bytes: &[u8]);
 
     /// Overwrites the stored bytes of entry `seq` of `id`.
+    ///
+    /// The suite plants either garbage or a versioned blob from `normandy_core::codec` of the
+    /// right kind (`BlobKind::TurnState` for [`overwrite_state`](Self::overwrite_state),
+    /// `BlobKind::Entry` here) with its header altered; a backend that stores blobs differently
+    /// translates here, so that the next read decodes exactly these bytes.
     async fn overwrite_entry(&self, id: &SessionId, seq: Seq, bytes: &[u8]);
+
+    /// Called once after a case passed: drop the namespace (schema, keys, directory) if the
+    /// backend wants to. Not called after a failure, so the data stays for a post-mortem.
+    async fn cleanup(&self) {}
 }
 
 /// A registry backend under test.
@@ -43,4 +52,13 @@ pub trait RegistryHarness: Send + Sync + 'static {
 
     /// Makes `node`'s lease lapse now, as if it died (only called when `has_leases`).
     async fn expire_node(&self, _node: &normandy_core::NodeId) {}
+
+    /// Makes `node` a live member (a current lease), as a running node would be, before a case
+    /// registers anything on it. Cases call it for every node they use; a registry whose
+    /// placements do not depend on leases keeps the default no-op.
+    async fn make_live(&self, _node: &normandy_core::NodeId) {}
+
+    /// Called once after a case passed: drop the namespace if the backend wants to. Not called
+    /// after a failure, so the data stays for a post-mortem.
+    async fn cleanup(&self) {}
 }
