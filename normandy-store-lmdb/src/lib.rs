@@ -1,1 +1,41 @@
-//! Not built yet: see the project's issues.
+//! Normandy's embedded durable session store: [`LmdbStore`], sessions in an LMDB environment on
+//! local disk through [heed](https://docs.rs/heed). Tier 0d: one host, durable, no server.
+//!
+//! ```no_run
+//! use normandy_store_lmdb::{LmdbConfig, LmdbStore};
+//!
+//! # fn main() -> normandy_core::Result<()> {
+//! let store = LmdbStore::open(LmdbConfig::new("/var/lib/my-agents/sessions"))?;
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//! - [`config`]: [`LmdbConfig`] (path, map size and its ceiling, durability, batch size).
+//! - `store`: [`LmdbStore`], the [`SessionStore`](normandy_core::SessionStore) implementation:
+//!   reads on tokio's blocking pool, writes through the writer thread.
+//! - `writer`: the group-commit thread: writes queued together share one LMDB write
+//!   transaction, each with its own checks and outcome.
+//! - `env`: opening the environment (format marker, databases), the key layout, the session
+//!   header, growing the map when it is full.
+//! - `error`: the one function that maps heed/LMDB errors to [`normandy_core::Error`].
+//!
+//! # On disk
+//! Named databases `meta` (layout version), `sessions` (header blob), `states` (turn-state
+//! blob), `templates`, `entries` (`id 0x00 seq` → entry blob), `inputs` (`id 0x00 input` → seq),
+//! and the resumable indexes `resumable_by_owner` (`owner 0x00 id`) and `resumable_any` (`id`),
+//! so `list_resumable` is a range read. Every blob is a versioned `normandy_core::codec` blob.
+
+pub mod config;
+mod env;
+mod error;
+mod store;
+mod writer;
+
+pub use config::{Durability, LmdbConfig};
+pub use store::{LmdbStore, WriteStats};
+
+/// The heed version this crate is built on, for callers (and benchmarks) that need raw LMDB
+/// access with the same library.
+pub use heed;

@@ -1,0 +1,662 @@
+//! Group commit: one thread owns every write of this process and folds the writes queued while
+//! the previous transaction was syncing into one LMDB write transaction.
+//!
+//! LMDB has a single writer per environment and each write transaction costs one `fsync`, so
+//! writes from many sessions share a transaction. Each write keeps its own outcome: every check
+//! (existence, terminal, epoch, duplicate input, seq) runs inside the transaction before that
+//! write touches anything, and a write whose check fails writes nothing and does not disturb the
+//! others. Outcomes are sent only after the transaction commits; if the transaction itself fails,
+//! every write of it fails. Because the checks run inside the write transaction, which LMDB
+//! serializes across processes, fencing holds for every process sharing the environment.
+
+use std::ops::Bound;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use heed::{MdbError, RwTxn};
+use normandy_core::store::is_resumable;
+use normandy_core::{
+    CommitAck, Epoch, Error, InputId, NewSession, NodeId, Result, Seq, SessionId, SessionRecord,
+    SessionStatus, TurnState, now_ms,
+};
+use tokio::sync::oneshot;
+
+use crate::env::{Dbs, EnvCore, Header, be_u64, keys, read_record};
+use crate::error::from_heed;
+
+/// Where a write's outcome goes.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;
+
+/// One entry of a commit, encoded by the caller (outside the writer thread).
+#[derive(Debug)]
+pub(crate) struct EncodedEntry {
+    pub(crate) seq: Seq,
+    pub(crate) input: Option<InputId>,
+    pub(crate) blob: Vec<u8>,
+}
+
+/// A write, as queued to the writer thread.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Create {
+        new: NewSession,
+        template_blob: Option<Vec<u8>>,
+        state_blob: Vec<u8>,
+        reply: Reply<SessionRecord>,
+    },
+    Activate {
+        id: SessionId,
+        node: NodeId,
+        reply: Reply<SessionRecord>,
+    },
+    Commit {
+        id: SessionId,
+        epoch: Epoch,
+        expected_seq: Seq,
+        entries: Vec<EncodedEntry>,
+        /// The new state, to compute whether the session becomes resumable.
+        state: TurnState,
+        state_blob: Vec<u8>,
+        reply: Reply<CommitAck>,
+    },
+    MarkTerminal {
+        id: SessionId,
+        epoch: Epoch,
+        reply: Reply<()>,
+    },
+    Delete {
+        id: SessionId,
+        reply: Reply<bool>,
+    },
+    /// Test support: overwrites an existing value (to plant corruption).
+    Overwrite {
+        db: RawDb,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        reply: Reply<bool>,
+    },
+}
+
+/// Which database an [`Op::Overwrite`] targets.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum RawDb {
+    States,
+    Entries,
+}
+
+/// What an applied write produced (before commit).
+enum Done {
+    Created { now: u64 },
+    Record(Box<SessionRecord>),
+    Ack(CommitAck),
+    Unit,
+    Bool(bool),
+}
+
+impl Op {
+    /// Sends the outcome to the caller (who may have gone: then nothing happens).
+    fn respond(self, out: Result<Done>) {
+        fn mismatch<T>() -> Result<T> {
+            Err(Error::Internal(
+                "LMDB writer produced the wrong outcome kind".into(),
+            ))
+        }
+        match self {
+            Op::Create { new, reply, .. } => {
+                let _ = reply.send(out.and_then(|d| match d {
+                    Done::Created { now } => Ok(SessionRecord {
+                        id: new.id,
+                        epoch: 0,
+                        seq: 0,
+                        owner: None,
+                        status: SessionStatus::Active,
+                        resume_policy: new.resume_policy,
+                        template: new.template,
+                        state: TurnState::default(),
+                        created_at_ms: now,
+                        updated_at_ms: now,
+                    }),
+                    _ => mismatch(),
+                }));
+            }
+            Op::Activate { reply, .. } => {
+                let _ = reply.send(out.and_then(|d| match d {
+                    Done::Record(r) => Ok(*r),
+                    _ => mismatch(),
+                }));
+            }
+            Op::Commit { reply, .. } => {
+                let _ = reply.send(out.and_then(|d| match d {
+                    Done::Ack(a) => Ok(a),
+                    _ => mismatch(),
+                }));
+            }
+            Op::MarkTerminal { reply, .. } => {
+                let _ = reply.send(out.and_then(|d| match d {
+                    Done::Unit => Ok(()),
+                    _ => mismatch(),
+                }));
+            }
+            Op::Delete { reply, .. } | Op::Overwrite { reply, .. } => {
+                let _ = reply.send(out.and_then(|d| match d {
+                    Done::Bool(b) => Ok(b),
+                    _ => mismatch(),
+                }));
+            }
+        }
+    }
+
+    fn fail(self, err: Error) {
+        self.respond(Err(err));
+    }
+}
+
+/// Handle on the writer thread. Dropping it drains the queue and joins the thread.
+#[derive(Debug)]
+pub(crate) struct Writer {
+    tx: Option<mpsc::Sender<Op>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the writer thread of `core`.
+    pub(crate) fn spawn(core: Arc<EnvCore>, max_batch: usize, linger: Duration) -> Result<Self> {
+        // Unbounded on purpose: every caller awaits its reply before writing again, so the queue
+        // never holds more than one write per concurrent caller, and a bounded std channel
+        // would block an async caller's thread when full.
+        let (tx, rx) = mpsc::channel::<Op>();
+        let thread = std::thread::Builder::new()
+            .name("normandy-lmdb-writer".into())
+            .spawn(move || run(&core, &rx, max_batch, linger))
+            .map_err(|e| Error::Internal(format!("cannot start the LMDB writer thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a write.
+    pub(crate) fn submit(&self, op: Op) -> Result<()> {
+        let stopped = || Error::Internal("the LMDB writer thread has stopped".into());
+        self.tx
+            .as_ref()
+            .ok_or_else(stopped)?
+            .send(op)
+            .map_err(|_| stopped())
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop once the queued writes are done.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(core: &EnvCore, rx: &mpsc::Receiver<Op>, max_batch: usize, linger: Duration) {
+    // Size and duration of the previous transaction: several writers seen means more are
+    // likely on their way back (their commits were just acknowledged).
+    let mut last_len = 0usize;
+    let mut last_took = Duration::ZERO;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        // Everything queued while the previous transaction synced joins this one.
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        if last_len > 1 && !linger.is_zero() {
+            let deadline = Instant::now() + last_took / 2;
+            while batch.len() < max_batch {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match rx.recv_timeout(linger.min(left)) {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+        last_len = batch.len();
+        let started = Instant::now();
+        // A panic (a bug) aborts the transaction as it unwinds and drops the batch's replies,
+        // so its callers get an error; the thread keeps serving later writes.
+        if catch_unwind(AssertUnwindSafe(|| process(core, batch))).is_err() {
+            tracing::error!(path = %core.path.display(), "LMDB writer panicked; batch failed");
+        }
+        last_took = started.elapsed();
+    }
+}
+
+/// Why a whole transaction failed.
+enum TxnFail {
+    MapFull,
+    TxnFull,
+    MapResized,
+    Other(heed::Error),
+}
+
+impl From<heed::Error> for TxnFail {
+    fn from(e: heed::Error) -> Self {
+        match e {
+            heed::Error::Mdb(MdbError::MapFull) => TxnFail::MapFull,
+            heed::Error::Mdb(MdbError::TxnFull) => TxnFail::TxnFull,
+            heed::Error::Mdb(MdbError::MapResized) => TxnFail::MapResized,
+            other => TxnFail::Other(other),
+        }
+    }
+}
+
+fn process(core: &EnvCore, batch: Vec<Op>) {
+    let mut resized = 0;
+    loop {
+        match try_batch(core, &batch) {
+            Ok(outs) => {
+                for (op, out) in batch.into_iter().zip(outs) {
+                    op.respond(out);
+                }
+                return;
+            }
+            // The transaction was aborted, so nothing of it is visible: grow and run it again.
+            Err(TxnFail::MapFull) => match core.grow() {
+                Ok(_) => continue,
+                Err(e) => return split_or_fail(core, batch, e),
+            },
+            Err(TxnFail::TxnFull) => {
+                let e = from_heed(heed::Error::Mdb(MdbError::TxnFull), &core.path, None);
+                return split_or_fail(core, batch, e);
+            }
+            Err(TxnFail::MapResized) if resized < 8 => {
+                resized += 1;
+                if let Err(e) = core.adopt_resized(None) {
+                    batch.into_iter().for_each(|op| op.fail(e.clone()));
+                    return;
+                }
+            }
+            Err(TxnFail::MapResized) => {
+                let e = from_heed(heed::Error::Mdb(MdbError::MapResized), &core.path, None);
+                batch.into_iter().for_each(|op| op.fail(e.clone()));
+                return;
+            }
+            Err(TxnFail::Other(e)) => {
+                let e = from_heed(e, &core.path, None);
+                batch.into_iter().for_each(|op| op.fail(e.clone()));
+                return;
+            }
+        }
+    }
+}
+
+/// A batch too large for the map or for one transaction: run its writes one by one, so only
+/// the write that cannot fit fails.
+fn split_or_fail(core: &EnvCore, batch: Vec<Op>, err: Error) {
+    if batch.len() > 1 {
+        for op in batch {
+            process(core, vec![op]);
+        }
+    } else {
+        batch.into_iter().for_each(|op| op.fail(err.clone()));
+    }
+}
+
+fn try_batch(core: &EnvCore, batch: &[Op]) -> Result<Vec<Result<Done>>, TxnFail> {
+    let _held = core.hold();
+    let mut txn = core.env.write_txn()?;
+    let now = now_ms();
+    let mut outs = Vec::with_capacity(batch.len());
+    for op in batch {
+        outs.push(apply(&mut txn, &core.dbs, core, op, now)?);
+    }
+    // A transaction that wrote nothing commits without touching the disk.
+    txn.commit()?;
+    core.txns.fetch_add(1, Ordering::Relaxed);
+    core.writes.fetch_add(batch.len() as u64, Ordering::Relaxed);
+    Ok(outs)
+}
+
+/// Applies one write. The outer error (heed) fails the whole transaction; the inner one is this
+/// write's own outcome, returned before it wrote anything.
+fn apply(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    op: &Op,
+    now: u64,
+) -> heed::Result<Result<Done>> {
+    match op {
+        Op::Create {
+            new,
+            template_blob,
+            state_blob,
+            ..
+        } => create(
+            txn,
+            dbs,
+            core,
+            new,
+            template_blob.as_deref(),
+            state_blob,
+            now,
+        ),
+        Op::Activate { id, node, .. } => activate(txn, dbs, core, id, node, now),
+        Op::Commit {
+            id,
+            epoch,
+            expected_seq,
+            entries,
+            state,
+            state_blob,
+            ..
+        } => commit(
+            txn,
+            dbs,
+            core,
+            id,
+            *epoch,
+            *expected_seq,
+            entries,
+            state,
+            state_blob,
+            now,
+        ),
+        Op::MarkTerminal { id, epoch, .. } => mark_terminal(txn, dbs, core, id, *epoch, now),
+        Op::Delete { id, .. } => delete(txn, dbs, core, id),
+        Op::Overwrite { db, key, value, .. } => {
+            let db = match db {
+                RawDb::States => dbs.states,
+                RawDb::Entries => dbs.entries,
+            };
+            if db.get(txn, key)?.is_none() {
+                return Ok(Ok(Done::Bool(false)));
+            }
+            db.put(txn, key, value)?;
+            Ok(Ok(Done::Bool(true)))
+        }
+    }
+}
+
+/// Reads and decodes the header of `id` inside the write transaction.
+fn header(txn: &RwTxn<'_>, dbs: &Dbs, core: &EnvCore, id: &SessionId) -> Result<Option<Header>> {
+    dbs.sessions
+        .get(txn, keys::session(id))
+        .map_err(|e| from_heed(e, &core.path, Some(id)))?
+        .map(|b| Header::decode(b, id))
+        .transpose()
+}
+
+fn not_found(id: &SessionId) -> Error {
+    Error::NotFound {
+        session: id.clone(),
+    }
+}
+
+fn create(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    new: &NewSession,
+    template_blob: Option<&[u8]>,
+    state_blob: &[u8],
+    now: u64,
+) -> heed::Result<Result<Done>> {
+    let key = keys::session(&new.id);
+    match dbs.sessions.get(txn, key) {
+        Ok(Some(_)) => {
+            return Ok(Err(Error::AlreadyExists {
+                session: new.id.clone(),
+            }));
+        }
+        Ok(None) => {}
+        Err(e) => return Ok(Err(from_heed(e, &core.path, Some(&new.id)))),
+    }
+    let header = Header {
+        epoch: 0,
+        seq: 0,
+        owner: None,
+        status: SessionStatus::Active,
+        resume_policy: new.resume_policy,
+        has_template: template_blob.is_some(),
+        resumable: false,
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let header_blob = match header.encode() {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    dbs.sessions.put(txn, key, &header_blob)?;
+    dbs.states.put(txn, key, state_blob)?;
+    if let Some(t) = template_blob {
+        dbs.templates.put(txn, key, t)?;
+    }
+    Ok(Ok(Done::Created { now }))
+}
+
+fn activate(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    id: &SessionId,
+    node: &NodeId,
+    now: u64,
+) -> heed::Result<Result<Done>> {
+    // Decode everything before changing anything, so corrupt bytes leave the session untouched.
+    let (old, mut record) = match read_record(txn, dbs, id, &core.path) {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Err(not_found(id))),
+        Err(e) => return Ok(Err(e)),
+    };
+    if old.status == SessionStatus::Terminal {
+        return Ok(Err(Error::SessionClosed {
+            session: id.clone(),
+        }));
+    }
+    let mut new = old.clone();
+    new.epoch += 1;
+    new.owner = Some(node.clone());
+    new.updated_at_ms = now;
+    let blob = match new.encode() {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    dbs.sessions.put(txn, keys::session(id), &blob)?;
+    reindex(txn, dbs, id, &old, &new)?;
+    record.epoch = new.epoch;
+    record.owner = new.owner;
+    record.updated_at_ms = now;
+    Ok(Ok(Done::Record(Box::new(record))))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn commit(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    id: &SessionId,
+    epoch: Epoch,
+    expected_seq: Seq,
+    entries: &[EncodedEntry],
+    state: &TurnState,
+    state_blob: &[u8],
+    now: u64,
+) -> heed::Result<Result<Done>> {
+    let checked = (|| -> Result<std::result::Result<Header, CommitAck>> {
+        let h = header(txn, dbs, core, id)?.ok_or_else(|| not_found(id))?;
+        if h.status == SessionStatus::Terminal {
+            return Err(Error::SessionClosed {
+                session: id.clone(),
+            });
+        }
+        if h.epoch != epoch {
+            return Err(Error::Fenced {
+                session: id.clone(),
+                epoch,
+                current: h.epoch,
+            });
+        }
+        // Duplicates before the seq: a commit retried as is after an ambiguous failure reports
+        // the duplicate rather than a conflict.
+        for input in entries.iter().filter_map(|e| e.input.as_ref()) {
+            let stored = dbs
+                .inputs
+                .get(txn, &keys::input(id, input.as_str()))
+                .map_err(|e| from_heed(e, &core.path, Some(id)))?;
+            if let Some(v) = stored {
+                let seq = be_u64(v).ok_or_else(|| {
+                    Error::corrupt(Some(id), format!("input index of {input}"), "not a u64")
+                })?;
+                return Ok(Err(CommitAck::DuplicateInput {
+                    input_id: input.clone(),
+                    seq,
+                }));
+            }
+        }
+        if h.seq != expected_seq {
+            return Err(Error::Conflict {
+                session: id.clone(),
+                expected: expected_seq,
+                actual: h.seq,
+            });
+        }
+        Ok(Ok(h))
+    })();
+    let old = match checked {
+        Ok(Ok(h)) => h,
+        Ok(Err(dup)) => return Ok(Ok(Done::Ack(dup))),
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut new = old.clone();
+    new.seq = expected_seq + entries.len() as u64;
+    new.updated_at_ms = now;
+    new.resumable = is_resumable(new.status, new.resume_policy, state);
+    let blob = match new.encode() {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    for e in entries {
+        dbs.entries.put(txn, &keys::entry(id, e.seq), &e.blob)?;
+        if let Some(input) = &e.input {
+            dbs.inputs
+                .put(txn, &keys::input(id, input.as_str()), &e.seq.to_be_bytes())?;
+        }
+    }
+    dbs.states.put(txn, keys::session(id), state_blob)?;
+    dbs.sessions.put(txn, keys::session(id), &blob)?;
+    reindex(txn, dbs, id, &old, &new)?;
+    Ok(Ok(Done::Ack(CommitAck::Applied { seq: new.seq })))
+}
+
+fn mark_terminal(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    id: &SessionId,
+    epoch: Epoch,
+    now: u64,
+) -> heed::Result<Result<Done>> {
+    let old = match header(txn, dbs, core, id) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(Err(not_found(id))),
+        Err(e) => return Ok(Err(e)),
+    };
+    if old.status == SessionStatus::Terminal {
+        return Ok(Ok(Done::Unit));
+    }
+    if old.epoch != epoch {
+        return Ok(Err(Error::Fenced {
+            session: id.clone(),
+            epoch,
+            current: old.epoch,
+        }));
+    }
+    let mut new = old.clone();
+    new.status = SessionStatus::Terminal;
+    new.resumable = false;
+    new.updated_at_ms = now;
+    let blob = match new.encode() {
+        Ok(b) => b,
+        Err(e) => return Ok(Err(e)),
+    };
+    dbs.sessions.put(txn, keys::session(id), &blob)?;
+    reindex(txn, dbs, id, &old, &new)?;
+    Ok(Ok(Done::Unit))
+}
+
+fn delete(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    core: &EnvCore,
+    id: &SessionId,
+) -> heed::Result<Result<Done>> {
+    let key = keys::session(id);
+    match dbs.sessions.get(txn, key) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(Ok(Done::Bool(false))),
+        Err(e) => return Ok(Err(from_heed(e, &core.path, Some(id)))),
+    }
+    // The "any" index names the owner, so the owner index entry goes even when the header is
+    // corrupt (delete must be able to clear out a damaged session).
+    let owner = dbs
+        .any
+        .get(txn, key)?
+        .and_then(|v| std::str::from_utf8(v.get(8..)?).ok())
+        .filter(|s| !s.is_empty())
+        .and_then(|s| s.parse::<NodeId>().ok());
+    if let Some(o) = owner {
+        dbs.by_owner.delete(txn, &keys::by_owner(&o, id))?;
+    }
+    dbs.any.delete(txn, key)?;
+    dbs.sessions.delete(txn, key)?;
+    dbs.states.delete(txn, key)?;
+    dbs.templates.delete(txn, key)?;
+    let (lo, hi) = keys::prefix_range(id.as_str());
+    let range = (Bound::Included(&lo[..]), Bound::Excluded(&hi[..]));
+    dbs.entries.delete_range(txn, &range)?;
+    dbs.inputs.delete_range(txn, &range)?;
+    Ok(Ok(Done::Bool(true)))
+}
+
+/// Moves `id` in the resumable indexes from what `old` says to what `new` says. Index values
+/// carry the epoch, so a resumable session is rewritten at every activation.
+fn reindex(
+    txn: &mut RwTxn<'_>,
+    dbs: &Dbs,
+    id: &SessionId,
+    old: &Header,
+    new: &Header,
+) -> heed::Result<()> {
+    let same_index = old.resumable == new.resumable
+        && old.owner == new.owner
+        && (!new.resumable || old.epoch == new.epoch);
+    if same_index {
+        return Ok(());
+    }
+    if old.resumable {
+        if let Some(o) = &old.owner {
+            dbs.by_owner.delete(txn, &keys::by_owner(o, id))?;
+        }
+        dbs.any.delete(txn, keys::session(id))?;
+    }
+    if new.resumable {
+        let epoch = new.epoch.to_be_bytes();
+        if let Some(o) = &new.owner {
+            dbs.by_owner.put(txn, &keys::by_owner(o, id), &epoch)?;
+        }
+        let mut v = epoch.to_vec();
+        if let Some(o) = &new.owner {
+            v.extend_from_slice(o.to_string().as_bytes());
+        }
+        dbs.any.put(txn, keys::session(id), &v)?;
+    }
+    Ok(())
+}
