@@ -122,6 +122,11 @@ string_id!(
 );
 
 impl SessionId {
+    /// The empty id, smaller than every valid one: a range bound for ordered indexes.
+    pub(crate) fn min_bound() -> Self {
+        Self(Arc::from(""))
+    }
+
     /// A fresh random session id (UUIDv7, so ids sort by creation time).
     pub fn generate() -> Self {
         Self(Arc::from(uuid::Uuid::now_v7().to_string()))

@@ -13,7 +13,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{Stream, StreamExt};
+use std::panic::AssertUnwindSafe;
+
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
@@ -293,6 +295,24 @@ impl SessionsBuilder {
     }
 }
 
+/// Frees a `Starting` slot left by an activation that did not finish (dropped or panicked).
+struct StartGuard<'a> {
+    live: &'a LiveSessions,
+    id: &'a SessionId,
+    armed: bool,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut map = self.live.lock();
+            if matches!(map.get(self.id), Some(Slot::Starting(_))) {
+                map.remove(self.id);
+            }
+        }
+    }
+}
+
 /// How many times `send` starts over when the session's actor went away under it.
 const SEND_ATTEMPTS: usize = 4;
 
@@ -355,6 +375,12 @@ impl Sessions {
         self.inner.accepting.load(Ordering::SeqCst)
     }
 
+    /// Whether `id` has a live actor on this node (a cluster routes to it without a registry
+    /// lookup; if another node took the session meanwhile, the actor's next commit is fenced).
+    pub fn is_live(&self, id: &SessionId) -> bool {
+        matches!(self.inner.live.lock().get(id), Some(Slot::Live(_)))
+    }
+
     /// Number of live (activated, not passivated) sessions on this node.
     pub fn live_count(&self) -> usize {
         self.inner
@@ -378,20 +404,26 @@ impl Sessions {
     pub async fn start_with(&self, template_id: &str, opts: StartOptions) -> Result<SessionId> {
         let template = self.inner.catalog.template(template_id)?;
         let id = opts.id.unwrap_or_else(SessionId::generate);
-        if let Some(creds) = opts.credentials {
-            let Some(fc) = &self.inner.from_client else {
+        let from_client = match (&opts.credentials, &self.inner.from_client) {
+            (Some(_), None) => {
                 return Err(Error::Config(
                     "credentials given at start, but this runtime was not built with \
                      credentials_from_client()"
                         .into(),
                 ));
-            };
-            fc.insert(id.clone(), creds);
-        }
+            }
+            (Some(_), Some(fc)) => Some(fc),
+            (None, _) => None,
+        };
         self.inner
             .store
             .create(NewSession::from_template(id.clone(), (*template).clone()))
             .await?;
+        // Only once the session is ours: a refused start must not replace another session's
+        // credentials.
+        if let (Some(fc), Some(creds)) = (from_client, opts.credentials) {
+            fc.insert(id.clone(), creds);
+        }
         Ok(id)
     }
 
@@ -538,14 +570,40 @@ impl Sessions {
 
     /// Cancels the running turn (a model call at once, a tool call at its end). Returns whether a
     /// turn was running.
+    ///
+    /// A session not live on this node has no running turn here: the answer is `false`, and
+    /// nothing is activated (activating would fence a live owner elsewhere).
     pub async fn cancel(&self, id: &SessionId) -> Result<bool> {
-        self.ask(id, |reply| Command::Cancel { reply }).await
+        let handle = match self.inner.live.lock().get(id) {
+            Some(Slot::Live(h)) => h.clone(),
+            _ => return Ok(false),
+        };
+        let (reply, rx) = oneshot::channel();
+        if !self.deliver(id, &handle, Command::Cancel { reply }).await? {
+            return Ok(false);
+        }
+        Ok(rx.await.unwrap_or(false))
     }
 
     /// Closes the session for good: the running turn and queued inputs end as cancelled, the store
     /// marks it terminal. Its history stays readable.
+    ///
+    /// # Behavior
+    /// - Idempotent: stopping a closed session is `Ok`.
     pub async fn stop(&self, id: &SessionId) -> Result<()> {
-        self.ask(id, |reply| Command::Stop { reply }).await?
+        let result = match self.ask(id, |reply| Command::Stop { reply }).await {
+            Ok(r) => r,
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(Error::SessionClosed { .. }) | Ok(()) => {
+                if let Some(fc) = &self.inner.from_client {
+                    fc.remove(id);
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Makes the session live on this node, continuing an interrupted turn.
@@ -593,15 +651,41 @@ impl Sessions {
 
     /// Passivates every live session (graceful shutdown): committed work stays, placements are
     /// released so the next request can run anywhere.
+    ///
+    /// # Behavior
+    /// - Stops taking new activations first (`set_accepting(false)`), so a retried request
+    ///   cannot bring a session back here.
+    /// - Each step in flight reaches its boundary and is committed before its session passivates.
+    /// - Returns once every placement is released.
     pub async fn shutdown(&self) {
-        let handles = self.inner.live.live_handles();
-        let waits = handles.into_iter().map(|(_, h)| async move {
-            let (reply, rx) = oneshot::channel();
-            if h.tx.send(Command::Passivate { reply }).await.is_ok() {
-                let _ = rx.await;
+        self.inner.accepting.store(false, Ordering::SeqCst);
+        loop {
+            let (handles, starting) = {
+                let map = self.inner.live.lock();
+                let starting: Vec<watch::Receiver<()>> = map
+                    .values()
+                    .filter_map(|s| match s {
+                        Slot::Starting(rx) | Slot::Retiring { done: rx, .. } => Some(rx.clone()),
+                        Slot::Live(_) => None,
+                    })
+                    .collect();
+                drop(map);
+                (self.inner.live.live_handles(), starting)
+            };
+            if handles.is_empty() && starting.is_empty() {
+                return;
             }
-        });
-        futures::future::join_all(waits).await;
+            let waits = handles.into_iter().map(|(_, h)| async move {
+                let (reply, rx) = oneshot::channel();
+                if h.tx.send(Command::Passivate { reply }).await.is_ok() {
+                    let _ = rx.await;
+                }
+            });
+            futures::future::join_all(waits).await;
+            for mut rx in starting {
+                let _ = rx.changed().await;
+            }
+        }
     }
 
     /// Aborts a live session's task at once, as a crash would: no cleanup, no release. For fault
@@ -639,26 +723,44 @@ impl Sessions {
                 }
             };
             if let Some(rx) = wait.as_mut() {
-                // Woken when the starter finishes, successfully or not; then look again.
+                // Woken when the starter finishes, successfully or not, or is dropped; then
+                // look again.
                 let _ = rx.changed().await;
                 continue;
             }
-            let result = self.activate(id).await;
-            let mut map = self.inner.live.lock();
-            match result {
-                Ok(handle) => {
-                    map.insert(id.clone(), Slot::Live(handle.clone()));
-                    drop(map);
-                    drop(tx);
-                    return Ok(handle);
-                }
-                Err(e) => {
-                    map.remove(id);
-                    drop(map);
-                    drop(tx);
-                    return Err(e);
+            // If this future is dropped (caller timed out) or activation panics, the guard
+            // frees the `Starting` slot, so the session is never wedged.
+            let guard = StartGuard {
+                live: &self.inner.live,
+                id,
+                armed: true,
+            };
+            let result = AssertUnwindSafe(self.activate(id)).catch_unwind().await;
+            let mut guard = guard;
+            guard.armed = false;
+            {
+                let mut map = self.inner.live.lock();
+                match &result {
+                    Ok(Ok(handle)) => {
+                        map.insert(id.clone(), Slot::Live(handle.clone()));
+                    }
+                    _ => {
+                        map.remove(id);
+                    }
                 }
             }
+            // Waiters wake now and find the slot settled.
+            drop(tx);
+            return match result {
+                Ok(r) => r,
+                Err(_panic) => {
+                    let _ = self.inner.registry.unregister(id, &self.inner.node).await;
+                    Err(Error::Internal(format!(
+                        "session {id}: activation panicked (a client builder, credential \
+                         provider or store panicked); see the log"
+                    )))
+                }
+            };
         }
     }
 
@@ -677,8 +779,18 @@ impl Sessions {
         }
         inner.registry.register(id, &inner.node).await?;
         let result = async {
-            let record = inner.store.activate(id, &inner.node).await?;
-            let template = record.template.clone().ok_or_else(|| {
+            // Rebuild the configuration before taking the session over in the store: a node
+            // that cannot run it must not bump its epoch (fencing the live owner for nothing) or
+            // file it under its own name.
+            let loaded = inner.store.load(id).await?.ok_or_else(|| Error::NotFound {
+                session: id.clone(),
+            })?;
+            if loaded.status == crate::store::SessionStatus::Terminal {
+                return Err(Error::SessionClosed {
+                    session: id.clone(),
+                });
+            }
+            let template = loaded.template.clone().ok_or_else(|| {
                 Error::Config(format!(
                     "session {id} was stored without a template, so no node can rebuild it \
                      (its history is still readable); is the template migration applied?"
@@ -689,7 +801,19 @@ impl Sessions {
             inner.catalog.template(&template.template_id)?;
             let creds = inner.credentials.resolve(id, &template.credentials).await?;
             let config = inner.catalog.build(template, &creds)?;
+            let record = inner.store.activate(id, &inner.node).await?;
             let entries = read_entries(&*inner.store, id, 0, record.seq).await?;
+            if entries.len() as u64 != record.seq {
+                return Err(Error::corrupt(
+                    Some(id),
+                    "history",
+                    format!(
+                        "record says {} entries, the store returned {}",
+                        record.seq,
+                        entries.len()
+                    ),
+                ));
+            }
             Ok(spawn_actor(ActorParams {
                 node: inner.node.clone(),
                 record,

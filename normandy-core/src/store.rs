@@ -647,14 +647,14 @@ impl SessionStore for InMemoryStore {
         let ids: Vec<SessionId> = match owner {
             OwnerFilter::Node(node) => {
                 use std::ops::Bound;
+                // A range over this owner's keys only: never a scan of other owners' sessions.
                 let lo = match cursor {
                     Some(c) => Bound::Excluded((node.clone(), c.clone())),
-                    None => Bound::Unbounded,
+                    None => Bound::Included((node.clone(), SessionId::min_bound())),
                 };
                 inner
                     .by_owner
                     .range((lo, Bound::Unbounded))
-                    .skip_while(|(o, _)| o < node)
                     .take_while(|(o, _)| o == node)
                     .take(limit + 1)
                     .map(|(_, id)| id.clone())

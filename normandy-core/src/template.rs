@@ -164,6 +164,13 @@ impl ConfigTemplate {
                 self.template_id
             )));
         }
+        let l = &self.limits;
+        if l.turn_deadline_ms == 0 || l.model_call_timeout_ms == 0 || l.tool_call_timeout_ms == 0 {
+            return Err(Error::Config(format!(
+                "template {}: turn deadline and call timeouts must be greater than zero",
+                self.template_id
+            )));
+        }
         if self.limits.max_steps == 0 {
             return Err(Error::Config(format!(
                 "template {}: max_steps must be at least 1",

@@ -14,9 +14,12 @@ use crate::model::SessionId;
 pub struct ToolContext {
     /// The session.
     pub session: SessionId,
-    /// The tool-call id: unique within the session and stable across resumes, so a tool can use
-    /// it as an idempotency key with the outside world.
+    /// The tool-call id the model gave (what its result answers). Models may reuse ids across
+    /// responses: use `idempotency_key` with the outside world.
     pub call_id: String,
+    /// Unique within the session and stable across resumes: pass it to payment APIs and the like
+    /// so a call re-run after a crash is recognised as the same call.
+    pub idempotency_key: String,
 }
 
 /// A tool's result as the model will see it.

@@ -8,10 +8,12 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
@@ -20,7 +22,7 @@ use super::{
     ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState,
 };
 use crate::catalog::SessionConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::hooks::{HookDecision, ToolCall};
 use crate::llm::{ModelRequest, ModelResponse};
 use crate::model::{
@@ -139,9 +141,15 @@ struct Actor {
     config: SessionConfig,
     store: Arc<dyn SessionStore>,
     registry: Arc<dyn SessionRegistry>,
-    live: Arc<LiveSessions>,
+    // Weak: the runtime's map holds this actor's mailbox sender, so a strong reference here
+    // would keep every actor alive after the last `Sessions` handle is dropped.
+    live: Weak<LiveSessions>,
     generation: u64,
     idle_timeout: Duration,
+    /// The tool call whose step is in flight (so an abandoned one is reported in doubt).
+    in_flight: Option<String>,
+    /// Passivation requests waiting for the step in flight to reach its boundary.
+    draining: Vec<oneshot::Sender<()>>,
     waiters: HashMap<InputId, Vec<oneshot::Sender<Result<TurnOutcome>>>>,
     /// Created on the first subscription, so an idle session without subscribers costs nothing.
     events: Option<broadcast::Sender<TurnEvent>>,
@@ -197,9 +205,11 @@ pub(crate) fn spawn_actor(params: ActorParams) -> ActorHandle {
         config: params.config,
         store: params.store,
         registry: params.registry,
-        live: params.live,
+        live: Arc::downgrade(&params.live),
         generation: params.generation,
         idle_timeout: params.idle_timeout,
+        in_flight: None,
+        draining: Vec::new(),
         waiters: HashMap::new(),
         events: None,
         cancel: None,
@@ -223,14 +233,21 @@ impl Actor {
         // Held while releasing the placement; dropping it wakes activations waiting on us.
         let mut retiring = None;
         // Frees this actor's slot however the task ends: return, panic or abort.
-        let _slot = SlotGuard {
+        let mut slot = SlotGuard {
             live: self.live.clone(),
             id: self.id.clone(),
             generation: self.generation,
+            registry: self.registry.clone(),
+            node: self.node.clone(),
+            released: false,
         };
         let exit = 'main: loop {
             // Nested futures are boxed so the idle actor's own future stays small: memory per
             // live idle session is what a node with many sessions pays.
+            if step.is_none() && !self.draining.is_empty() {
+                // A graceful passivation waited for the step in flight; it is committed now.
+                break 'main Exit::Release;
+            }
             if step.is_none() {
                 match Box::pin(self.next_step()).await {
                     Ok(next) => step = next,
@@ -247,6 +264,7 @@ impl Actor {
                     match Box::pin(self.handle(cmd)).await {
                         Ok(Flow::Continue) => {}
                         Ok(Flow::DropModelStep) => if model_in_flight { step = None },
+                        Ok(Flow::Drain) => if step.is_none() { break 'main Exit::Release },
                         Ok(Flow::Exit(exit)) => break 'main exit,
                         Err(e) => break 'main self.exit_for(e),
                     }
@@ -258,20 +276,26 @@ impl Actor {
                     }
                 }
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                    // A hard deadline: the step in flight is abandoned.
+                    // A hard deadline: the step in flight is abandoned (a tool call in flight is
+                    // then in doubt, and recorded so).
                     step = None;
                     if let Err(e) = Box::pin(self.end_turn(TurnStatus::TimedOut, Vec::new(), None)).await {
                         break 'main self.exit_for(e);
                     }
                 }
                 _ = tokio::time::sleep(self.idle_timeout), if idle => {
-                    if self.live.retire(&self.id, self.generation, &mut rx, false, &mut retiring) {
+                    let retired = match self.live.upgrade() {
+                        Some(live) => live.retire(&self.id, self.generation, &mut rx, false, &mut retiring),
+                        None => true,
+                    };
+                    if retired {
                         break 'main Exit::Release;
                     }
                 }
             }
         };
         Box::pin(self.shutdown(exit, &mut rx, &mut retiring)).await;
+        slot.released = true;
         drop(retiring);
     }
 
@@ -299,8 +323,12 @@ impl Actor {
     ) {
         // Stop taking commands first; a new activation of this session waits until the release
         // below is done, so it can never be undone by it.
-        self.live
-            .retire(&self.id, self.generation, rx, true, retiring);
+        match self.live.upgrade() {
+            Some(live) => {
+                live.retire(&self.id, self.generation, rx, true, retiring);
+            }
+            None => rx.close(),
+        }
         // Commands that raced in are dropped unanswered: their callers see the actor gone and
         // retry on a fresh one (inputs are idempotent by id).
         while rx.try_recv().is_ok() {}
@@ -310,7 +338,13 @@ impl Actor {
         {
             warn!(error = %e, "could not release registry placement");
         }
-        self.live.finish(&self.id, self.generation);
+        if let Some(live) = self.live.upgrade() {
+            live.finish(&self.id, self.generation);
+        }
+        // "Passivated" means released: answer only now.
+        for reply in self.draining.drain(..) {
+            let _ = reply.send(());
+        }
         debug!("session actor stopped");
     }
 
@@ -330,7 +364,8 @@ impl Actor {
                 self.commit(Vec::new(), state).await?;
                 continue;
             };
-            if let Some(status) = self.cancel.take() {
+            let requested = self.state.cancel_requested.then_some(TurnStatus::Cancelled);
+            if let Some(status) = self.cancel.take().or(requested) {
                 self.end_turn(status, Vec::new(), None).await?;
                 continue;
             }
@@ -379,7 +414,7 @@ impl Actor {
                         warn!(call_id = %call.id, tool = %call.name, "tool call in doubt after resume; not re-run");
                         let output = ToolOutput::error(format!(
                             "The outcome of tool call {} ({}) is unknown: the session was \
-                             interrupted while it ran. It was not run again.",
+                             interrupted while it ran. It will not be repeated.",
                             call.id, call.name
                         ));
                         self.record_tool_result(call.id.clone(), output).await?;
@@ -396,6 +431,7 @@ impl Actor {
                         };
                         self.commit(vec![payload], state).await?;
                     }
+                    self.in_flight = Some(call.id.clone());
                     self.emit(TurnEvent::ToolCallStarted {
                         call_id: call.id.clone(),
                         tool: call.name.clone(),
@@ -435,15 +471,20 @@ impl Actor {
             }
             let mut attempt = 0;
             let result = loop {
-                let err =
-                    match tokio::time::timeout(timeout, client.complete(request.clone())).await {
-                        Ok(Ok(response)) => break Ok(response),
-                        Ok(Err(e)) => e,
-                        Err(_) => Error::Timeout {
-                            session: Some(session.clone()),
-                            what: format!("model call after {timeout:?}"),
-                        },
-                    };
+                // A panicking client fails the turn instead of killing the session's task.
+                let call = AssertUnwindSafe(client.complete(request.clone())).catch_unwind();
+                let err = match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(Ok(response))) => break Ok(response),
+                    Ok(Ok(Err(e))) => e,
+                    Ok(Err(_panic)) => Error::Model {
+                        message: "the model client panicked".into(),
+                        retryable: false,
+                    },
+                    Err(_) => Error::Timeout {
+                        session: Some(session.clone()),
+                        what: format!("model call after {timeout:?}"),
+                    },
+                };
                 if !err.is_retryable() || attempt >= MODEL_RETRIES {
                     break Err(err);
                 }
@@ -470,6 +511,11 @@ impl Actor {
         let ctx = ToolContext {
             session: self.id.clone(),
             call_id: call.id.clone(),
+            idempotency_key: if call.key.is_empty() {
+                format!("{}:{}", self.id, call.id)
+            } else {
+                call.key.clone()
+            },
         };
         Box::pin(async move {
             let mut tc = ToolCall {
@@ -487,11 +533,21 @@ impl Actor {
             }
             let mut output = match tool {
                 None => ToolOutput::error(format!("no tool named {:?}", tc.name)),
-                Some(tool) => tokio::time::timeout(timeout, tool.call(tc.input.clone(), ctx))
-                    .await
-                    .unwrap_or_else(|_| {
-                        ToolOutput::error(format!("tool {} timed out after {timeout:?}", tc.name))
-                    }),
+                Some(tool) => {
+                    let call = AssertUnwindSafe(tool.call(tc.input.clone(), ctx)).catch_unwind();
+                    match tokio::time::timeout(timeout, call).await {
+                        Ok(Ok(output)) => output,
+                        // A panicking tool is an error result, not a dead session.
+                        Ok(Err(_panic)) => ToolOutput::error(format!(
+                            "tool {} panicked; its outcome is unknown",
+                            tc.name
+                        )),
+                        Err(_) => ToolOutput::error(format!(
+                            "tool {} timed out after {timeout:?}; its outcome is unknown",
+                            tc.name
+                        )),
+                    }
+                }
             };
             for hook in hooks.iter() {
                 hook.after_tool(&tc, &mut output).await;
@@ -521,11 +577,15 @@ impl Actor {
                 turn.answer_seq = Some(answer_seq);
                 let calls: Vec<PendingCall> = message
                     .tool_uses()
-                    .map(|(id, name, input)| PendingCall {
+                    .enumerate()
+                    .map(|(i, (id, name, input))| PendingCall {
                         id: id.to_string(),
                         name: name.to_string(),
                         input: input.clone(),
                         started: false,
+                        // Unique in the session and stable across resumes, whatever ids the
+                        // model chose (providers often restart their numbering every response).
+                        key: format!("{}:{answer_seq}:{i}", self.id),
                     })
                     .collect();
                 let assistant = EntryPayload::Assistant {
@@ -554,14 +614,21 @@ impl Actor {
                 )
                 .await
             }
-            StepResult::Tool { call_id, output } => self.record_tool_result(call_id, output).await,
+            StepResult::Tool { call_id, output } => {
+                self.in_flight = None;
+                self.record_tool_result(call_id, output).await
+            }
         }
     }
 
     async fn record_tool_result(&mut self, call_id: String, output: ToolOutput) -> Result<()> {
         let mut state = self.state.clone();
         if let Phase::RunningTools { calls } = &mut state.phase {
-            calls.retain(|c| c.id != call_id);
+            // Only the first call with this id: a model may repeat an id within one response,
+            // and each of its calls needs its own result.
+            if let Some(i) = calls.iter().position(|c| c.id == call_id) {
+                calls.remove(i);
+            }
             if calls.is_empty() {
                 state.phase = Phase::CallingModel;
             }
@@ -591,10 +658,23 @@ impl Actor {
             Phase::RunningTools { calls } => calls.clone(),
             _ => Vec::new(),
         };
+        let in_flight = self.in_flight.take();
         for call in pending {
+            let maybe_ran = call.started || in_flight.as_deref() == Some(call.id.as_str());
+            let content = if maybe_ran {
+                format!(
+                    "The outcome of tool call {} ({}) is unknown: the turn ended ({}) while it \
+                     ran. It will not be repeated.",
+                    call.id,
+                    call.name,
+                    status_name(&status)
+                )
+            } else {
+                format!("not run: the turn ended ({})", status_name(&status))
+            };
             entries.push(EntryPayload::ToolResult {
                 call_id: call.id,
-                content: format!("not run: the turn ended ({})", status_name(&status)),
+                content,
                 is_error: true,
             });
         }
@@ -606,9 +686,12 @@ impl Actor {
         });
         let end_seq = self.seq + entries.len() as u64;
         let outcome_completed = status == TurnStatus::Completed;
+        // A cancellation belongs to the turn it was made for, never the next one.
+        self.cancel = None;
         let mut state = self.state.clone();
         state.turn = None;
         state.phase = Phase::Idle;
+        state.cancel_requested = false;
         if let Some(next) = state.queued.pop_front() {
             state.turn = Some(new_turn(&next));
             state.phase = Phase::CallingModel;
@@ -740,6 +823,24 @@ impl Actor {
         match cmd {
             Command::Send { input, reply } => self.accept(*input, reply).await,
             Command::Subscribe { after, reply } => {
+                // A read must not come from an actor another node has superseded: check the
+                // epoch (subscriptions are rare; a load is cheap next to a stale stream).
+                match self.store.load(&self.id).await {
+                    Ok(Some(record)) if record.epoch != self.epoch => {
+                        let e = Error::Fenced {
+                            session: self.id.clone(),
+                            epoch: self.epoch,
+                            current: record.epoch,
+                        };
+                        let _ = reply.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return Ok(Flow::Continue);
+                    }
+                }
                 let tx = self
                     .events
                     .get_or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0);
@@ -769,8 +870,11 @@ impl Actor {
                 }))
             }
             Command::Passivate { reply } => {
-                let _ = reply.send(());
-                Ok(Flow::Exit(Exit::Release))
+                // Graceful: a step in flight reaches its boundary and is committed first, so a
+                // hand-off never turns a running tool call into one in doubt. The reply comes
+                // once the placement is released.
+                self.draining.push(reply);
+                Ok(Flow::Drain)
             }
         }
     }
@@ -781,6 +885,20 @@ impl Actor {
         reply: oneshot::Sender<Result<TurnOutcome>>,
     ) -> Result<Flow> {
         let limits = self.config.template.limits;
+        // An input is user text: tool blocks are the engine's to write, and an empty input would
+        // sit in every later model request.
+        let valid = !input.content.is_empty()
+            && input
+                .content
+                .iter()
+                .all(|b| matches!(b, ContentBlock::Text { text } if !text.is_empty()));
+        if !valid {
+            let _ = reply.send(Err(Error::invalid_input(
+                Some(&self.id),
+                "an input must be one or more non-empty text blocks",
+            )));
+            return Ok(Flow::Continue);
+        }
         let size: usize = input.content.iter().map(content_size).sum();
         if size > limits.max_input_bytes {
             let _ = reply.send(Err(Error::InputTooLarge {
@@ -829,6 +947,8 @@ impl Actor {
         };
         if busy {
             state.queued.push_back(queued);
+            // An interrupt is committed with the input, so it survives a crash.
+            state.cancel_requested |= mode == InputMode::Interrupt;
         } else {
             state.turn = Some(new_turn(&queued));
             state.phase = Phase::CallingModel;
@@ -852,7 +972,12 @@ impl Actor {
             }
             Err(e) => {
                 let _ = reply.send(Err(e.clone()));
-                return Err(e);
+                // Only a lost session (fenced, diverged, store unreachable) ends the actor;
+                // an input the store refuses concerns its sender alone.
+                let fatal = matches!(e, Error::Fenced { .. } | Error::Conflict { .. })
+                    || e.is_retryable()
+                    || matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Internal);
+                return if fatal { Err(e) } else { Ok(Flow::Continue) };
             }
         }
         if busy && mode == InputMode::Interrupt {
@@ -870,7 +995,17 @@ impl Actor {
         let message = match (ended.status == TurnStatus::Completed, ended.answer_seq) {
             (true, Some(seq)) => self
                 .store
-                .entries(&self.id, seq - 1, 1)
+                .entries(
+                    &self.id,
+                    seq.checked_sub(1).ok_or_else(|| {
+                        Error::corrupt(
+                            Some(&self.id),
+                            format!("turn end of input {input_id}"),
+                            "answer seq 0",
+                        )
+                    })?,
+                    1,
+                )
                 .await?
                 .into_iter()
                 .find_map(|e| match e.payload {
@@ -901,20 +1036,39 @@ impl Actor {
 }
 
 struct SlotGuard {
-    live: Arc<LiveSessions>,
+    live: Weak<LiveSessions>,
     id: SessionId,
     generation: u64,
+    registry: Arc<dyn SessionRegistry>,
+    node: NodeId,
+    /// Set once `shutdown` ran; an actor dropped before that was aborted or panicked.
+    released: bool,
 }
 
 impl Drop for SlotGuard {
     fn drop(&mut self) {
-        self.live.finish(&self.id, self.generation);
+        if let Some(live) = self.live.upgrade() {
+            live.finish(&self.id, self.generation);
+        }
+        // A panic (not an abort, which stands for a crash) still releases the placement, so
+        // the next request can place the session at once instead of after a lease lapse.
+        if !self.released
+            && std::thread::panicking()
+            && let Ok(handle) = tokio::runtime::Handle::try_current()
+        {
+            let (registry, id, node) = (self.registry.clone(), self.id.clone(), self.node.clone());
+            handle.spawn(async move {
+                let _ = registry.unregister(&id, &node).await;
+            });
+        }
     }
 }
 
 enum Flow {
     Continue,
     DropModelStep,
+    /// Passivate once the step in flight (if any) is committed.
+    Drain,
     Exit(Exit),
 }
 

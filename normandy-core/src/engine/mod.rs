@@ -32,6 +32,9 @@ pub struct TurnState {
     /// Inputs accepted during a turn, waiting their turn (oldest first).
     #[serde(default)]
     pub queued: VecDeque<QueuedInput>,
+    /// An input in `Interrupt` mode asked the running turn to stop at its next boundary.
+    #[serde(default)]
+    pub cancel_requested: bool,
 }
 
 impl TurnState {
@@ -69,6 +72,9 @@ pub struct PendingCall {
     /// Whether a start was committed for this non-idempotent call (so, on resume, it is in doubt).
     #[serde(default)]
     pub started: bool,
+    /// The idempotency key handed to the tool: unique within the session, stable across resumes.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// The turn in flight.
