@@ -1,1 +1,96 @@
-//! Not built yet: see the project's issues.
+//! A Normandy [`SessionStore`](normandy_core::SessionStore) on Redis: each session is a Stream of
+//! entries plus a state hash, and every write is one Lua script, so a commit is atomic, fenced
+//! by the session's epoch, and idempotent on input ids.
+//!
+//! # Layout
+//! - [`config`]: [`RedisStoreConfig`] — URL or client, key prefix, `WAIT` policy, timeouts.
+//! - [`store`]: [`RedisStore`] — the key layout, the commit path, reads, the resumable index.
+//! - `group`: group commit — concurrent commits of different sessions share one script call
+//!   (and one `WAIT`), each keeping its own outcome; a lone commit goes out at once.
+//! - `scripts`: the Lua scripts (create, activate, commit_many, confirm, mark_terminal, delete).
+//! - `error`: the one function that maps Redis errors (and our scripts' codes) to
+//!   [`normandy_core::Error`].
+//!
+//! # A commit
+//! [`CommitBatch::validate`](normandy_core::CommitBatch::validate) runs first; then one
+//! `EVALSHA` checks, in the reference store's order, `NotFound` → `SessionClosed` → `Fenced` →
+//! `DuplicateInput` → `Conflict`, and only then appends the entries (`XADD` with stream id
+//! `0-<seq>`) and writes the turn state and the resumable index. (Input ids are checked and
+//! recorded in one `HSETNX` each, and taken back if a later check fails.) Redis runs a script
+//! without interleaving any other command, so nobody sees a half-done commit, and a reader never
+//! sees entries without their state.
+//!
+//! Commits of different sessions that arrive while earlier ones are in flight are grouped into
+//! one script call (group commit, with one `WAIT` for the group); each commit is still checked
+//! and applied on its own and gets its own outcome. A lone commit is sent at once, unbatched.
+//!
+//! # Durability: what each setting actually gives
+//! Be honest with yourself about which rung you are on:
+//!
+//! 1. **No `WAIT`, no AOF** (Redis defaults: RDB snapshots): a crash of the Redis server loses
+//!    every write since the last snapshot — minutes of sessions. A failover to a replica loses
+//!    whatever the replica had not received yet. Fine for development and for sessions you can
+//!    afford to lose.
+//! 2. **AOF with `appendfsync everysec`, no `WAIT`**: a server crash loses up to about one second
+//!    of acknowledged commits; a failover still loses what was not replicated.
+//! 3. **`WAIT n` ([`RedisStoreConfig::wait`]) plus AOF on primary and replicas**: a commit is
+//!    reported only after `n` replicas have it in memory, so losing the primary alone does not
+//!    lose an acknowledged commit, provided failover promotes one of those replicas (Sentinel
+//!    prefers the most up to date one, which usually — not provably — holds it). This is
+//!    *durable, not bulletproof*: `WAIT` is not consensus; replicas acknowledge receipt, not an
+//!    fsync; a simultaneous crash of the primary and the acknowledging replicas before their AOF
+//!    reached disk still loses the commit. If you need a quorum log, use the Postgres store.
+//!
+//! With `WAIT` the store **fails closed**: a commit that fewer than `n` replicas acknowledge
+//! within the timeout returns the retryable `DurabilityNotMet`, and the engine treats that
+//! boundary as *not committed* — a `send` whose input could not be made durable is not reported
+//! done. The script did run on the primary, though, so the write may still surface (the primary
+//! keeps it, and a replica that reconnects receives it). The engine retries the same batch; the
+//! store remembers, per session, the last commit it could not confirm and answers that retry
+//! with a *confirm* script (same epoch, same resulting seq and state → `Applied`, with a fresh
+//! `WAIT`) rather than `DuplicateInput` or `Conflict`. The same happens after a connection error
+//! that left a commit's fate unknown. If the retry comes from another process (a new owner), the
+//! plain checks answer: an `Input` batch reports `DuplicateInput` and the stored input keeps its
+//! original seq; any other batch is `Fenced` or `Conflict`, and the new owner reloads the session.
+//!
+//! With `WAIT`, `create`, `activate`, `mark_terminal` and `delete` wait too and fail closed
+//! the same way: an activation that a failover could lose would hand the next owner an epoch
+//! that the previous owner already holds. A duplicate input is reported only after the same
+//! `WAIT` (the script writes, so the `WAIT` covers the stored original).
+//!
+//! `WAIT` commits use a small pool of dedicated connections (one commit per connection at a
+//! time) instead of the shared multiplexed one: a `WAIT` blocks its connection, and after a
+//! reconnect a multiplexed `WAIT` could count acknowledgements of an offset it never wrote.
+//!
+//! # Redis Cluster
+//! Every key of one session carries the hash tag `{<prefix>:<id>}`, so a session's keys live in
+//! one slot. The resumable index (`<prefix>:resumable:any` and `<prefix>:resumable:node:<owner>`)
+//! is cross-slot: the scripts update it in the same atomic step as the state, which a single
+//! Redis (with or without Sentinel) allows and Redis Cluster does not. This crate therefore
+//! targets single-primary deployments; on Cluster the index would have to move out of the
+//! scripts (and become eventually consistent), which is not implemented.
+//!
+//! # Example
+//! ```no_run
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use normandy_store_redis::{RedisStore, RedisStoreConfig};
+//!
+//! # async fn run() -> normandy_core::Result<()> {
+//! let config = RedisStoreConfig::new("redis://127.0.0.1:6379")?
+//!     .prefix("myapp")
+//!     .wait(1, Duration::from_millis(500));
+//! let store: Arc<dyn normandy_core::SessionStore> = Arc::new(RedisStore::connect(config).await?);
+//! # let _ = store;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod config;
+mod error;
+mod group;
+mod scripts;
+pub mod store;
+
+pub use config::{RedisStoreConfig, Wait};
+pub use store::RedisStore;

@@ -1,0 +1,105 @@
+//! [`RedisRegistryConfig`]: where the registry connects, its key prefix, and the node lease TTL.
+
+use std::time::Duration;
+
+use normandy_core::{Error, Result};
+
+/// Configuration of a [`RedisRegistry`](crate::RedisRegistry).
+///
+/// It takes its own URL or [`redis::Client`], so the registry can use a server (or at least a
+/// connection) separate from the store's: a slow commit never delays a placement.
+///
+/// ```
+/// use std::time::Duration;
+/// use normandy_registry_redis::RedisRegistryConfig;
+///
+/// let config = RedisRegistryConfig::new("redis://127.0.0.1:6379")
+///     .unwrap()
+///     .prefix("myapp:registry")
+///     .lease_ttl(Duration::from_secs(6));
+/// assert_eq!(config.lease_ttl_value(), Duration::from_secs(6));
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisRegistryConfig {
+    pub(crate) client: redis::Client,
+    pub(crate) prefix: String,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl RedisRegistryConfig {
+    /// A configuration for the server at `url`, prefix `normandy:registry`, lease TTL 10 s.
+    pub fn new(url: &str) -> Result<Self> {
+        let client = redis::Client::open(url)
+            .map_err(|e| Error::Config(format!("invalid Redis URL for the registry: {e}")))?;
+        Ok(Self::with_client(client))
+    }
+
+    /// A configuration over an existing client.
+    pub fn with_client(client: redis::Client) -> Self {
+        Self {
+            client,
+            prefix: "normandy:registry".into(),
+            lease_ttl: Duration::from_secs(10),
+            response_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+
+    /// Key prefix (several registries or test runs can share one server).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// How long a node's lease lives without a refresh (default 10 s). Refreshers renew it every
+    /// third of this; a node that stops refreshing loses its placements after it.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How long a command may take before it fails with `Unavailable` (default 2 s).
+    pub fn response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
+    }
+
+    /// How long connecting may take (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The key prefix.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The lease TTL.
+    pub fn lease_ttl_value(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.prefix.is_empty()
+            || self
+                .prefix
+                .chars()
+                .any(|c| c.is_whitespace() || "{}".contains(c))
+        {
+            return Err(Error::Config(format!(
+                "Redis registry key prefix {:?} must be non-empty, without whitespace or braces",
+                self.prefix
+            )));
+        }
+        if self.lease_ttl < Duration::from_millis(30) {
+            return Err(Error::Config(format!(
+                "Redis registry lease TTL {:?} is too short to refresh (minimum 30 ms)",
+                self.lease_ttl
+            )));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+//! Node leases: a node that stops refreshing loses its placements after one TTL, and the id's
+//! next registration gets a higher epoch; a refreshed lease keeps them.
+
+use std::time::Duration;
+
+use normandy_core::{ErrorKind, NodeId, SessionId, SessionRegistry};
+use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
+use normandy_tests::backends::{redis_url, skip, skip_reason, unique_name};
+
+async fn open(ttl: Duration) -> Option<RedisRegistry> {
+    let url = redis_url().await?;
+    let config = RedisRegistryConfig::new(&url)
+        .unwrap()
+        .prefix(unique_name("lease"))
+        .lease_ttl(ttl);
+    Some(RedisRegistry::connect(config).await.expect("connect"))
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_loses_its_entries_and_the_next_registration_has_a_higher_epoch() {
+    let Some(registry) = open(Duration::from_millis(300)).await else {
+        skip("a_lapsed_lease_loses_its_entries", &skip_reason());
+        return;
+    };
+    let a = NodeId::new("node-a", 1).unwrap();
+    let b = NodeId::new("node-b", 1).unwrap();
+    let ids: Vec<SessionId> = (0..3)
+        .map(|i| SessionId::new(format!("s{i}")).unwrap())
+        .collect();
+    let mut first = Vec::new();
+    for id in &ids {
+        first.push(registry.register(id, &a).await.unwrap().epoch);
+        assert_eq!(registry.lookup(id).await.unwrap().unwrap().owner, a);
+    }
+    let err = registry.register(&ids[0], &b).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyRegistered);
+
+    // A stops refreshing: after one TTL nothing of it resolves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        assert_eq!(
+            registry.lookup(id).await.unwrap(),
+            None,
+            "{id} still resolves"
+        );
+    }
+    assert!(!registry.lease_alive(&a).await.unwrap());
+    // A late refresh does not bring the lease (and its placements) back.
+    assert!(!registry.refresh_lease(&a).await.unwrap());
+    assert_eq!(registry.lookup(&ids[0]).await.unwrap(), None);
+
+    // B takes the ids, each with a higher epoch than A had.
+    for (id, old) in ids.iter().zip(&first) {
+        let p = registry.register(id, &b).await.unwrap();
+        assert_eq!(p.owner, b);
+        assert!(p.epoch > *old, "{id}: epoch {} not above {old}", p.epoch);
+    }
+    // A restarted A (new incarnation) is told B owns them.
+    let a2 = NodeId::new("node-a", 2).unwrap();
+    match registry.register(&ids[1], &a2).await {
+        Err(normandy_core::Error::AlreadyRegistered { owner, .. }) => assert_eq!(owner, b),
+        other => panic!("expected AlreadyRegistered, got {other:?}"),
+    }
+    registry.purge().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refreshed_lease_keeps_entries_until_the_refresher_stops() {
+    let ttl = Duration::from_millis(300);
+    let Some(registry) = open(ttl).await else {
+        skip("a_refreshed_lease_keeps_entries", &skip_reason());
+        return;
+    };
+    let a = NodeId::new("node-a", 1).unwrap();
+    let lease = registry.spawn_lease_refresher(&a).await.unwrap();
+    let id = SessionId::new("kept").unwrap();
+    let epoch = registry.register(&id, &a).await.unwrap().epoch;
+    // Several TTLs pass: the refresher (every TTL/3) keeps the placement alive.
+    for _ in 0..5 {
+        tokio::time::sleep(ttl / 2).await;
+        let p = registry.lookup(&id).await.unwrap().expect("still placed");
+        assert_eq!((p.owner, p.epoch), (a.clone(), epoch));
+    }
+    assert!(lease.is_valid());
+    lease.stop();
+    tokio::time::sleep(ttl + Duration::from_millis(200)).await;
+    assert_eq!(registry.lookup(&id).await.unwrap(), None);
+    registry.purge().await.unwrap();
+}

@@ -1,0 +1,193 @@
+//! The Lua scripts: each store write is one script, so Redis runs its checks and its writes as
+//! one atomic step (no other command interleaves with a running script).
+//!
+//! Keys of one session share the hash tag `{<prefix>:<id>}` and are passed in `KEYS`. The
+//! resumable index keys (`<prefix>:resumable:any`, `<prefix>:resumable:node:<node>`) are derived
+//! inside the scripts from a prefix in `ARGV`, because the owner is only known once the state has
+//! been read. That is fine on a single Redis (and Sentinel); Redis Cluster refuses a script that
+//! touches keys of several slots, which is the documented Cluster caveat of this crate.
+//!
+//! Errors are `redis.error_reply` with our own codes (`NMNOTFOUND`, `NMCLOSED`, `NMFENCED <cur>`,
+//! `NMCONFLICT <actual>`, `NMEXISTS`), mapped in `error::map`. Numbers that the client compares
+//! (epoch, seq) are kept as their decimal strings, so Lua's doubles never round a u64.
+
+/// Moves a session between the resumable index sets when its flag or owner changed.
+const REINDEX: &str = r"
+local function reindex(p, id, old_rs, old_own, new_rs, new_own)
+  if old_rs == new_rs and old_own == new_own then return end
+  if old_rs == '1' then
+    redis.call('ZREM', p .. 'any', id)
+    if old_own then redis.call('ZREM', p .. 'node:' .. old_own, id) end
+  end
+  if new_rs == '1' then
+    redis.call('ZADD', p .. 'any', 0, id)
+    if new_own then redis.call('ZADD', p .. 'node:' .. new_own, 0, id) end
+  end
+end
+";
+
+/// KEYS: state, stream, inputs. ARGV: policy, template blob ('' = none), state blob, now.
+pub(crate) const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.error_reply('NMEXISTS session') end
+-- Leftovers cannot exist (delete removes all three keys in one script), but a stray stream
+-- would hand a new session someone else's entries: clear them.
+redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('HSET', KEYS[1], 'ep', '0', 'seq', '0', 'st', 'active', 'pol', ARGV[1],
+  'ts', ARGV[3], 'ca', ARGV[4], 'ua', ARGV[4], 'rs', '0')
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'tpl', ARGV[2]) end
+return 'ok'
+";
+
+/// KEYS: state. ARGV: id, index prefix, node, seq read by the client, state blob read by the
+/// client, now.
+///
+/// Returns `{'ok', epoch}`, or `{'stale'}` when a commit changed the record since the client
+/// read and decoded it (so a corrupt record is never bumped, and the record returned is exactly
+/// the one the new epoch starts from). Comparing the state blob costs activation its size in
+/// bandwidth, but spares every commit a version counter.
+pub(crate) fn activate() -> String {
+    format!(
+        "{REINDEX}{}",
+        r"
+local f = redis.call('HMGET', KEYS[1], 'ep', 'st', 'own', 'rs', 'seq', 'ts')
+if not f[1] then return redis.error_reply('NMNOTFOUND session') end
+if f[2] == 'terminal' then return redis.error_reply('NMCLOSED session') end
+if f[5] ~= ARGV[4] or f[6] ~= ARGV[5] then return {'stale'} end
+local ep = redis.call('HINCRBY', KEYS[1], 'ep', 1)
+redis.call('HSET', KEYS[1], 'own', ARGV[3], 'ua', ARGV[6])
+reindex(ARGV[2], ARGV[1], f[4], f[3], f[4], ARGV[3])
+return {'ok', tostring(ep)}
+"
+    )
+}
+
+/// Group commit: KEYS are (state, stream, inputs) per commit; ARGV: index prefix, now, then per
+/// commit: id, epoch, expected seq, new seq, state blob, has_work ('1'/'0'), entry count, then
+/// per entry: seq, blob, input id ('' = none).
+///
+/// Each commit checks, in `InMemoryStore::commit`'s order, NotFound, SessionClosed, Fenced,
+/// DuplicateInput, Conflict, and only then writes its entries, input ids, state and index
+/// together. The reply has one item per commit — `{'applied', seq}`, `{'dup', input, seq}` or
+/// `{'err', '<code> <detail>'}` — so commits of different sessions sharing one script never
+/// affect each other's outcome; Redis runs the whole script atomically, so each commit is. (A
+/// command error inside one commit, possible only if something else wrote a key of the wrong
+/// type under our prefix, is that commit's `NMSCRIPT` error; its writes before the failing
+/// command stay.)
+pub(crate) fn commit_many() -> String {
+    format!(
+        "{REINDEX}{}",
+        r"
+local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
+  local f = redis.call('HMGET', ks, 'ep', 'seq', 'st', 'pol', 'own', 'rs')
+  if not f[1] then return {'err', 'NMNOTFOUND session'} end
+  if f[3] == 'terminal' then return {'err', 'NMCLOSED session'} end
+  if f[1] ~= ep then return {'err', 'NMFENCED ' .. f[1]} end
+  -- HSETNX checks and records an input id in one call; a later check that fails (another
+  -- duplicate, or Conflict) takes back what this commit set, before anyone can see it.
+  local set = {}
+  for i = 0, n - 1 do
+    local b = e0 + i * 3
+    local input = ARGV[b + 2]
+    if input ~= '' then
+      if redis.call('HSETNX', ki, input, ARGV[b]) == 0 then
+        for _, k in ipairs(set) do redis.call('HDEL', ki, k) end
+        -- A write (to `wa`, a field no reader decodes), so that a WAIT after this script covers
+        -- the stored input too: a duplicate is reported only once the original is as durable
+        -- as a fresh commit would be.
+        redis.call('HINCRBY', ks, 'wa', 1)
+        return {'dup', input, redis.call('HGET', ki, input)}
+      end
+      set[#set + 1] = input
+    end
+  end
+  if f[2] ~= exp then
+    for _, k in ipairs(set) do redis.call('HDEL', ki, k) end
+    return {'err', 'NMCONFLICT ' .. f[2]}
+  end
+  for i = 0, n - 1 do
+    local b = e0 + i * 3
+    redis.call('XADD', ke, '0-' .. ARGV[b], 'e', ARGV[b + 1])
+  end
+  local rs = '0'
+  if work == '1' and f[4] == 'eager' then rs = '1' end
+  redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now, 'rs', rs)
+  reindex(p, id, f[6], f[5], rs, f[5])
+  return {'applied', new}
+end
+
+local p, now = ARGV[1], ARGV[2]
+local a = 3
+local out = {}
+for c = 1, #KEYS / 3 do
+  local n = tonumber(ARGV[a + 6])
+  -- pcall: a command error in one commit (a foreign key of the wrong type under our prefix)
+  -- must not abort the script and take the other sessions' outcomes with it.
+  local ok, r = pcall(commit, KEYS[c * 3 - 2], KEYS[c * 3 - 1], KEYS[c * 3], p, now, ARGV[a],
+    ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], n, a + 7)
+  if ok then
+    out[c] = r
+  else
+    if type(r) == 'table' and r.err then r = r.err end
+    out[c] = {'err', 'NMSCRIPT ' .. tostring(r)}
+  end
+  a = a + 7 + n * 3
+end
+return out
+"
+    )
+}
+
+/// KEYS: state. ARGV: epoch, new seq, state blob.
+///
+/// Re-acknowledges a commit this process applied but whose `WAIT` fell short: if the session
+/// still has that epoch, seq and state, the commit stands; the script writes `wa` so that the
+/// `WAIT` pipelined after it covers a write that is at or after the original one. `{'miss'}`
+/// when the record moved on (the caller then runs the ordinary commit, which reports why).
+pub(crate) const CONFIRM: &str = r"
+local f = redis.call('HMGET', KEYS[1], 'ep', 'seq', 'ts')
+if not f[1] then return redis.error_reply('NMNOTFOUND session') end
+if f[1] ~= ARGV[1] then return redis.error_reply('NMFENCED ' .. f[1]) end
+if f[2] == ARGV[2] and f[3] == ARGV[3] then
+  redis.call('HINCRBY', KEYS[1], 'wa', 1)
+  return {'applied', ARGV[2]}
+end
+return {'miss'}
+";
+
+/// KEYS: state. ARGV: id, index prefix, epoch, now.
+pub(crate) fn mark_terminal() -> String {
+    format!(
+        "{REINDEX}{}",
+        r"
+local f = redis.call('HMGET', KEYS[1], 'ep', 'st', 'own', 'rs')
+if not f[1] then return redis.error_reply('NMNOTFOUND session') end
+if f[2] == 'terminal' then
+  -- Already closed (maybe by a write not yet replicated): write the WAIT anchor `wa`, so a
+  -- WAIT after this script covers the close.
+  redis.call('HINCRBY', KEYS[1], 'wa', 1)
+  return 'ok'
+end
+if f[1] ~= ARGV[3] then return redis.error_reply('NMFENCED ' .. f[1]) end
+redis.call('HSET', KEYS[1], 'st', 'terminal', 'rs', '0', 'ua', ARGV[4])
+reindex(ARGV[2], ARGV[1], f[4], f[3], '0', f[3])
+return 'ok'
+"
+    )
+}
+
+/// KEYS: state, stream, inputs. ARGV: id, index prefix. Returns 1 if the session existed.
+pub(crate) fn delete() -> String {
+    format!(
+        "{REINDEX}{}",
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[2], KEYS[3])
+  return 0
+end
+local f = redis.call('HMGET', KEYS[1], 'own', 'rs')
+reindex(ARGV[2], ARGV[1], f[2], f[1], '0', f[1])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return 1
+"
+    )
+}

@@ -1,0 +1,373 @@
+//! `WAIT` durability against a real primary + replica pair that each test starts itself
+//! (`redis-server` on free loopback ports, data in a temp dir, killed on drop).
+//!
+//! Skipped by name when `redis-server` is not on PATH, unless `NORMANDY_REQUIRE_BACKENDS=1`.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use normandy_core::{
+    CatalogEntry, CommitAck, CommitBatch, ConfigTemplate, ContentBlock, Entry, EntryPayload,
+    ErrorKind, Input, InputId, NewSession, NodeId, ResumePolicy, ScriptedClient, SessionId,
+    SessionStore, Sessions, TemplateCatalog, TurnState,
+};
+use normandy_store_redis::{RedisStore, RedisStoreConfig};
+use tokio::process::{Child, Command};
+
+/// A `redis-server` child process on a free loopback port.
+struct Server {
+    port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(replica_of: Option<u16>) -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(dir.path());
+        if let Some(primary) = replica_of {
+            cmd.arg("--replicaof")
+                .arg("127.0.0.1")
+                .arg(primary.to_string());
+        }
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawn redis-server");
+        let server = Server {
+            port,
+            child,
+            _dir: dir,
+        };
+        server.wait_ready().await;
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn info(&self) -> Option<String> {
+        let client = redis::Client::open(self.url()).ok()?;
+        let mut con = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut con)
+            .await
+            .ok()
+    }
+
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.info().await.is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {} never answered",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until this replica's link to its primary is up and the primary counts `n` replicas.
+    async fn wait_linked(&self, primary: &Server, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let replica_up = self
+                .info()
+                .await
+                .is_some_and(|i| i.contains("master_link_status:up"));
+            let counted = primary
+                .info()
+                .await
+                .is_some_and(|i| i.contains(&format!("connected_slaves:{n}")));
+            if replica_up && counted {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica never linked to its primary"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn kill(mut self) {
+        self.child.kill().await.expect("kill redis-server");
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+/// Whether `redis-server` runs here; otherwise the test is skipped by name (or fails under
+/// `NORMANDY_REQUIRE_BACKENDS=1`).
+fn have_redis_server(test: &str) -> bool {
+    let ok = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        normandy_tests::backends::skip(test, "redis-server is not on PATH");
+    }
+    ok
+}
+
+async fn pair() -> (Server, Server) {
+    let primary = Server::start(None).await;
+    let replica = Server::start(Some(primary.port)).await;
+    replica.wait_linked(&primary, 1).await;
+    (primary, replica)
+}
+
+async fn store(primary: &Server, timeout: Duration) -> RedisStore {
+    let config = RedisStoreConfig::new(&primary.url())
+        .unwrap()
+        .prefix("wait-test")
+        .wait(1, timeout)
+        .wait_connections(4);
+    RedisStore::connect(config).await.expect("connect")
+}
+
+fn input_entry(seq: u64, input: &str) -> Entry {
+    Entry {
+        seq,
+        parent: (seq > 1).then(|| seq - 1),
+        at_ms: 1,
+        payload: EntryPayload::Input {
+            input_id: InputId::new(input).unwrap(),
+            content: vec![ContentBlock::text(format!("input {input}"))],
+        },
+    }
+}
+
+fn batch(entries: Vec<Entry>) -> CommitBatch {
+    CommitBatch {
+        entries,
+        state: TurnState::default(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_wait_for_a_replica_and_fail_closed_without_one() {
+    if !have_redis_server("commits_wait_for_a_replica_and_fail_closed_without_one") {
+        return;
+    }
+    let (primary, replica) = pair().await;
+    let wait = Duration::from_millis(300);
+    let store = store(&primary, wait).await;
+    let id = SessionId::new("s-wait").unwrap();
+    let node = NodeId::new("n", 1).unwrap();
+    store
+        .create(NewSession::bare(id.clone(), ResumePolicy::Lazy))
+        .await
+        .unwrap();
+    let epoch = store.activate(&id, &node).await.unwrap().epoch;
+
+    // Replica up: commits are acknowledged.
+    for seq in 1..=3u64 {
+        let ack = store
+            .commit(
+                &id,
+                epoch,
+                seq - 1,
+                &batch(vec![input_entry(seq, &format!("in-{seq}"))]),
+            )
+            .await
+            .expect("commit with a live replica");
+        assert_eq!(ack, CommitAck::Applied { seq });
+    }
+
+    // Replica gone: the commit fails closed, within the WAIT timeout (plus slack for the call).
+    replica.kill().await;
+    let b4 = batch(vec![input_entry(4, "in-4")]);
+    let started = Instant::now();
+    let err = store.commit(&id, epoch, 3, &b4).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(err.kind(), ErrorKind::DurabilityNotMet, "{err}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("0 of 1"), "{err}");
+    assert!(took >= wait, "WAIT returned before its timeout: {took:?}");
+    assert!(took < wait + Duration::from_secs(2), "commit took {took:?}");
+
+    // Fail closed is not roll back: the primary holds the write (documented in the crate docs).
+    assert_eq!(store.load(&id).await.unwrap().unwrap().seq, 4);
+
+    // Still no replica: the engine's retry of the same batch fails closed again...
+    let err = store.commit(&id, epoch, 3, &b4).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::DurabilityNotMet, "{err}");
+
+    // ...and once a replica is back, the same retry is confirmed (not a DuplicateInput), with
+    // the entry stored once.
+    let replica = Server::start(Some(primary.port)).await;
+    replica.wait_linked(&primary, 1).await;
+    let ack = store
+        .commit(&id, epoch, 3, &b4)
+        .await
+        .expect("retry confirmed");
+    assert_eq!(ack, CommitAck::Applied { seq: 4 });
+    let entries = store.entries(&id, 0, 100).await.unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4]
+    );
+
+    // The replica has it too.
+    let replica_store = RedisStore::connect(
+        RedisStoreConfig::new(&replica.url())
+            .unwrap()
+            .prefix("wait-test"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(replica_store.load(&id).await.unwrap().unwrap().seq, 4);
+
+    // A retry from another handle (another process) gets the plain answer: the input is a
+    // duplicate at its original seq.
+    let other = store_again(&primary, wait).await;
+    assert_eq!(
+        other.commit(&id, epoch, 3, &b4).await.unwrap(),
+        CommitAck::DuplicateInput {
+            input_id: InputId::new("in-4").unwrap(),
+            seq: 4
+        }
+    );
+    drop(replica);
+    drop(primary);
+}
+
+async fn store_again(primary: &Server, timeout: Duration) -> RedisStore {
+    store(primary, timeout).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_only_retry_after_durability_not_met_is_confirmed() {
+    if !have_redis_server("a_state_only_retry_after_durability_not_met_is_confirmed") {
+        return;
+    }
+    let (primary, replica) = pair().await;
+    let store = store(&primary, Duration::from_millis(200)).await;
+    let id = SessionId::new("s-state").unwrap();
+    store
+        .create(NewSession::bare(id.clone(), ResumePolicy::Eager))
+        .await
+        .unwrap();
+    let epoch = store
+        .activate(&id, &NodeId::new("n", 1).unwrap())
+        .await
+        .unwrap()
+        .epoch;
+    store
+        .commit(&id, epoch, 0, &batch(vec![input_entry(1, "a")]))
+        .await
+        .unwrap();
+
+    // An entry without an input id: a plain retry would be a Conflict (seq moved), which the
+    // engine does not retry; the confirm path answers Applied instead.
+    replica.kill().await;
+    let answer = Entry {
+        seq: 2,
+        parent: Some(1),
+        at_ms: 2,
+        payload: EntryPayload::Assistant {
+            message: normandy_core::Message::assistant("hi"),
+            stop_reason: normandy_core::StopReason::EndTurn,
+            usage: Default::default(),
+        },
+    };
+    let b = batch(vec![answer]);
+    assert_eq!(
+        store.commit(&id, epoch, 1, &b).await.unwrap_err().kind(),
+        ErrorKind::DurabilityNotMet
+    );
+    let replica = Server::start(Some(primary.port)).await;
+    replica.wait_linked(&primary, 1).await;
+    assert_eq!(
+        store.commit(&id, epoch, 1, &b).await.unwrap(),
+        CommitAck::Applied { seq: 2 }
+    );
+    // A different batch at the same position is still a Conflict: confirmation is exact.
+    let mut other = b.clone();
+    other.entries[0].at_ms = 3;
+    let err = store.commit(&id, epoch, 1, &other).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_during_a_replica_outage_is_not_reported_done() {
+    if !have_redis_server("a_send_during_a_replica_outage_is_not_reported_done") {
+        return;
+    }
+    let (primary, replica) = pair().await;
+    let store: Arc<dyn SessionStore> = Arc::new(store(&primary, Duration::from_millis(200)).await);
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("echo", "scripted"),
+            CatalogEntry::with_client(ScriptedClient::echo()),
+        )
+        .unwrap();
+    let sessions = Sessions::builder(catalog)
+        .store(store.clone())
+        .build()
+        .unwrap();
+    let id = sessions.start("echo").await.unwrap();
+    let outcome = sessions
+        .send(&id, "hello")
+        .await
+        .expect("send with a replica");
+    assert_eq!(outcome.text(), "echo: hello");
+
+    replica.kill().await;
+    let input_id = InputId::new("during-outage").unwrap();
+    let sent = tokio::time::timeout(
+        Duration::from_secs(60),
+        sessions.send(&id, Input::text("are you there").with_id(input_id.clone())),
+    )
+    .await
+    .expect("send must fail, not hang");
+    let err = sent.expect_err("a send whose input is not durable must not be reported done");
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::DurabilityNotMet | ErrorKind::Unavailable
+        ),
+        "unexpected error kind: {err}"
+    );
+
+    // With a replica back, resubmitting the same input id completes it, exactly once.
+    let replica = Server::start(Some(primary.port)).await;
+    replica.wait_linked(&primary, 1).await;
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        sessions.send(&id, Input::text("are you there").with_id(input_id.clone())),
+    )
+    .await
+    .expect("resend must not hang")
+    .expect("resend after the outage");
+    assert_eq!(outcome.text(), "echo: are you there");
+    let inputs = sessions
+        .history_all(&id)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.payload.input_id() == Some(&input_id))
+        .count();
+    assert_eq!(inputs, 1, "the input was appended more than once");
+    sessions.shutdown().await;
+}
