@@ -1,5 +1,510 @@
-//! `cargo xtask bench cluster` (built by the cluster issue).
+//! `cargo xtask bench cluster`: failover time and the cost of a remote owner.
+//!
+//! - **Failover**: three `normandy-node` processes (release build) on loopback against Redis
+//!   (`NORMANDY_BENCH_REDIS_URL`, else `NORMANDY_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`).
+//!   1,000 eager sessions (200 with `--quick`) are mid-turn on node A (a slow model call), then A
+//!   is SIGKILLed. Printed separately: *detection* (kill → B no longer lists A) and *resume*
+//!   (detection → every session live again on B or C, by their reapers, with no request).
+//!   Target: the sum ≤ 3 s with the default 1.5 s lease.
+//! - **Remote send**: this process runs a node itself (library API) beside node B (a process).
+//!   Turns/s and p50/p99 of `send` with the owner here (local) vs with the owner on B (routed
+//!   over RPC), beside the baseline: a bare unary `Echo` RPC over the same channel, codec and
+//!   auth between the same two processes. The row that matters is the remote overhead
+//!   (remote − local) over the echo: target ≤ 1.5×.
 
-pub(crate) fn run(_quick: bool) -> anyhow::Result<()> {
-    anyhow::bail!("bench cluster is not built yet")
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use normandy_cluster::{Cluster, NodeClient};
+use normandy_core::{
+    CatalogEntry, ConfigTemplate, ContentBlock, InputId, ScriptedClient, SessionId, TemplateCatalog,
+};
+
+use super::report;
+
+const SECRET: &str = "bench-cluster-secret";
+
+pub(crate) fn run(quick: bool) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(quick))
+}
+
+fn redis_url() -> String {
+    std::env::var("NORMANDY_BENCH_REDIS_URL")
+        .or_else(|_| std::env::var("NORMANDY_TEST_REDIS_URL"))
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Builds the node binary in release and returns its path.
+fn node_binary() -> Result<std::path::PathBuf> {
+    let sh = xshell::Shell::new()?;
+    xshell::cmd!(
+        sh,
+        "cargo build --release -q -p normandy-cluster --bin normandy-node"
+    )
+    .run()?;
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        root.join("target").to_string_lossy().into_owned()
+    });
+    let path = std::path::Path::new(&target).join("release/normandy-node");
+    ensure!(
+        path.exists(),
+        "built node binary not found at {}",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A node process, SIGKILLed on drop.
+struct Proc {
+    child: Child,
+    address: String,
+    client: NodeClient,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(bin: &std::path::Path, name: &str, prefix: &str, model_ms: u64) -> Result<Proc> {
+    let mut child = Command::new(bin)
+        .args(["serve", "--name", name, "--bind", "127.0.0.1:0"])
+        .args([
+            "--redis-url",
+            &redis_url(),
+            "--prefix",
+            prefix,
+            "--secret",
+            SECRET,
+        ])
+        .args(["--model-latency-ms", &model_ms.to_string()])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("spawn normandy-node")?;
+    let mut lines = BufReader::new(child.stdout.take().context("stdout")?).lines();
+    let line = lines.next().context("node exited before listening")??;
+    let address = line
+        .split_whitespace()
+        .nth(1)
+        .with_context(|| format!("unexpected node output {line:?}"))?
+        .to_string();
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    let client = NodeClient::new(&address, Some(SECRET), Duration::from_secs(60))?;
+    Ok(Proc {
+        child,
+        address,
+        client,
+    })
+}
+
+async fn wait_members(c: &NodeClient, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(h) = c.health().await
+            && h.serving
+            && h.members.len() == n
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("nodes did not see each other in time")
+}
+
+async fn cleanup(prefix: &str) -> Result<()> {
+    let client = redis::Client::open(redis_url())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut con)
+            .await?;
+        for chunk in keys.chunks(500) {
+            let _: i64 = redis::cmd("DEL").arg(chunk).query_async(&mut con).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn bench(quick: bool) -> Result<()> {
+    let bin = node_binary()?;
+    println!("cluster (Redis {}, lease TTL 1.5 s):", redis_url());
+    failover(&bin, quick).await?;
+    remote_send(&bin, quick).await?;
+    Ok(())
+}
+
+async fn failover(bin: &std::path::Path, quick: bool) -> Result<()> {
+    let n = if quick { 200 } else { 1000 };
+    let prefix = format!("bench-failover-{}", std::process::id());
+    cleanup(&prefix).await?;
+    // A slow model keeps every turn mid-flight when A dies.
+    let a = spawn(bin, "a", &prefix, 30_000)?;
+    let b = spawn(bin, "b", &prefix, 30_000)?;
+    let c = spawn(bin, "c", &prefix, 30_000)?;
+    for p in [&a, &b, &c] {
+        wait_members(&p.client, 3).await?;
+    }
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(a.client.start("demo-eager", None).await?);
+    }
+    let mut sends = Vec::with_capacity(n);
+    for id in &ids {
+        let cl = a.client.clone();
+        let id = id.clone();
+        sends.push(tokio::spawn(async move {
+            let _ = cl
+                .send(&id, InputId::generate(), vec![ContentBlock::text("work")])
+                .await;
+        }));
+    }
+    // Every session live on A, mid-turn.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = a.client.health().await?;
+        if h.live as usize == n {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {} of {n} sessions went live on A",
+            h.live
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // inputs committed
+    let mut a = a;
+    let killed = Instant::now();
+    a.child.kill()?;
+    let _ = a.child.wait();
+    let a_id = a.client.clone();
+    drop(a_id);
+    // Detection: B's member list drops A.
+    let detected = loop {
+        let h = b.client.health().await?;
+        if h.members.len() == 2 {
+            break Instant::now();
+        }
+        ensure!(
+            killed.elapsed() < Duration::from_secs(30),
+            "B never noticed A's death"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    // Resume: every session live on B or C, with no request.
+    let resumed = loop {
+        let lb = b.client.health().await?;
+        let lc = c.client.health().await?;
+        if (lb.live + lc.live) as usize >= n {
+            println!(
+                "  failover: {n} eager sessions mid-turn; reaped by B {} / C {}",
+                lb.reaped, lc.reaped
+            );
+            break Instant::now();
+        }
+        ensure!(
+            killed.elapsed() < Duration::from_secs(60),
+            "only {} of {n} sessions resumed after 60 s",
+            lb.live + lc.live
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let detect = detected - killed;
+    let resume = resumed - detected;
+    println!(
+        "  {:<44} {:>10.0} ms   (lease TTL {:>5} ms, ratio {:.2})",
+        "detection (SIGKILL → survivor sees Down)",
+        detect.as_secs_f64() * 1e3,
+        1500,
+        detect.as_secs_f64() / 1.5
+    );
+    println!(
+        "  {:<44} {:>10.0} ms   ({:.0} sessions/s)",
+        "resume (Down → all live on B/C)¹",
+        resume.as_secs_f64() * 1e3,
+        n as f64 / resume.as_secs_f64().max(1e-9)
+    );
+    println!(
+        "  {:<44} {:>10.0} ms   target ≤ 3000 ms",
+        "failover total",
+        (resumed - killed).as_secs_f64() * 1e3
+    );
+    println!(
+        "  ¹ includes the {} ms a node must stay down before it is reaped (confirm_down)",
+        750
+    );
+    for s in sends {
+        s.abort();
+    }
+    drop((b, c));
+    cleanup(&prefix).await?;
+    Ok(())
+}
+
+async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
+    let prefix = format!("bench-remote-{}", std::process::id());
+    cleanup(&prefix).await?;
+    let b = spawn(bin, "b", &prefix, 0)?;
+    let catalog = TemplateCatalog::new().with(
+        ConfigTemplate::new("echo", "scripted"),
+        CatalogEntry::with_client(ScriptedClient::echo()),
+    )?;
+    let there = Cluster::redis(catalog.clone(), &redis_url())
+        .prefix(&prefix)
+        .node_name("bench-peer")
+        .secret(SECRET)
+        .build()
+        .await?;
+    let here = Cluster::redis(catalog, &redis_url())
+        .prefix(&prefix)
+        .node_name("bench")
+        .secret(SECRET)
+        .build()
+        .await?;
+    wait_members(&b.client, 3).await?;
+    let tasks = 16;
+    let per_task = if quick { 100 } else { 500 };
+    let mut local_ids = Vec::new();
+    let mut remote_ids = Vec::new();
+    let mut peer_ids = Vec::new();
+    // Each path gets its own sessions, so every session's history grows alike.
+    let mut direct_ids = Vec::new();
+    for _ in 0..tasks {
+        let id = b.client.start("echo", None).await?;
+        b.client
+            .send(
+                &id,
+                InputId::generate(),
+                vec![ContentBlock::text("place on b")],
+            )
+            .await?;
+        direct_ids.push(id);
+        let id = there.start("echo").await?;
+        there.send(&id, "place on the in-process peer").await?;
+        peer_ids.push(id);
+        let id = here.start("echo").await?;
+        here.send(&id, "place here").await?;
+        local_ids.push(id);
+        let id = b.client.start("echo", None).await?;
+        b.client
+            .send(
+                &id,
+                InputId::generate(),
+                vec![ContentBlock::text("place on b")],
+            )
+            .await?;
+        remote_ids.push(id);
+    }
+    let here = Arc::new(here);
+    let echo_client = here.client(&b.address)?;
+    // Latency at concurrency 1 (what one caller sees), then throughput with every session busy
+    // (on a small machine that is CPU cost: a remote turn pays a client and a server side).
+    // Alternate rounds so noise hits every side alike.
+    for (label, ids_n) in [("latency, 1 caller", 1usize), ("throughput", tasks)] {
+        let (mut local, mut remote, mut echo, mut direct, mut peer) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut t_peer = Duration::ZERO;
+        let (mut t_local, mut t_remote, mut t_echo, mut t_direct) = (
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::ZERO,
+            Duration::ZERO,
+        );
+        let per = if ids_n == 1 { per_task * 4 } else { per_task } / 4;
+        for _round in 0..4 {
+            let (s, t) = run_sends(&here, &local_ids[..ids_n], per).await?;
+            local.extend(s);
+            t_local += t;
+            let (s, t) = run_sends(&here, &remote_ids[..ids_n], per).await?;
+            remote.extend(s);
+            t_remote += t;
+            let (s, t) = run_echo(&echo_client, ids_n, per).await?;
+            echo.extend(s);
+            t_echo += t;
+            let (s, t) = run_direct(&echo_client, &direct_ids[..ids_n], per).await?;
+            direct.extend(s);
+            t_direct += t;
+            let (s, t) = run_sends(&here, &peer_ids[..ids_n], per).await?;
+            peer.extend(s);
+            t_peer += t;
+        }
+        let count = (ids_n * per * 4) as f64;
+        println!("  remote send, {label} ({ids_n} concurrent sessions, {count} calls each):");
+        report::throughput(
+            "send, owner local (turns)",
+            count / t_local.as_secs_f64(),
+            "echo RPC (calls)",
+            count / t_echo.as_secs_f64(),
+        );
+        report::throughput(
+            "send, owner remote (turns)",
+            count / t_remote.as_secs_f64(),
+            "echo RPC (calls)",
+            count / t_echo.as_secs_f64(),
+        );
+        report::throughput(
+            "send straight to the owner (client → B)",
+            count / t_direct.as_secs_f64(),
+            "echo RPC (calls)",
+            count / t_echo.as_secs_f64(),
+        );
+        report::throughput(
+            "send, owner = 2nd node in this process",
+            count / t_peer.as_secs_f64(),
+            "echo RPC (calls)",
+            count / t_echo.as_secs_f64(),
+        );
+        for (p, name) in [(0.5, "p50"), (0.99, "p99")] {
+            let pe = report::percentile(&mut peer, p);
+            let d = report::percentile(&mut direct, p);
+            let l = report::percentile(&mut local, p);
+            let r = report::percentile(&mut remote, p);
+            let e = report::percentile(&mut echo, p);
+            report::latency(
+                &format!("send {name}, owner local"),
+                l,
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("send {name}, owner remote"),
+                r,
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("send {name}, owner = node in this process"),
+                pe,
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("  its overhead {name} (− local)"),
+                pe.saturating_sub(l),
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("send {name}, client → owner B directly"),
+                d,
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("routing hop {name} (via node − direct)"),
+                r.saturating_sub(d),
+                &format!("echo RPC {name}"),
+                e,
+            );
+            report::latency(
+                &format!("remote overhead {name} (remote − local)"),
+                r.saturating_sub(l),
+                &format!("echo RPC {name} (target ratio ≤ 1.5)"),
+                e,
+            );
+        }
+    }
+    drop(echo_client);
+    if let Ok(h) = Arc::try_unwrap(here) {
+        h.shutdown().await;
+    }
+    there.shutdown().await;
+    drop(b);
+    cleanup(&prefix).await?;
+    Ok(())
+}
+
+async fn run_sends(
+    here: &Arc<Cluster>,
+    ids: &[SessionId],
+    per_task: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for id in ids {
+        let here = here.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                here.send(&id, "ping").await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok((all, started.elapsed()))
+}
+
+async fn run_direct(
+    client: &NodeClient,
+    ids: &[SessionId],
+    per_task: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for id in ids {
+        let c = client.clone();
+        let id = id.clone();
+        handles.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                c.send(&id, InputId::generate(), vec![ContentBlock::text("ping")])
+                    .await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await??);
+    }
+    Ok((all, started.elapsed()))
+}
+
+async fn run_echo(
+    client: &NodeClient,
+    tasks: usize,
+    per_task: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let c = client.clone();
+        handles.push(tokio::spawn(async move {
+            let mut samples = Vec::with_capacity(per_task);
+            for _ in 0..per_task {
+                let t = Instant::now();
+                c.echo(b"ping".to_vec()).await?;
+                samples.push(t.elapsed());
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await??);
+    }
+    Ok((all, started.elapsed()))
 }

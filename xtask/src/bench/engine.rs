@@ -101,7 +101,7 @@ async fn engine_turns(sessions: usize, turns: usize) -> Result<f64> {
 }
 
 enum Req {
-    Turn(Box<String>, oneshot::Sender<usize>),
+    Turn(Box<str>, oneshot::Sender<usize>),
 }
 
 fn spawn_bare_actor() -> mpsc::Sender<Req> {
@@ -126,7 +126,7 @@ async fn bare_actor_round_trips(sessions: usize, turns: usize) -> f64 {
             tokio::spawn(async move {
                 for _ in 0..per {
                     let (reply, rx) = oneshot::channel();
-                    let _ = tx.send(Req::Turn(Box::new("hi".into()), reply)).await;
+                    let _ = tx.send(Req::Turn("hi".into(), reply)).await;
                     let _ = rx.await;
                 }
             })

@@ -1,0 +1,327 @@
+//! `normandy-node`: one cluster node with a demo catalog, or a small client of a node.
+//!
+//! ```text
+//! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
+//!     --secret S [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
+//!     [--lease-ttl-ms 1500] [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
+//!     [--worker-threads N]
+//! normandy-node client --to ADDR --secret S health | start TEMPLATE [ID] | send ID TEXT | history ID
+//! ```
+//! Every flag also reads `NORMANDY_<FLAG>` from the environment (`--redis-url` ←
+//! `NORMANDY_REDIS_URL`). Once the RPC server listens, the node prints `LISTENING <addr> <node>`
+//! on stdout; readiness is the `health` RPC.
+//!
+//! The demo catalog has templates `echo` (a scripted echo, no tools), `demo` (lazy) and
+//! `demo-eager`: a scripted model that
+//! echoes, or — for an input starting with `tool` — calls the non-idempotent `count` tool, which
+//! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`), so tests can
+//! prove no call ran twice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use normandy_cluster::{Cluster, ClusterConfig, NodeClient};
+use normandy_core::{
+    CatalogEntry, ConfigTemplate, ContentBlock, InputId, ModelResponse, ResumePolicy,
+    ScriptedClient, SessionId, TemplateCatalog, Tool, ToolContext, ToolOutput, ToolSpec,
+    async_trait,
+};
+
+/// The non-idempotent demo tool: counts its runs per call id in Redis.
+struct CountTool {
+    con: redis::aio::ConnectionManager,
+    prefix: String,
+    latency: Duration,
+}
+
+#[async_trait]
+impl Tool for CountTool {
+    fn spec(&self) -> ToolSpec {
+        ToolSpec {
+            name: "count".into(),
+            description: "Counts how often this call ran (a stand-in for a paid action).".into(),
+            input_schema: serde_json::json!({"type": "object"}),
+        }
+    }
+
+    fn idempotent(&self) -> bool {
+        false
+    }
+
+    async fn call(&self, _input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        let key = format!("{}:toolruns:{}:{}", self.prefix, ctx.session, ctx.call_id);
+        let mut con = self.con.clone();
+        match redis::cmd("INCR")
+            .arg(&key)
+            .query_async::<i64>(&mut con)
+            .await
+        {
+            Ok(n) => ToolOutput::ok(format!("run {n}")),
+            Err(e) => ToolOutput::error(format!("count failed: {e}")),
+        }
+    }
+}
+
+fn demo_client(latency: Duration) -> ScriptedClient {
+    ScriptedClient::from_fn(|req| {
+        let results = req.last_tool_results();
+        if !results.is_empty() {
+            let text: Vec<&str> = results.iter().map(|(_, c, _)| *c).collect();
+            return Ok(ModelResponse::text(format!("done: {}", text.join(", "))));
+        }
+        let text = req.last_user_text().unwrap_or_default();
+        if text.starts_with("tool") {
+            // Deterministic call id: a re-issued model call asks for the same call.
+            let id = format!("call-{}", req.messages.len());
+            return Ok(ModelResponse::tool_call(id, "count", serde_json::json!({})));
+        }
+        Ok(ModelResponse::text(format!("echo: {text}")))
+    })
+    .with_latency(latency)
+}
+
+struct Flags {
+    values: HashMap<String, String>,
+    switches: Vec<String>,
+    positional: Vec<String>,
+}
+
+impl Flags {
+    fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
+        let mut values = HashMap::new();
+        let mut switches = Vec::new();
+        let mut positional = Vec::new();
+        let mut args = args.peekable();
+        while let Some(a) = args.next() {
+            if let Some(name) = a.strip_prefix("--") {
+                if let Some((k, v)) = name.split_once('=') {
+                    values.insert(k.to_string(), v.to_string());
+                } else if name.starts_with("no-") || name == "help" {
+                    switches.push(name.to_string());
+                } else {
+                    let v = args
+                        .next()
+                        .with_context(|| format!("flag --{name} needs a value"))?;
+                    values.insert(name.to_string(), v);
+                }
+            } else {
+                positional.push(a);
+            }
+        }
+        Ok(Self {
+            values,
+            switches,
+            positional,
+        })
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.values.get(name).cloned().or_else(|| {
+            let env = format!("NORMANDY_{}", name.to_uppercase().replace('-', "_"));
+            std::env::var(env).ok()
+        })
+    }
+
+    fn need(&self, name: &str) -> anyhow::Result<String> {
+        self.get(name).with_context(|| {
+            format!(
+                "missing --{name} (or NORMANDY_{})",
+                name.to_uppercase().replace('-', "_")
+            )
+        })
+    }
+
+    fn ms(&self, name: &str, default: u64) -> anyhow::Result<Duration> {
+        Ok(Duration::from_millis(match self.get(name) {
+            Some(v) => v
+                .parse()
+                .with_context(|| format!("--{name} must be milliseconds"))?,
+            None => default,
+        }))
+    }
+
+    fn switch(&self, name: &str) -> bool {
+        self.switches.iter().any(|s| s == name)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse(std::env::args().skip(1))?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = flags.get("worker-threads") {
+        rt.worker_threads(n.parse().context("--worker-threads must be a number")?);
+    }
+    rt.enable_all().build()?.block_on(run(flags))
+}
+
+async fn run(flags: Flags) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,normandy_cluster=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let flags = &flags;
+    if flags.switch("help") {
+        println!(
+            "{}",
+            include_str!("normandy-node.rs")
+                .lines()
+                .take(12)
+                .map(|l| l.trim_start_matches("//! ").trim_start_matches("//!"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return Ok(());
+    }
+    match flags.positional.first().map(String::as_str) {
+        Some("client") => client(flags).await,
+        None | Some("serve") => serve(flags).await,
+        Some(other) => bail!("unknown command {other:?} (serve | client)"),
+    }
+}
+
+async fn serve(flags: &Flags) -> anyhow::Result<()> {
+    let name = flags.get("name").unwrap_or_else(|| "node".into());
+    let redis_url = flags.need("redis-url")?;
+    let prefix = flags.get("prefix").unwrap_or_else(|| "normandy".into());
+    let secret = flags.need("secret")?;
+    let bind = flags
+        .get("bind")
+        .unwrap_or_else(|| "127.0.0.1:0".into())
+        .parse()
+        .context("--bind must be host:port")?;
+    let ttl = flags.ms("lease-ttl-ms", 1500)?;
+    let model_latency = flags.ms("model-latency-ms", 0)?;
+    let tool_latency = flags.ms("tool-latency-ms", 0)?;
+
+    let client = redis::Client::open(redis_url.as_str()).context("bad --redis-url")?;
+    let con = client
+        .get_connection_manager()
+        .await
+        .context("cannot connect to Redis for the demo tool")?;
+    let entry = |policy| {
+        (
+            ConfigTemplate::new(
+                if policy == ResumePolicy::Eager {
+                    "demo-eager"
+                } else {
+                    "demo"
+                },
+                "scripted",
+            )
+            .resume_policy(policy),
+            CatalogEntry::with_client(demo_client(model_latency)).tool(CountTool {
+                con: con.clone(),
+                prefix: prefix.clone(),
+                latency: tool_latency,
+            }),
+        )
+    };
+    let (t1, e1) = entry(ResumePolicy::Lazy);
+    let (t2, e2) = entry(ResumePolicy::Eager);
+    // `echo`: the plainest session (no tools), for benchmarks of the routing path.
+    let catalog = TemplateCatalog::new().with(t1, e1)?.with(t2, e2)?.with(
+        ConfigTemplate::new("echo", "scripted"),
+        CatalogEntry::with_client(ScriptedClient::echo()),
+    )?;
+
+    let mut builder = Cluster::redis(catalog, &redis_url)
+        .prefix(&prefix)
+        .node_name(&name)
+        .bind(bind)
+        .secret(secret)
+        .config(ClusterConfig::default().with_lease_ttl(ttl))
+        .reaper(!flags.switch("no-reaper"));
+    if let Some(a) = flags.get("advertise") {
+        builder = builder.advertise(a);
+    }
+    if let Some(ms) = flags.get("idle-timeout-ms") {
+        builder = builder.idle_timeout(Duration::from_millis(ms.parse()?));
+    }
+    if let Some(url) = flags.get("postgres-url") {
+        builder = builder.store(postgres_store(&url, flags.get("postgres-schema")).await?);
+    }
+    let node = builder.build().await?;
+    println!("LISTENING {} {}", node.address(), node.node());
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres_store(
+    url: &str,
+    schema: Option<String>,
+) -> anyhow::Result<Arc<dyn normandy_core::SessionStore>> {
+    use normandy_store_postgres::{PgStore, PgStoreConfig};
+    let mut config = PgStoreConfig::new(url)?.migrate_on_open(true);
+    if let Some(s) = schema {
+        config = config.schema(s)?;
+    }
+    Ok(Arc::new(PgStore::connect(config).await?))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_store(
+    _url: &str,
+    _schema: Option<String>,
+) -> anyhow::Result<Arc<dyn normandy_core::SessionStore>> {
+    bail!("this build has no Postgres store (feature `postgres`)")
+}
+
+async fn client(flags: &Flags) -> anyhow::Result<()> {
+    let to = flags.need("to")?;
+    let secret = flags.get("secret");
+    let c = NodeClient::new(&to, secret.as_deref(), flags.ms("timeout-ms", 30_000)?)?;
+    let args = &flags.positional[1..];
+    match args.first().map(String::as_str) {
+        Some("health") => {
+            let h = c.health().await?;
+            println!(
+                "{} serving={} live={} members={}",
+                h.node,
+                h.serving,
+                h.live,
+                h.members.len()
+            );
+        }
+        Some("start") => {
+            let template = args.get(1).context("start TEMPLATE [ID]")?;
+            let id = args.get(2).map(SessionId::new).transpose()?;
+            println!("{}", c.start(template, id).await?);
+        }
+        Some("send") => {
+            let (Some(id), Some(text)) = (args.get(1), args.get(2)) else {
+                bail!("send ID TEXT");
+            };
+            let o = c
+                .send(
+                    &SessionId::new(id)?,
+                    InputId::generate(),
+                    vec![ContentBlock::text(text.clone())],
+                )
+                .await?;
+            println!("{}", o.text());
+        }
+        Some("history") => {
+            let id = SessionId::new(args.get(1).context("history ID")?)?;
+            for e in c.history(&id, 0, 10_000).await? {
+                println!("{}", serde_json::to_string(&e)?);
+            }
+        }
+        _ => bail!("client commands: health | start TEMPLATE [ID] | send ID TEXT | history ID"),
+    }
+    Ok(())
+}

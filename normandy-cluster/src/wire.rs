@@ -1,0 +1,615 @@
+//! What travels between nodes: the RPC messages, their MessagePack codec for tonic, and the one
+//! function pair that maps [`Error`] to a gRPC [`Status`] and back.
+//!
+//! No `protoc` at build time: messages are serde structs encoded with `rmp-serde` (named fields,
+//! so a field added later is ignored by an older node rather than misread) through a hand-written
+//! [`tonic::codec::Codec`].
+
+use std::marker::PhantomData;
+
+use bytes::{Buf, BufMut};
+use normandy_core::{
+    ContentBlock, Entry, Error, ErrorKind, InputId, Message, NodeId, Seq, SessionId, TurnEvent,
+    TurnOutcome, TurnStatus, Usage,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
+
+/// The gRPC service name.
+pub(crate) const SERVICE: &str = "normandy.cluster.v1.Node";
+
+/// Method paths.
+pub(crate) mod path {
+    pub(crate) const HEALTH: &str = "/normandy.cluster.v1.Node/Health";
+    pub(crate) const START: &str = "/normandy.cluster.v1.Node/Start";
+    pub(crate) const SEND: &str = "/normandy.cluster.v1.Node/Send";
+    pub(crate) const HISTORY: &str = "/normandy.cluster.v1.Node/History";
+    pub(crate) const SUBSCRIBE: &str = "/normandy.cluster.v1.Node/Subscribe";
+    pub(crate) const STOP: &str = "/normandy.cluster.v1.Node/Stop";
+    pub(crate) const CANCEL: &str = "/normandy.cluster.v1.Node/Cancel";
+    pub(crate) const ECHO: &str = "/normandy.cluster.v1.Node/Echo";
+}
+
+/// `Health` request.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HealthRequest {}
+
+/// `Health` reply: who answered and whether it serves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthReply {
+    /// The node that answered.
+    pub node: NodeId,
+    /// Whether it serves requests (lease valid, not draining).
+    pub serving: bool,
+    /// Sessions live on it.
+    pub live: u64,
+    /// Nodes it currently sees as members (itself included).
+    pub members: Vec<NodeId>,
+    /// Sessions its reaper resumed.
+    pub reaped: u64,
+    /// Times it stopped serving because its lease was in doubt.
+    pub lease_losses: u64,
+}
+
+/// `Start` request: create a session from a template.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartRequest {
+    /// The template id.
+    pub template: String,
+    /// The session id (generated when absent).
+    pub id: Option<SessionId>,
+}
+
+/// `Start` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StartReply {
+    /// The new session.
+    pub id: SessionId,
+}
+
+/// `Send` request: one input for one session.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// The session.
+    pub session: SessionId,
+    /// The input's id (always set: retries across nodes must stay idempotent).
+    pub input_id: InputId,
+    /// The input.
+    pub content: Vec<ContentBlock>,
+    /// Set by a node forwarding to the owner it looked up: the receiver serves locally or
+    /// answers with where the session is, and never forwards again (no routing loops).
+    pub forwarded: bool,
+}
+
+/// A session-addressed request (`Stop`, `Cancel`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionRequest {
+    /// The session.
+    pub session: SessionId,
+    /// See [`SendRequest::forwarded`].
+    pub forwarded: bool,
+}
+
+/// `Cancel` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CancelReply {
+    /// Whether a turn was running.
+    pub running: bool,
+}
+
+/// An empty reply.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Empty {}
+
+/// `History` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryRequest {
+    /// The session.
+    pub session: SessionId,
+    /// Entries with seq greater than this.
+    pub after: Seq,
+    /// At most this many.
+    pub limit: u64,
+}
+
+/// `History` reply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryReply {
+    /// The entries, in seq order.
+    pub entries: Vec<Entry>,
+}
+
+/// `Subscribe` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SubscribeRequest {
+    /// The session.
+    pub session: SessionId,
+    /// Committed entries after this seq are replayed first.
+    pub after: Seq,
+    /// See [`SendRequest::forwarded`].
+    pub forwarded: bool,
+}
+
+/// `Echo` (the benchmark's baseline: same channel, same codec, no session work).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EchoMessage {
+    /// Opaque payload, returned as is.
+    #[serde(with = "serde_bytes_compat")]
+    pub payload: Vec<u8>,
+}
+
+/// A turn's outcome on the wire (mirrors [`TurnOutcome`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireOutcome {
+    session: SessionId,
+    input_id: InputId,
+    status: TurnStatus,
+    message: Option<Message>,
+    usage: Usage,
+    end_seq: Seq,
+}
+
+impl From<TurnOutcome> for WireOutcome {
+    fn from(o: TurnOutcome) -> Self {
+        Self {
+            session: o.session,
+            input_id: o.input_id,
+            status: o.status,
+            message: o.message,
+            usage: o.usage,
+            end_seq: o.end_seq,
+        }
+    }
+}
+
+impl From<WireOutcome> for TurnOutcome {
+    fn from(o: WireOutcome) -> Self {
+        TurnOutcome {
+            session: o.session,
+            input_id: o.input_id,
+            status: o.status,
+            message: o.message,
+            usage: o.usage,
+            end_seq: o.end_seq,
+        }
+    }
+}
+
+/// A turn event on the wire (mirrors [`TurnEvent`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum WireEvent {
+    /// A committed entry.
+    Entry(Entry),
+    /// A model call started.
+    ModelCallStarted {
+        /// Model calls in this turn so far.
+        step: u32,
+    },
+    /// A tool call started.
+    ToolCallStarted {
+        /// The call id.
+        call_id: String,
+        /// The tool.
+        tool: String,
+    },
+    /// A turn ended.
+    TurnFinished(WireOutcome),
+}
+
+impl WireEvent {
+    /// The wire form of `ev`; `None` for an event kind this build does not know how to send.
+    pub(crate) fn from_event(ev: TurnEvent) -> Option<Self> {
+        Some(match ev {
+            TurnEvent::Entry(e) => WireEvent::Entry((*e).clone()),
+            TurnEvent::ModelCallStarted { step } => WireEvent::ModelCallStarted { step },
+            TurnEvent::ToolCallStarted { call_id, tool } => {
+                WireEvent::ToolCallStarted { call_id, tool }
+            }
+            TurnEvent::TurnFinished(o) => WireEvent::TurnFinished(o.into()),
+            _ => return None,
+        })
+    }
+
+    /// Back to the core's event.
+    pub(crate) fn into_event(self) -> TurnEvent {
+        match self {
+            WireEvent::Entry(e) => TurnEvent::Entry(std::sync::Arc::new(e)),
+            WireEvent::ModelCallStarted { step } => TurnEvent::ModelCallStarted { step },
+            WireEvent::ToolCallStarted { call_id, tool } => {
+                TurnEvent::ToolCallStarted { call_id, tool }
+            }
+            WireEvent::TurnFinished(o) => TurnEvent::TurnFinished(o.into()),
+        }
+    }
+}
+
+/// `Vec<u8>` as a MessagePack bin (not an array of ints), without the `serde_bytes` crate.
+mod serde_bytes_compat {
+    use serde::{Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+/// A tonic codec that encodes `E` and decodes `D` as MessagePack.
+#[derive(Debug)]
+pub struct MsgPackCodec<E, D>(PhantomData<fn(E) -> D>);
+
+impl<E, D> Default for MsgPackCodec<E, D> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<E, D> Codec for MsgPackCodec<E, D>
+where
+    E: Serialize + Send + 'static,
+    D: DeserializeOwned + Send + 'static,
+{
+    type Encode = E;
+    type Decode = D;
+    type Encoder = MsgPackEncoder<E>;
+    type Decoder = MsgPackDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        MsgPackEncoder(PhantomData)
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        MsgPackDecoder(PhantomData)
+    }
+}
+
+/// Encoder half of [`MsgPackCodec`].
+#[derive(Debug)]
+pub struct MsgPackEncoder<E>(PhantomData<fn(E)>);
+
+impl<E: Serialize> Encoder for MsgPackEncoder<E> {
+    type Item = E;
+    type Error = Status;
+
+    fn encode(&mut self, item: E, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let mut w = dst.writer();
+        rmp_serde::encode::write_named(&mut w, &item)
+            .map_err(|e| Status::internal(format!("could not encode message: {e}")))
+    }
+}
+
+/// Decoder half of [`MsgPackCodec`].
+#[derive(Debug)]
+pub struct MsgPackDecoder<D>(PhantomData<fn() -> D>);
+
+impl<D: DeserializeOwned> Decoder for MsgPackDecoder<D> {
+    type Item = D;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<D>, Status> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        rmp_serde::from_slice(&bytes).map(Some).map_err(|e| {
+            Status::invalid_argument(format!(
+                "malformed {} payload ({} bytes): {e}",
+                std::any::type_name::<D>()
+                    .rsplit("::")
+                    .next()
+                    .unwrap_or("message"),
+                bytes.len()
+            ))
+        })
+    }
+}
+
+/// A codec that sends raw bytes: for tests that put a malformed payload on the wire.
+#[derive(Debug)]
+pub struct RawCodec<D>(PhantomData<fn() -> D>);
+
+impl<D> Default for RawCodec<D> {
+    fn default() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<D: DeserializeOwned + Send + 'static> Codec for RawCodec<D> {
+    type Encode = bytes::Bytes;
+    type Decode = D;
+    type Encoder = RawEncoder;
+    type Decoder = MsgPackDecoder<D>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        MsgPackDecoder(PhantomData)
+    }
+}
+
+/// Encoder half of [`RawCodec`].
+#[derive(Debug)]
+pub struct RawEncoder;
+
+impl Encoder for RawEncoder {
+    type Item = bytes::Bytes;
+    type Error = Status;
+
+    fn encode(&mut self, item: bytes::Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+/// An [`Error`] as it travels in a [`Status`]'s details: enough to rebuild the variants a
+/// caller routes or retries on, and the message for the rest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WireError {
+    kind: String,
+    message: String,
+    session: Option<SessionId>,
+    owner: Option<NodeId>,
+    a: u64,
+    b: u64,
+    retryable: bool,
+}
+
+/// Maps an [`Error`] to a [`Status`], carrying the error in the details so the caller can rebuild
+/// it with [`from_status`].
+pub(crate) fn to_status(e: &Error) -> Status {
+    let code = match e.kind() {
+        ErrorKind::InvalidId | ErrorKind::InvalidInput | ErrorKind::InputTooLarge => {
+            Code::InvalidArgument
+        }
+        ErrorKind::NotFound | ErrorKind::TemplateNotFound => Code::NotFound,
+        ErrorKind::AlreadyExists => Code::AlreadyExists,
+        ErrorKind::Fenced | ErrorKind::AlreadyRegistered | ErrorKind::NotOwner => Code::Aborted,
+        ErrorKind::Conflict | ErrorKind::Busy => Code::Aborted,
+        ErrorKind::SessionClosed => Code::FailedPrecondition,
+        ErrorKind::Overloaded => Code::ResourceExhausted,
+        ErrorKind::Timeout => Code::DeadlineExceeded,
+        ErrorKind::Cancelled => Code::Cancelled,
+        ErrorKind::Unavailable | ErrorKind::DurabilityNotMet => Code::Unavailable,
+        ErrorKind::Config | ErrorKind::Credentials | ErrorKind::MissingMigration => {
+            Code::FailedPrecondition
+        }
+        _ => Code::Internal,
+    };
+    let (session, owner, a, b) = match e {
+        Error::Fenced {
+            session,
+            epoch,
+            current,
+        } => (Some(session.clone()), None, *epoch, *current),
+        Error::Conflict {
+            session,
+            expected,
+            actual,
+        } => (Some(session.clone()), None, *expected, *actual),
+        Error::AlreadyRegistered {
+            session,
+            owner,
+            epoch,
+        } => (Some(session.clone()), Some(owner.clone()), *epoch, 0),
+        Error::NotOwner { session, node } => (Some(session.clone()), Some(node.clone()), 0, 0),
+        Error::InputTooLarge {
+            session,
+            size,
+            limit,
+        } => (Some(session.clone()), None, *size as u64, *limit as u64),
+        Error::MaxSteps { session, limit } => (Some(session.clone()), None, u64::from(*limit), 0),
+        Error::DurabilityNotMet {
+            session,
+            wanted,
+            acked,
+        } => (
+            Some(session.clone()),
+            None,
+            u64::from(*wanted),
+            u64::from(*acked),
+        ),
+        Error::NotFound { session }
+        | Error::AlreadyExists { session }
+        | Error::SessionClosed { session }
+        | Error::Busy { session }
+        | Error::Cancelled { session }
+        | Error::Overloaded { session, .. } => (Some(session.clone()), None, 0, 0),
+        Error::InvalidInput { session, .. } | Error::Timeout { session, .. } => {
+            (session.clone(), None, 0, 0)
+        }
+        _ => (None, None, 0, 0),
+    };
+    let wire = WireError {
+        kind: format!("{:?}", e.kind()),
+        message: match e {
+            Error::Overloaded { what, .. } | Error::Timeout { what, .. } => what.clone(),
+            Error::InvalidInput { reason, .. } => reason.clone(),
+            Error::Model { message, .. } => message.clone(),
+            Error::TemplateNotFound { template_id } => template_id.clone(),
+            _ => e.to_string(),
+        },
+        session,
+        owner,
+        a,
+        b,
+        retryable: e.is_retryable(),
+    };
+    let details = rmp_serde::to_vec_named(&wire).unwrap_or_default();
+    Status::with_details(code, e.to_string(), details.into())
+}
+
+/// Rebuilds the [`Error`] behind a [`Status`] from a peer (`peer` names it in messages). A status
+/// without our details — a transport failure, an interceptor's refusal — becomes `Unavailable`
+/// (retryable: the route is stale or the peer is gone) or, for refusals, a typed error.
+pub(crate) fn from_status(peer: &str, status: &Status) -> Error {
+    let Some(w) = rmp_serde::from_slice::<WireError>(status.details()).ok() else {
+        return match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => Error::Config(format!(
+                "node {peer} refused the call ({}): is the cluster secret the same on every node?",
+                status.message()
+            )),
+            Code::InvalidArgument => Error::invalid_input(None, status.message().to_string()),
+            Code::DeadlineExceeded => Error::Timeout {
+                session: None,
+                what: format!("call to node {peer}: {}", status.message()),
+            },
+            Code::Unimplemented => Error::Config(format!(
+                "node {peer} does not serve this call ({}): mixed versions?",
+                status.message()
+            )),
+            _ => Error::Unavailable {
+                backend: "cluster peer",
+                message: format!("node {peer}: {:?}: {}", status.code(), status.message()),
+            },
+        };
+    };
+    let session = w.session.clone();
+    let need = |s: Option<SessionId>| s.ok_or(());
+    let rebuilt: Result<Error, ()> = (|| {
+        Ok(match w.kind.as_str() {
+            "NotFound" => Error::NotFound {
+                session: need(session.clone())?,
+            },
+            "AlreadyExists" => Error::AlreadyExists {
+                session: need(session.clone())?,
+            },
+            "SessionClosed" => Error::SessionClosed {
+                session: need(session.clone())?,
+            },
+            "Busy" => Error::Busy {
+                session: need(session.clone())?,
+            },
+            "Cancelled" => Error::Cancelled {
+                session: need(session.clone())?,
+            },
+            "Overloaded" => Error::Overloaded {
+                session: need(session.clone())?,
+                what: w.message.clone(),
+            },
+            "Timeout" => Error::Timeout {
+                session: session.clone(),
+                what: w.message.clone(),
+            },
+            "InvalidInput" => Error::InvalidInput {
+                session: session.clone(),
+                reason: w.message.clone(),
+            },
+            "Fenced" => Error::Fenced {
+                session: need(session.clone())?,
+                epoch: w.a,
+                current: w.b,
+            },
+            "Conflict" => Error::Conflict {
+                session: need(session.clone())?,
+                expected: w.a,
+                actual: w.b,
+            },
+            "AlreadyRegistered" => Error::AlreadyRegistered {
+                session: need(session.clone())?,
+                owner: w.owner.clone().ok_or(())?,
+                epoch: w.a,
+            },
+            "NotOwner" => Error::NotOwner {
+                session: need(session.clone())?,
+                node: w.owner.clone().ok_or(())?,
+            },
+            "InputTooLarge" => Error::InputTooLarge {
+                session: need(session.clone())?,
+                size: w.a as usize,
+                limit: w.b as usize,
+            },
+            "MaxSteps" => Error::MaxSteps {
+                session: need(session.clone())?,
+                limit: w.a as u32,
+            },
+            "DurabilityNotMet" => Error::DurabilityNotMet {
+                session: need(session.clone())?,
+                wanted: w.a as u32,
+                acked: w.b as u32,
+            },
+            "TemplateNotFound" => Error::TemplateNotFound {
+                template_id: w.message.clone(),
+            },
+            "Model" => Error::Model {
+                message: w.message.clone(),
+                retryable: w.retryable,
+            },
+            "Config" => Error::Config(format!("node {peer}: {}", w.message)),
+            "Credentials" => Error::Credentials {
+                reason: format!("node {peer}: {}", w.message),
+            },
+            "Unavailable" => Error::Unavailable {
+                backend: "cluster peer",
+                message: format!("node {peer}: {}", w.message),
+            },
+            _ => Error::Backend {
+                backend: "cluster peer",
+                message: format!("node {peer}: {}", w.message),
+                retryable: w.retryable,
+            },
+        })
+    })();
+    rebuilt.unwrap_or_else(|()| Error::Backend {
+        backend: "cluster peer",
+        message: format!("node {peer}: {}", w.message),
+        retryable: w.retryable,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_survive_the_wire() {
+        let s = SessionId::new("s-1").unwrap();
+        let owner = NodeId::new("b", 7).unwrap();
+        let cases = vec![
+            Error::Fenced {
+                session: s.clone(),
+                epoch: 3,
+                current: 4,
+            },
+            Error::AlreadyRegistered {
+                session: s.clone(),
+                owner: owner.clone(),
+                epoch: 9,
+            },
+            Error::NotFound { session: s.clone() },
+            Error::Overloaded {
+                session: s.clone(),
+                what: "mailbox".into(),
+            },
+        ];
+        for e in cases {
+            let back = from_status("peer", &to_status(&e));
+            assert_eq!(back.kind(), e.kind(), "{e} came back as {back}");
+            assert_eq!(back.to_string(), e.to_string());
+        }
+    }
+
+    #[test]
+    fn transport_failures_are_retryable_unavailable() {
+        let e = from_status("peer", &Status::unavailable("connection refused"));
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        assert!(e.is_retryable());
+        let e = from_status("peer", &Status::unauthenticated("no"));
+        assert_eq!(e.kind(), ErrorKind::Config);
+    }
+}

@@ -1,0 +1,455 @@
+//! Real node processes for the multi-node tests: spawned from the `normandy-node` binary in their
+//! own process group, killed when the test drops them (and by the kernel if the test process
+//! dies: `PR_SET_PDEATHSIG`), ready once their `health` RPC says so — never after a sleep.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use normandy_cluster::NodeClient;
+use normandy_core::{ContentBlock, Entry, EntryPayload, InputId, SessionId, TurnOutcome};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub const SECRET: &str = "test-cluster-secret";
+
+pub fn redis_url() -> String {
+    std::env::var("NORMANDY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("NORMANDY_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A key prefix no other test (or run) uses.
+pub fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("nct-{test}-{}-{nanos}", std::process::id())
+}
+
+/// Deletes every key under `prefix` (best effort: a test's leftovers).
+pub async fn cleanup(prefix: &str) {
+    let Ok(client) = redis::Client::open(redis_url()) else {
+        return;
+    };
+    let Ok(mut con) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    for pattern in [format!("{prefix}:*"), format!("{{{prefix}:*")] {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(&pattern)
+            .query_async(&mut con)
+            .await
+            .unwrap_or_default();
+        for chunk in keys.chunks(500) {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(chunk).query_async(&mut con).await;
+        }
+    }
+}
+
+/// Options of one node.
+#[derive(Clone, Debug)]
+pub struct NodeOpts {
+    pub name: String,
+    pub prefix: String,
+    pub model_latency_ms: u64,
+    pub tool_latency_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub reaper: bool,
+    pub postgres_schema: Option<String>,
+    /// Redis URL for this node (default: [`redis_url`]), e.g. through a [`Proxy`].
+    pub redis_url: Option<String>,
+}
+
+impl NodeOpts {
+    pub fn new(name: &str, prefix: &str) -> Self {
+        Self {
+            name: name.into(),
+            prefix: prefix.into(),
+            model_latency_ms: 0,
+            tool_latency_ms: 0,
+            lease_ttl_ms: 1500,
+            reaper: true,
+            postgres_schema: None,
+            redis_url: None,
+        }
+    }
+
+    pub fn model_latency(mut self, ms: u64) -> Self {
+        self.model_latency_ms = ms;
+        self
+    }
+
+    /// Uses the Postgres store in `schema` (created if missing) instead of the Redis store.
+    pub fn postgres(mut self, schema: &str) -> Self {
+        self.postgres_schema = Some(schema.into());
+        self
+    }
+
+    pub fn tool_latency(mut self, ms: u64) -> Self {
+        self.tool_latency_ms = ms;
+        self
+    }
+}
+
+/// A running node process.
+pub struct Node {
+    pub name: String,
+    pub address: String,
+    pub node_id: String,
+    pub client: NodeClient,
+    child: Child,
+}
+
+impl Node {
+    pub async fn spawn(opts: NodeOpts) -> Node {
+        let log_dir = std::env::temp_dir().join("normandy-cluster-tests");
+        std::fs::create_dir_all(&log_dir).unwrap();
+        let log = std::fs::File::create(log_dir.join(format!("{}-{}.log", opts.prefix, opts.name)))
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_normandy-node"));
+        cmd.arg("serve")
+            .args(["--name", &opts.name])
+            .args(["--bind", "127.0.0.1:0"])
+            .args([
+                "--redis-url",
+                &opts.redis_url.clone().unwrap_or_else(redis_url),
+            ])
+            .args(["--prefix", &opts.prefix])
+            .args(["--secret", SECRET])
+            .args(["--lease-ttl-ms", &opts.lease_ttl_ms.to_string()])
+            .args(["--model-latency-ms", &opts.model_latency_ms.to_string()])
+            .args(["--tool-latency-ms", &opts.tool_latency_ms.to_string()])
+            .env("RUST_LOG", "warn,normandy_cluster=debug,normandy_core=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .process_group(0);
+        if !opts.reaper {
+            cmd.arg("--no-reaper");
+        }
+        if let Some(schema) = &opts.postgres_schema {
+            cmd.args(["--postgres-url", &postgres_url()])
+                .args(["--postgres-schema", schema]);
+        }
+        set_pdeathsig(&mut cmd);
+        let mut child = cmd.spawn().expect("spawn normandy-node");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("node {} did not start within 30 s", opts.name))
+            .unwrap()
+            .unwrap_or_else(|| panic!("node {} exited before listening", opts.name));
+        let mut parts = line.split_whitespace();
+        assert_eq!(
+            parts.next(),
+            Some("LISTENING"),
+            "unexpected first line {line:?}"
+        );
+        let address = parts.next().unwrap().to_string();
+        let node_id = parts.next().unwrap().to_string();
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let client = NodeClient::new(&address, Some(SECRET), Duration::from_secs(30)).unwrap();
+        let node = Node {
+            name: opts.name,
+            address,
+            node_id,
+            client,
+            child,
+        };
+        node.wait_ready().await;
+        node
+    }
+
+    /// Waits until the health probe answers `serving`.
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(h) = self.client.health().await
+                && h.serving
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} not ready in time",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until this node sees exactly `n` members.
+    pub async fn wait_members(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(h) = self.client.health().await
+                && h.members.len() == n
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {} never saw {n} members",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id().expect("child running") as i32)
+    }
+
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal node");
+    }
+
+    /// SIGKILL, then reap the process.
+    pub async fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait().await;
+    }
+
+    /// SIGTERM (graceful shutdown) and wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(Signal::SIGTERM);
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("node did not exit within 30 s of SIGTERM")
+            .unwrap()
+    }
+
+    pub async fn send(&self, id: &SessionId, text: &str) -> normandy_core::Result<TurnOutcome> {
+        self.client
+            .send(id, InputId::generate(), vec![ContentBlock::text(text)])
+            .await
+    }
+
+    pub async fn send_with(
+        &self,
+        id: &SessionId,
+        input: &InputId,
+        text: &str,
+    ) -> normandy_core::Result<TurnOutcome> {
+        self.client
+            .send(id, input.clone(), vec![ContentBlock::text(text)])
+            .await
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_pdeathsig(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
+    // is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Inputs, turn ends and tool results of a session's history.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub inputs: HashMap<InputId, usize>,
+    pub ended: HashMap<InputId, usize>,
+    pub tool_results: HashMap<String, usize>,
+}
+
+pub fn summarize(entries: &[Entry]) -> Summary {
+    let mut s = Summary::default();
+    let mut last = 0;
+    for e in entries {
+        assert!(e.seq > last, "seqs must grow: {} after {last}", e.seq);
+        last = e.seq;
+        match &e.payload {
+            EntryPayload::Input { input_id, .. } => {
+                *s.inputs.entry(input_id.clone()).or_default() += 1
+            }
+            EntryPayload::TurnEnd { input_id, .. } => {
+                *s.ended.entry(input_id.clone()).or_default() += 1
+            }
+            EntryPayload::ToolResult { call_id, .. } => {
+                *s.tool_results.entry(call_id.clone()).or_default() += 1
+            }
+            _ => {}
+        }
+    }
+    s
+}
+
+/// Every `count` tool run counter under `prefix` (call key → runs).
+pub async fn tool_runs(prefix: &str) -> HashMap<String, i64> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:toolruns:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut out = HashMap::new();
+    for k in keys {
+        let n: i64 = redis::cmd("GET")
+            .arg(&k)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        out.insert(k, n);
+    }
+    out
+}
+
+/// Polls `f` every 50 ms until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sum of one health field over `nodes`.
+pub async fn health_sum(
+    nodes: &[&Node],
+    f: impl Fn(&normandy_cluster::wire::HealthReply) -> u64,
+) -> u64 {
+    let mut total = 0;
+    for n in nodes {
+        total += f(&n.client.health().await.unwrap());
+    }
+    total
+}
+
+/// Creates a fresh Postgres schema for one test.
+pub async fn create_schema(name: &str) {
+    use sqlx::Connection;
+    let mut con = sqlx::PgConnection::connect(&postgres_url())
+        .await
+        .expect("connect to Postgres");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {name} CASCADE"
+    )))
+    .execute(&mut con)
+    .await
+    .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {name}")))
+        .execute(&mut con)
+        .await
+        .unwrap();
+}
+
+/// Drops a test's Postgres schema.
+pub async fn drop_schema(name: &str) {
+    use sqlx::Connection;
+    if let Ok(mut con) = sqlx::PgConnection::connect(&postgres_url()).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {name} CASCADE"
+        )))
+        .execute(&mut con)
+        .await;
+    }
+}
+
+/// A TCP proxy in front of Redis whose link can be blackholed: bytes stop flowing both ways
+/// (connections stay open, as with a partition), until healed.
+pub struct Proxy {
+    pub url: String,
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+use std::sync::Arc;
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        let upstream = redis_url()
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}", listener.local_addr().unwrap());
+        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let bh = blackhole.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    return;
+                };
+                let bh = bh.clone();
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    tokio::spawn(pump(dr, uw, bh.clone()));
+                    tokio::spawn(pump(ur, dw, bh));
+                });
+            }
+        });
+        Proxy {
+            url,
+            blackhole,
+            task,
+        }
+    }
+
+    pub fn blackhole(&self, on: bool) {
+        self.blackhole
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    blackhole: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while blackhole.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // Bytes read just as the link went dark are held until it heals, like a partition.
+        while blackhole.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The library API in one process: two nodes over real Redis and real loopback RPC.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{cleanup, redis_url, unique_prefix};
+use futures::StreamExt;
+use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
+use normandy_core::{
+    CatalogEntry, ConfigTemplate, ErrorKind, FromClient, Member, Membership, NodeId,
+    ScriptedClient, TemplateCatalog, TurnEvent,
+};
+
+fn catalog() -> TemplateCatalog {
+    TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("echo", "scripted"),
+            CatalogEntry::with_client(
+                ScriptedClient::echo().with_latency(Duration::from_millis(50)),
+            ),
+        )
+        .unwrap()
+}
+
+async fn node(prefix: &str, name: &str) -> Cluster {
+    Cluster::redis(catalog(), &redis_url())
+        .prefix(prefix)
+        .node_name(name)
+        .secret("in-process-secret")
+        .build()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn remote_subscription_streams_turn_events_from_the_owner() {
+    let prefix = unique_prefix("sub");
+    let a = node(&prefix, "a").await;
+    let b = node(&prefix, "b").await;
+    let id = a.start("echo").await.unwrap();
+    a.send(&id, "one").await.unwrap(); // owned by a
+    let mut events = b.subscribe(&id, 0).await.unwrap(); // routed to a, streamed back
+    let mut seen = Vec::new();
+    // Replay first: the committed entries of the first turn.
+    while seen.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(TurnEvent::Entry(e))) => seen.push(e.seq),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let out = b.send(&id, "two").await.unwrap();
+    assert_eq!(out.text(), "echo: two");
+    let mut finished = false;
+    while !finished {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(TurnEvent::TurnFinished(o))) => {
+                assert_eq!(o.text(), "echo: two");
+                finished = true;
+            }
+            Some(Ok(TurnEvent::Entry(e))) => {
+                assert!(e.seq > *seen.last().unwrap(), "each seq once, in order");
+                seen.push(e.seq);
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(b.stats().forwarded >= 2);
+    assert_eq!(a.sessions().live_count(), 1);
+    assert_eq!(b.sessions().live_count(), 0);
+    b.shutdown().await;
+    a.shutdown().await;
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_sees_nodes_come_and_go() {
+    let prefix = unique_prefix("members");
+    let a = node(&prefix, "a").await;
+    let mut events = a.events();
+    let b = node(&prefix, "b").await;
+    let up = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(up, MemberEvent::Up(m) if &m.node == b.node()));
+    assert_eq!(a.members().len(), 2);
+    b.shutdown().await; // leaves: the lease is dropped at once
+    let down = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(down, MemberEvent::Down(b.node().clone()));
+    a.shutdown().await;
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_membership_leases_lapse_on_the_server_clock() {
+    let prefix = unique_prefix("lease");
+    let client = redis::Client::open(redis_url()).unwrap();
+    let m = RedisMembership::connect(client, &prefix, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let me = Member {
+        node: NodeId::new("x", 1).unwrap(),
+        address: "127.0.0.1:1".into(),
+    };
+    m.refresh(&me, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(m.members().await.unwrap(), vec![me.clone()]);
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert!(
+        m.members().await.unwrap().is_empty(),
+        "lapsed without a refresh"
+    );
+    m.refresh(&me, Duration::from_secs(5)).await.unwrap();
+    m.leave(&me.node).await.unwrap();
+    assert!(m.members().await.unwrap().is_empty(), "left at once");
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_client_credentials_are_refused_with_a_clear_error() {
+    let prefix = unique_prefix("fromclient");
+    let err = Cluster::redis(catalog(), &redis_url())
+        .prefix(&prefix)
+        .secret("in-process-secret")
+        .credentials(Arc::new(FromClient::new()))
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("FromClient"), "{err}");
+    let err = Cluster::redis(catalog(), &redis_url())
+        .prefix(&prefix)
+        .secret("short")
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let err = Cluster::redis(catalog(), &redis_url())
+        .prefix(&prefix)
+        .secret("in-process-secret")
+        .config(ClusterConfig::default().with_lease_ttl(Duration::from_millis(10)))
+        .build()
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
+    let prefix = unique_prefix("storm");
+    let slow = || {
+        TemplateCatalog::new()
+            .with(
+                ConfigTemplate::new("slow-eager", "scripted")
+                    .resume_policy(normandy_core::ResumePolicy::Eager),
+                CatalogEntry::with_client(
+                    ScriptedClient::echo().with_latency(Duration::from_secs(4)),
+                ),
+            )
+            .unwrap()
+    };
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(
+            Cluster::redis(slow(), &redis_url())
+                .prefix(&prefix)
+                .node_name(name)
+                .secret("in-process-secret")
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    for n in &nodes {
+        common::eventually(Duration::from_secs(5), "3 members", || async {
+            n.members().len() == 3
+        })
+        .await;
+    }
+    let a = nodes[0].clone();
+    let mut turns = Vec::new();
+    for _ in 0..6 {
+        let id = a.start("slow-eager").await.unwrap();
+        let a2 = a.clone();
+        turns.push(tokio::spawn(async move { a2.send(&id, "long turn").await }));
+    }
+    common::eventually(Duration::from_secs(5), "6 live on a", || async {
+        a.sessions().live_count() == 6
+    })
+    .await;
+    // What a Redis failover without persistence does: every lease gone at once.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:registry:lease:*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 3);
+    let _: i64 = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let reaped: u64 = nodes.iter().map(|n| n.stats().reaped).sum();
+    assert_eq!(
+        reaped, 0,
+        "every node came back within a refresh period: nothing to reap"
+    );
+    assert_eq!(a.sessions().live_count(), 6, "a kept its sessions");
+    for t in turns {
+        assert_eq!(t.await.unwrap().unwrap().text(), "echo: long turn");
+    }
+    for n in nodes {
+        n.shutdown().await;
+    }
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_membership_lease_is_the_registry_lease() {
+    use normandy_core::{SessionId, SessionRegistry};
+    use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
+    let prefix = unique_prefix("shared-lease");
+    let registry = RedisRegistry::connect(
+        RedisRegistryConfig::new(&redis_url())
+            .unwrap()
+            .prefix(&prefix)
+            .lease_ttl(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
+    let client = redis::Client::open(redis_url()).unwrap();
+    let m = RedisMembership::connect(client, &prefix, Duration::from_secs(1))
+        .await
+        .unwrap();
+    let me = Member {
+        node: NodeId::new("n", 42).unwrap(),
+        address: "127.0.0.1:9".into(),
+    };
+    assert_eq!(m.lease_key(&me.node), registry.lease_key(&me.node));
+    m.refresh(&me, Duration::from_secs(5)).await.unwrap();
+    let id = SessionId::new("shared-lease-session").unwrap();
+    registry.register(&id, &me.node).await.unwrap();
+    assert_eq!(registry.lookup(&id).await.unwrap().unwrap().owner, me.node);
+    // Dropping the membership lease is what makes the placement stop resolving.
+    m.leave(&me.node).await.unwrap();
+    assert_eq!(registry.lookup(&id).await.unwrap(), None);
+    cleanup(&prefix).await;
+}
