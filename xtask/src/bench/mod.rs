@@ -29,7 +29,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
             "postgres" => postgres::run(quick)?,
             "redis" => redis::run(quick)?,
             "cluster" => cluster::run(quick)?,
-            other => bail!("unknown bench target {other:?} (engine, lmdb, postgres, redis, cluster, all)"),
+            other => bail!(
+                "unknown bench target {other:?} (engine, lmdb, postgres, redis, cluster, all)"
+            ),
         }
     }
     Ok(())
