@@ -98,6 +98,7 @@ fn busy(input_id: &str, seq: Seq) -> TurnState {
             answer_seq: None,
         }),
         queued: VecDeque::new(),
+        ..TurnState::default()
     }
 }
 
@@ -110,6 +111,7 @@ fn queued(input_id: &str, seq: Seq) -> TurnState {
             input_id: iid(input_id),
             seq,
         }]),
+        ..TurnState::default()
     }
 }
 
