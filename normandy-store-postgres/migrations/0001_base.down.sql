@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS normandy_entries;
+DROP TABLE IF EXISTS normandy_sessions;

@@ -1,0 +1,1 @@
+ALTER TABLE normandy_sessions DROP COLUMN IF EXISTS template;
