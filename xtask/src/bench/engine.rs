@@ -23,6 +23,18 @@ pub(crate) fn run(quick: bool) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         println!("bench engine (2 worker threads, in-memory store, zero-latency scripted model)");
+        // Memory first, while nothing else allocates or frees: a figure is the change in bytes
+        // held across the window, so another phase's teardown would pollute it.
+        println!("memory per live idle session (history excluded), ours vs a bare actor:");
+        let n = 10_000;
+        let base = bare_actor_bytes(n).await;
+        let ours = live_session_bytes(n).await?;
+        println!(
+            "  {:<44} {ours:>10.0} B    {:<34} {base:>10.0} B    ratio {:.2}",
+            format!("live idle session ({n} live)"),
+            "bare actor (mpsc + task)",
+            ours / base
+        );
         println!("turns/s, ours vs a bare actor doing the same mpsc+oneshot round trips:");
         let scale = if quick { 10 } else { 1 };
         for (sessions, turns) in [(1, 50_000), (100, 500_000), (10_000, 500_000)] {
@@ -36,16 +48,6 @@ pub(crate) fn run(quick: bool) -> Result<()> {
                 base,
             );
         }
-        println!("memory per live idle session (history excluded), ours vs a bare actor:");
-        let n = 10_000;
-        let base = bare_actor_bytes(n).await;
-        let ours = live_session_bytes(n).await?;
-        println!(
-            "  {:<44} {ours:>10.0} B    {:<34} {base:>10.0} B    ratio {:.2}",
-            format!("live idle session ({n} live)"),
-            "bare actor (mpsc + task)",
-            ours / base
-        );
         let passivated = if quick { 100_000 } else { 1_000_000 };
         passivated_sessions_hold_no_task(passivated).await?;
         Ok(())
