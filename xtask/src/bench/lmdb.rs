@@ -18,17 +18,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use normandy_core::codec::{self, BlobKind};
 use normandy_core::{
-    CommitAck, CommitBatch, ContentBlock, Entry, EntryPayload, InputId, NewSession, NodeId,
-    QueuedInput, ResumePolicy, Seq, SessionId, SessionStore, TurnState,
+    CommitAck, CommitBatch, Entry, NewSession, NodeId, ResumePolicy, Seq, SessionId, SessionStore,
+    TurnState,
 };
 use normandy_store_lmdb::heed::types::Bytes;
 use normandy_store_lmdb::heed::{CommitOrAbort, Database, Env, EnvOpenOptions, WithoutTls};
 use normandy_store_lmdb::{LmdbConfig, LmdbStore};
 
 use super::report;
+use super::workload::{self, SESSIONS, entry, one_entry_batch, state_after};
 
-const TEXT: &str = "The quick brown fox jumps over the lazy dog while the agent thinks about it.";
-const SESSIONS: usize = 64;
 const ROUNDS: usize = 10;
 
 pub(crate) fn run(quick: bool) -> Result<()> {
@@ -122,30 +121,8 @@ pub(crate) fn run(quick: bool) -> Result<()> {
             base_s += elapsed;
             base_n += txns * SESSIONS;
 
-            // Ours: 64 tasks, each committing `per_round` times in sequence.
-            let t = Instant::now();
-            let tasks: Vec<_> = ids
-                .iter()
-                .cloned()
-                .map(|(id, epoch)| {
-                    let store = store.clone();
-                    let first = next_seq;
-                    tokio::spawn(async move {
-                        for s in first..first + per_round as u64 {
-                            let ack = store.commit(&id, epoch, s, &one_entry_batch(s)?).await?;
-                            ensure!(
-                                ack == CommitAck::Applied { seq: s + 1 },
-                                "unexpected {ack:?}"
-                            );
-                        }
-                        Ok::<_, anyhow::Error>(())
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await??;
-            }
-            ours_s += t.elapsed();
+            // Ours: {SESSIONS} tasks, each committing `per_round` times in sequence.
+            ours_s += workload::commit_concurrently(&store, &ids, next_seq, per_round).await?;
             ours_n += per_round * SESSIONS;
             next_seq += per_round as u64;
         }
@@ -231,34 +208,6 @@ pub(crate) fn run(quick: bool) -> Result<()> {
             report::percentile(&mut decoded, 0.5),
         );
         Ok(())
-    })
-}
-
-fn entry(seq: Seq) -> Entry {
-    Entry {
-        seq,
-        parent: seq.checked_sub(1).filter(|p| *p > 0),
-        at_ms: 1_700_000_000_000,
-        payload: EntryPayload::Input {
-            input_id: InputId::new(format!("input-{seq}")).expect("valid input id"),
-            content: vec![ContentBlock::text(TEXT)],
-        },
-    }
-}
-
-fn state_after(seq: Seq) -> Result<TurnState> {
-    let mut state = TurnState::default();
-    state.queued.push_back(QueuedInput {
-        input_id: InputId::new(format!("input-{seq}"))?,
-        seq,
-    });
-    Ok(state)
-}
-
-fn one_entry_batch(expected: Seq) -> Result<CommitBatch> {
-    Ok(CommitBatch {
-        entries: vec![entry(expected + 1)],
-        state: state_after(expected + 1)?,
     })
 }
 

@@ -7,6 +7,7 @@ mod lmdb;
 mod postgres;
 mod redis;
 pub(crate) mod report;
+mod workload;
 
 use anyhow::{Result, bail};
 

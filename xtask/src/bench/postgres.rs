@@ -20,16 +20,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use normandy_core::codec::{self, BlobKind};
 use normandy_core::{
-    CommitAck, CommitBatch, ContentBlock, Entry, EntryPayload, InputId, NewSession, NodeId,
-    QueuedInput, ResumePolicy, Seq, SessionId, SessionStore, TurnState,
+    CommitAck, CommitBatch, Entry, NewSession, NodeId, ResumePolicy, Seq, SessionId, SessionStore,
 };
 use normandy_store_postgres::{PgStore, PgStoreConfig, migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::report;
+use super::workload::{self, SESSIONS, entry, one_entry_batch, state_after};
 
-const TEXT: &str = "The quick brown fox jumps over the lazy dog while the agent thinks about it.";
-const SESSIONS: usize = 64;
 const ROUNDS: usize = 4;
 const POOL: u32 = 16;
 const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -177,30 +175,8 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
         base_s += t.elapsed();
         base_n += per_round * SESSIONS;
 
-        // Ours: 64 tasks, each committing `per_round` times in sequence.
-        let t = Instant::now();
-        let tasks: Vec<_> = ids
-            .iter()
-            .cloned()
-            .map(|(id, epoch)| {
-                let store = store.clone();
-                let first = next_seq;
-                tokio::spawn(async move {
-                    for s in first..first + per_round as u64 {
-                        let ack = store.commit(&id, epoch, s, &one_entry_batch(s)?).await?;
-                        ensure!(
-                            ack == CommitAck::Applied { seq: s + 1 },
-                            "unexpected {ack:?}"
-                        );
-                    }
-                    Ok::<_, anyhow::Error>(())
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
-        }
-        ours_s += t.elapsed();
+        // Ours: {SESSIONS} tasks, each committing `per_round` times in sequence.
+        ours_s += workload::commit_concurrently(&store, &ids, next_seq, per_round).await?;
         ours_n += per_round * SESSIONS;
         next_seq += per_round as u64;
     }
@@ -347,32 +323,4 @@ async fn raw_read(pool: &PgPool, id: &str) -> Result<usize> {
     .fetch_all(pool)
     .await?;
     Ok(payloads.len())
-}
-
-fn entry(seq: Seq) -> Entry {
-    Entry {
-        seq,
-        parent: seq.checked_sub(1).filter(|p| *p > 0),
-        at_ms: 1_700_000_000_000,
-        payload: EntryPayload::Input {
-            input_id: InputId::new(format!("input-{seq}")).expect("valid input id"),
-            content: vec![ContentBlock::text(TEXT)],
-        },
-    }
-}
-
-fn state_after(seq: Seq) -> Result<TurnState> {
-    let mut state = TurnState::default();
-    state.queued.push_back(QueuedInput {
-        input_id: InputId::new(format!("input-{seq}"))?,
-        seq,
-    });
-    Ok(state)
-}
-
-fn one_entry_batch(expected: Seq) -> Result<CommitBatch> {
-    Ok(CommitBatch {
-        entries: vec![entry(expected + 1)],
-        state: state_after(expected + 1)?,
-    })
 }
