@@ -1094,16 +1094,10 @@ fn status_name(status: &TurnStatus) -> &'static str {
 }
 
 fn content_size(block: &ContentBlock) -> usize {
+    // Inputs are text only (checked before the size), so only text counts.
     match block {
         ContentBlock::Text { text } => text.len(),
-        ContentBlock::ToolUse { id, name, input } => {
-            id.len() + name.len() + input.to_string().len()
-        }
-        ContentBlock::ToolResult {
-            tool_use_id,
-            content,
-            ..
-        } => tool_use_id.len() + content.len(),
+        _ => 0,
     }
 }
 

@@ -15,7 +15,7 @@ use std::ops::Bound;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Result, ensure};
 use normandy_core::codec::{self, BlobKind};
 use normandy_core::{
     CommitAck, CommitBatch, Entry, NewSession, NodeId, ResumePolicy, Seq, SessionId, SessionStore,
@@ -181,17 +181,7 @@ pub(crate) fn run(quick: bool) -> Result<()> {
             base.extend(samples.iter().map(|s| s.0));
             decoded.extend(samples.iter().map(|s| s.1));
             for _ in 0..reps / ROUNDS {
-                let t = Instant::now();
-                let rec = store
-                    .load(&id)
-                    .await?
-                    .context("rehydrate session missing")?;
-                let entries = store.entries(&id, 0, 1000).await?;
-                ours.push(t.elapsed());
-                ensure!(
-                    rec.seq == 1000 && entries.len() == 1000,
-                    "incomplete rehydrate"
-                );
+                ours.push(workload::rehydrate_once(&*store, &id).await?);
             }
         }
         println!("rehydrate a 1,000-entry session (load + entries), ours (decoded) vs raw bytes:");

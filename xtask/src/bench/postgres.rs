@@ -220,17 +220,7 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
             ensure!(n == 1000, "raw rehydrate read {n} entries");
         }
         for _ in 0..reps / ROUNDS {
-            let t = Instant::now();
-            let rec = store
-                .load(&id)
-                .await?
-                .context("rehydrate session missing")?;
-            let entries = store.entries(&id, 0, 1000).await?;
-            ours.push(t.elapsed());
-            ensure!(
-                rec.seq == 1000 && entries.len() == 1000,
-                "incomplete rehydrate"
-            );
+            ours.push(workload::rehydrate_once(&*store, &id).await?);
         }
     }
     println!("rehydrate a 1,000-entry session (load + entries), ours (decoded) vs raw bytes:");

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, ensure};
+use anyhow::{Context, Result, ensure};
 use normandy_core::{
     CommitAck, CommitBatch, ContentBlock, Entry, EntryPayload, Epoch, InputId, QueuedInput, Seq,
     SessionId, SessionStore, TurnState,
@@ -77,4 +77,17 @@ pub(crate) async fn commit_concurrently<S: SessionStore>(
         task.await??;
     }
     Ok(t.elapsed())
+}
+
+/// Rehydrates a 1,000-entry session (`load` + all entries) once; returns the time it took.
+pub(crate) async fn rehydrate_once<S: SessionStore>(store: &S, id: &SessionId) -> Result<Duration> {
+    let t = Instant::now();
+    let rec = store.load(id).await?.context("rehydrate session missing")?;
+    let entries = store.entries(id, 0, 1000).await?;
+    let elapsed = t.elapsed();
+    ensure!(
+        rec.seq == 1000 && entries.len() == 1000,
+        "incomplete rehydrate"
+    );
+    Ok(elapsed)
 }
