@@ -311,6 +311,7 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
     }
     let here = Arc::new(here);
     let echo_client = here.client(&b.address)?;
+    let pids = [std::process::id(), b.child.id(), redis_pid().await?];
     // Latency at concurrency 1 (what one caller sees), then throughput with every session busy
     // (on a small machine that is CPU cost: a remote turn pays a client and a server side).
     // Alternate rounds so noise hits every side alike.
@@ -325,25 +326,49 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
             Duration::ZERO,
         );
         let per = if ids_n == 1 { per_task * 4 } else { per_task } / 4;
+        // CPU of each phase: local, remote, echo, direct, peer.
+        let mut cpu = [Cpu::default(); 5];
         for _round in 0..4 {
+            let c0 = Cpu::now(pids);
             let (s, t) = run_sends(&here, &local_ids[..ids_n], per).await?;
             local.extend(s);
             t_local += t;
+            let c1 = Cpu::now(pids);
+            cpu[0].add(c1.since(c0));
             let (s, t) = run_sends(&here, &remote_ids[..ids_n], per).await?;
             remote.extend(s);
             t_remote += t;
+            let c2 = Cpu::now(pids);
+            cpu[1].add(c2.since(c1));
             let (s, t) = run_echo(&echo_client, ids_n, per).await?;
             echo.extend(s);
             t_echo += t;
+            let c3 = Cpu::now(pids);
+            cpu[2].add(c3.since(c2));
             let (s, t) = run_direct(&echo_client, &direct_ids[..ids_n], per).await?;
             direct.extend(s);
             t_direct += t;
+            let c4 = Cpu::now(pids);
+            cpu[3].add(c4.since(c3));
             let (s, t) = run_sends(&here, &peer_ids[..ids_n], per).await?;
             peer.extend(s);
             t_peer += t;
+            cpu[4].add(Cpu::now(pids).since(c4));
         }
         let count = (ids_n * per * 4) as f64;
         println!("  remote send, {label} ({ids_n} concurrent sessions, {count} calls each):");
+        for (i, name) in [
+            "send, owner local",
+            "send, owner remote (B)",
+            "echo RPC",
+            "send, client → B directly",
+            "send, owner 2nd node here",
+        ]
+        .iter()
+        .enumerate()
+        {
+            cpu[i].print(name, count);
+        }
         report::throughput(
             "send, owner local (turns)",
             count / t_local.as_secs_f64(),
@@ -426,6 +451,65 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
     drop(b);
     cleanup(&prefix).await?;
     Ok(())
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the state field.
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Duration::from_millis((ticks(11) + ticks(12)) * 10) // USER_HZ is 100 on Linux
+}
+
+/// CPU used by each process of a phase: this process, node B, the Redis server.
+#[derive(Default, Clone, Copy)]
+struct Cpu([Duration; 3]);
+
+impl Cpu {
+    fn now(pids: [u32; 3]) -> Self {
+        Self(pids.map(cpu_time))
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self(std::array::from_fn(|i| {
+            self.0[i].saturating_sub(before.0[i])
+        }))
+    }
+
+    fn add(&mut self, other: Self) {
+        for i in 0..3 {
+            self.0[i] += other.0[i];
+        }
+    }
+
+    fn print(&self, label: &str, calls: f64) {
+        let per = |d: Duration| d.as_secs_f64() * 1e6 / calls;
+        println!(
+            "  CPU per call, {label:<31} here {:>6.1} µs   node B {:>6.1} µs   redis {:>6.1} µs   total {:>6.1} µs",
+            per(self.0[0]),
+            per(self.0[1]),
+            per(self.0[2]),
+            per(self.0[0] + self.0[1] + self.0[2]),
+        );
+    }
+}
+
+async fn redis_pid() -> Result<u32> {
+    let client = redis::Client::open(redis_url())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut con)
+        .await?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("redis INFO has no process_id")
 }
 
 async fn run_sends(
