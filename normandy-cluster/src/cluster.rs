@@ -23,6 +23,7 @@ use crate::config::ClusterConfig;
 use crate::hash;
 use crate::membership::RedisMembership;
 use crate::rpc::{NodeClient, NodeService, Secret, auth_interceptor};
+use crate::tls::ClusterTls;
 use crate::wire::{
     HealthReply, HistoryRequest, SendRequest, SessionRequest, StartReply, StartRequest,
     SubscribeRequest,
@@ -57,6 +58,8 @@ pub(crate) struct ClusterInner {
     membership: Arc<dyn Membership>,
     config: ClusterConfig,
     secret: Secret,
+    /// TLS of the RPC server and of the clients to peers; `None`: plaintext.
+    tls: Option<ClusterTls>,
     reaper: bool,
     /// Clients of peers by address; one HTTP/2 connection each. std Mutex: map access only.
     peers: Mutex<HashMap<String, NodeClient>>,
@@ -143,6 +146,7 @@ pub struct ClusterBuilder {
     bind: SocketAddr,
     advertise: Option<String>,
     secret: Option<String>,
+    tls: Option<ClusterTls>,
     config: ClusterConfig,
     reaper: bool,
     idle_timeout: Option<Duration>,
@@ -171,6 +175,7 @@ impl Cluster {
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
             secret: None,
+            tls: None,
             config: ClusterConfig::default(),
             reaper: true,
             idle_timeout: None,
@@ -377,6 +382,13 @@ impl ClusterBuilder {
         self
     }
 
+    /// TLS on the node-to-node RPC (default: none, plaintext HTTP/2). Every node of a cluster
+    /// must use it alike.
+    pub fn tls(mut self, tls: ClusterTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Timing knobs.
     pub fn config(mut self, config: ClusterConfig) -> Self {
         self.config = config;
@@ -424,6 +436,12 @@ impl ClusterBuilder {
                     .into(),
             ));
         }
+        if let Some(tls) = &self.tls {
+            // Fail here, with the reason, rather than in the server task after startup.
+            tonic::transport::Server::builder()
+                .tls_config(tls.server_config())
+                .map_err(|e| Error::Config(format!("cluster TLS server settings: {e}")))?;
+        }
         let node = NodeId::with_fresh_incarnation(&self.name)?;
         let listener = tokio::net::TcpListener::bind(self.bind)
             .await
@@ -457,6 +475,7 @@ impl ClusterBuilder {
             store,
             membership,
             secret: Secret::new(&secret),
+            tls: self.tls,
             reaper: self.reaper,
             peers: Mutex::new(HashMap::new()),
             routes: Mutex::new(HashMap::new()),
@@ -554,6 +573,12 @@ impl RedisClusterBuilder {
         self
     }
 
+    /// See [`ClusterBuilder::tls`].
+    pub fn tls(mut self, tls: ClusterTls) -> Self {
+        self.inner = self.inner.tls(tls);
+        self
+    }
+
     /// See [`ClusterBuilder::config`].
     pub fn config(mut self, config: ClusterConfig) -> Self {
         self.inner = self.inner.config(config);
@@ -610,8 +635,18 @@ async fn serve(inner: Arc<ClusterInner>, listener: tokio::net::TcpListener) {
         auth_interceptor(inner.secret.clone()),
     );
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let result = tonic::transport::Server::builder()
-        .timeout(inner.config.rpc_timeout)
+    let mut server = tonic::transport::Server::builder().timeout(inner.config.rpc_timeout);
+    if let Some(tls) = &inner.tls {
+        server = match server.tls_config(tls.server_config()) {
+            Ok(s) => s,
+            Err(e) => {
+                // Checked in `build`, so this does not happen; never serve plaintext instead.
+                error!(error = %e, "RPC server TLS settings rejected; not serving");
+                return;
+            }
+        };
+    }
+    let result = server
         .add_service(svc)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -747,7 +782,12 @@ impl ClusterInner {
         if let Some(c) = peers.get(address) {
             return Ok(c.clone());
         }
-        let c = NodeClient::new(address, Some(self.secret.expose()), self.config.rpc_timeout)?;
+        let c = NodeClient::connect(
+            address,
+            Some(self.secret.expose()),
+            self.config.rpc_timeout,
+            self.tls.as_ref(),
+        )?;
         peers.insert(address.to_string(), c.clone());
         Ok(c)
     }

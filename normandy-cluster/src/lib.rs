@@ -9,7 +9,7 @@
 //!   rests on the store's epochs, not on leases.
 //! - **routing**: a request goes to the session's owner as the registry says — the local actor,
 //!   or an RPC (tonic, MessagePack codec, one HTTP/2 channel per peer, deadlines on both sides,
-//!   a shared cluster secret on every call). A stale route is retried after a fresh lookup with
+//!   a shared cluster secret on every call, optionally over mutual TLS: [`ClusterTls`]). A stale route is retried after a fresh lookup with
 //!   the same input id.
 //! - **placement**: no owner → this node registers (atomic), activates (epoch bump) and runs the
 //!   session; the loser of a race routes to the winner; a fenced actor stops and its caller is
@@ -24,6 +24,7 @@
 //! - [`membership`]: [`RedisMembership`], leases in Redis.
 //! - [`rpc`]: the gRPC service, the secret check, [`NodeClient`].
 //! - [`wire`]: RPC messages, the MessagePack codec, `Error` ⇄ `Status`.
+//! - [`tls`]: [`ClusterTls`], rustls on the node-to-node RPC.
 //! - [`hash`]: rendezvous hashing.
 
 pub mod cluster;
@@ -31,9 +32,11 @@ pub mod config;
 pub mod hash;
 pub mod membership;
 pub mod rpc;
+pub mod tls;
 pub mod wire;
 
 pub use cluster::{Cluster, ClusterBuilder, ClusterStats, MemberEvent, RedisClusterBuilder};
 pub use config::ClusterConfig;
 pub use membership::RedisMembership;
 pub use rpc::NodeClient;
+pub use tls::ClusterTls;

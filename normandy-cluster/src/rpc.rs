@@ -26,6 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::cluster::ClusterInner;
+use crate::tls::ClusterTls;
 use crate::wire::{
     self, CancelReply, EchoMessage, Empty, HealthReply, HealthRequest, HistoryReply,
     HistoryRequest, MsgPackCodec, RawCodec, SendRequest, SessionRequest, StartReply, StartRequest,
@@ -242,10 +243,21 @@ impl std::fmt::Debug for NodeClient {
 }
 
 impl NodeClient {
-    /// A client for the node at `address` (`host:port`), presenting `secret` (or nothing, to see
-    /// a refusal), with `timeout` as every call's deadline. Connects lazily.
+    /// A plaintext client for the node at `address` (`host:port`), presenting `secret` (or
+    /// nothing, to see a refusal), with `timeout` as every call's deadline. Connects lazily.
     pub fn new(address: &str, secret: Option<&str>, timeout: Duration) -> Result<Self> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        Self::connect(address, secret, timeout, None)
+    }
+
+    /// Like [`new`](Self::new), over TLS when `tls` is given (the node must serve TLS too).
+    pub fn connect(
+        address: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+        tls: Option<&ClusterTls>,
+    ) -> Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| {
                 normandy_core::Error::Config(format!("bad node address {address:?}: {e}"))
             })?
@@ -254,6 +266,11 @@ impl NodeClient {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.client_config()).map_err(|e| {
+                normandy_core::Error::Config(format!("cluster TLS client settings: {e}"))
+            })?;
+        }
         let auth = match secret {
             Some(s) => Some(Secret::new(s).bearer().parse().map_err(|_| {
                 normandy_core::Error::Config("the cluster secret must be printable ASCII".into())

@@ -4,8 +4,11 @@
 //! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
 //!     --secret S [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
 //!     [--lease-ttl-ms 1500] [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
-//!     [--worker-threads N]
-//! normandy-node client --to ADDR --secret S health | start TEMPLATE [ID] | send ID TEXT | history ID
+//!     [--worker-threads N] [TLS]
+//! normandy-node client --to ADDR --secret S [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
+//!
+//! TLS: --tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-server-name normandy-node]
+//!      [--no-tls-client-cert]
 //! ```
 //! Every flag also reads `NORMANDY_<FLAG>` from the environment (`--redis-url` ←
 //! `NORMANDY_REDIS_URL`). Once the RPC server listens, the node prints `LISTENING <addr> <node>`
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use normandy_cluster::{Cluster, ClusterConfig, NodeClient};
+use normandy_cluster::{Cluster, ClusterConfig, ClusterTls, NodeClient};
 use normandy_core::{
     CatalogEntry, ConfigTemplate, ContentBlock, InputId, ModelResponse, ResumePolicy,
     ScriptedClient, SessionId, TemplateCatalog, Tool, ToolContext, ToolOutput, ToolSpec,
@@ -254,6 +257,9 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     if let Some(url) = flags.get("postgres-url") {
         builder = builder.store(postgres_store(&url, flags.get("postgres-schema")).await?);
     }
+    if let Some(tls) = tls(flags)? {
+        builder = builder.tls(tls);
+    }
     let node = builder.build().await?;
     println!("LISTENING {} {}", node.address(), node.node());
 
@@ -287,10 +293,36 @@ async fn postgres_store(
     bail!("this build has no Postgres store (feature `postgres`)")
 }
 
+/// The TLS settings the `--tls-*` flags give: all of cert, key and CA, or none.
+fn tls(flags: &Flags) -> anyhow::Result<Option<ClusterTls>> {
+    let (cert, key, ca) = (
+        flags.get("tls-cert"),
+        flags.get("tls-key"),
+        flags.get("tls-ca"),
+    );
+    let (Some(cert), Some(key), Some(ca)) = (&cert, &key, &ca) else {
+        if cert.is_some() || key.is_some() || ca.is_some() {
+            bail!("TLS needs all of --tls-cert, --tls-key and --tls-ca");
+        }
+        return Ok(None);
+    };
+    let mut tls = ClusterTls::from_files(cert, key, ca)?
+        .require_client_cert(!flags.switch("no-tls-client-cert"));
+    if let Some(name) = flags.get("tls-server-name") {
+        tls = tls.server_name(name);
+    }
+    Ok(Some(tls))
+}
+
 async fn client(flags: &Flags) -> anyhow::Result<()> {
     let to = flags.need("to")?;
     let secret = flags.get("secret");
-    let c = NodeClient::new(&to, secret.as_deref(), flags.ms("timeout-ms", 30_000)?)?;
+    let c = NodeClient::connect(
+        &to,
+        secret.as_deref(),
+        flags.ms("timeout-ms", 30_000)?,
+        tls(flags)?.as_ref(),
+    )?;
     let args = &flags.positional[1..];
     match args.first().map(String::as_str) {
         Some("health") => {
