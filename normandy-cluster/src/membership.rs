@@ -22,7 +22,8 @@ return 1
 ";
 
 /// KEYS: members set. ARGV: lease prefix. Returns `{node, address, ...}` for live leases and
-/// drops from the set the nodes whose lease is gone (their incarnation can never come back).
+/// drops from the set the nodes whose lease is gone (a node that was only paused re-adds itself
+/// with its next refresh; see `RedisMembership::refresh`).
 const MEMBERS: &str = r"
 local out = {}
 for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do

@@ -231,6 +231,7 @@ pub struct NodeClient {
     auth: Option<MetadataValue<tonic::metadata::Ascii>>,
     timeout: Duration,
     peer: Arc<str>,
+    tls: bool,
 }
 
 impl std::fmt::Debug for NodeClient {
@@ -282,6 +283,7 @@ impl NodeClient {
             auth,
             timeout,
             peer: Arc::from(address),
+            tls: tls.is_some(),
         })
     }
 
@@ -319,6 +321,30 @@ impl NodeClient {
     }
 
     fn map(&self, s: Status) -> normandy_core::Error {
+        if matches!(
+            s.code(),
+            tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal
+        ) && s.details().is_empty()
+        {
+            // What a client sees when the node closed the connection before the call went out
+            // (our nodes put details on every status they send): a node that died, or, when it
+            // persists, a TLS mismatch, which the bare "operation was canceled" or "transport
+            // error" does not say.
+            let hint = if self.tls {
+                "this client speaks TLS: is the node plaintext, or does it not trust this \
+                 client's certificate?"
+            } else {
+                "this client speaks plaintext: does the node require TLS?"
+            };
+            return normandy_core::Error::Unavailable {
+                backend: "cluster peer",
+                message: format!(
+                    "node {}: connection closed before a reply ({}); if this persists, {hint}",
+                    self.peer,
+                    s.message()
+                ),
+            };
+        }
         from_status(&self.peer, &s)
     }
 

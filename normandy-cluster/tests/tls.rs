@@ -152,9 +152,10 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
     // The right CA, a certificate it signed, the right name: served.
     assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, *a.node());
 
-    // Plaintext HTTP/2 to a TLS port: no handler runs.
+    // Plaintext HTTP/2 to a TLS port: no handler runs, and the error says what to check.
     let err = probe(None).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("require TLS"), "{err}");
 
     // A stranger's PKI: its CA does not trust the node, and the node does not trust its cert.
     let stranger = Pki::new("some other CA");
