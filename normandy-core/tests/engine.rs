@@ -2,13 +2,15 @@
 //! idempotent input, input modes, limits, passivation, subscriptions.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
 use normandy_core::*;
 use serde_json::json;
-use tokio::sync::Notify;
+
+mod support;
+use support::{Fault, FaultStore};
 
 // ---------------------------------------------------------------------------------------------
 // Fixtures
@@ -188,69 +190,29 @@ enum CrashPoint {
     BeforeApply,
 }
 
-struct CrashingStore {
-    inner: Arc<InMemoryStore>,
-    /// Every commit takes this long (a slow disk).
-    delay: Duration,
-    crash_at: usize,
-    point: CrashPoint,
-    commits: AtomicUsize,
-    crashed: Notify,
-    did_crash: AtomicBool,
+impl CrashPoint {
+    /// The fault that crashes a commit at this point.
+    fn fault(self) -> Fault {
+        match self {
+            CrashPoint::AfterApply => Fault::ApplyThenHang,
+            CrashPoint::BeforeApply => Fault::Hang,
+        }
+    }
 }
 
-#[async_trait]
-impl SessionStore for CrashingStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn create(&self, s: NewSession) -> Result<SessionRecord> {
-        self.inner.create(s).await
-    }
-    async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
-        self.inner.activate(id, node).await
-    }
-    async fn commit(
-        &self,
-        id: &SessionId,
-        epoch: Epoch,
-        expected_seq: Seq,
-        batch: &CommitBatch,
-    ) -> Result<CommitAck> {
-        let n = self.commits.fetch_add(1, Ordering::SeqCst) + 1;
-        if !self.delay.is_zero() {
-            tokio::time::sleep(self.delay).await;
-        }
-        if n == self.crash_at {
-            if self.point == CrashPoint::AfterApply {
-                self.inner.commit(id, epoch, expected_seq, batch).await?;
-            }
-            self.did_crash.store(true, Ordering::SeqCst);
-            self.crashed.notify_one();
-            futures::future::pending::<()>().await;
-        }
-        self.inner.commit(id, epoch, expected_seq, batch).await
-    }
-    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
-        self.inner.load(id).await
-    }
-    async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
-        self.inner.entries(id, after, limit).await
-    }
-    async fn list_resumable(
-        &self,
-        owner: &OwnerFilter,
-        cursor: Option<&SessionId>,
-        limit: usize,
-    ) -> Result<ResumablePage> {
-        self.inner.list_resumable(owner, cursor, limit).await
-    }
-    async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
-        self.inner.mark_terminal(id, epoch).await
-    }
-    async fn delete(&self, id: &SessionId) -> Result<bool> {
-        self.inner.delete(id).await
-    }
+/// A store over `inner` whose `crash_at`-th commit crashes at `point`; `hung()` says when.
+fn crashing_store(
+    inner: &Arc<InMemoryStore>,
+    crash_at: usize,
+    point: CrashPoint,
+) -> Arc<FaultStore> {
+    Arc::new(FaultStore::new(inner.clone()).on_commit(move |call| {
+        std::future::ready(if call.n == crash_at {
+            point.fault()
+        } else {
+            Fault::Pass
+        })
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -302,15 +264,7 @@ async fn multi_step_turn_runs_tools_and_commits_every_boundary() {
 async fn crash_and_resume(n: usize, point: CrashPoint, c_idempotent: bool) -> Option<()> {
     let f = fixture(template(), c_idempotent);
     let inner = Arc::new(InMemoryStore::new());
-    let crashing = Arc::new(CrashingStore {
-        inner: inner.clone(),
-        delay: Duration::ZERO,
-        crash_at: n,
-        point,
-        commits: AtomicUsize::new(0),
-        crashed: Notify::new(),
-        did_crash: AtomicBool::new(false),
-    });
+    let crashing = crashing_store(&inner, n, point);
     let node_a = runtime(&f.catalog, crashing.clone(), "a");
     let id = start(&node_a, "s").await;
     let send = {
@@ -323,10 +277,10 @@ async fn crash_and_resume(n: usize, point: CrashPoint, c_idempotent: bool) -> Op
         })
     };
     tokio::select! {
-        _ = crashing.crashed.notified() => {}
+        _ = crashing.hung() => {}
         r = tokio::time::sleep(Duration::from_secs(5)) => panic!("no crash at commit {n}: {r:?}"),
     }
-    if !crashing.did_crash.load(Ordering::SeqCst) {
+    if !crashing.has_hung() {
         return None;
     }
     // The process dies: its task is aborted mid-commit, its caller never hears back.
@@ -469,15 +423,7 @@ async fn non_idempotent_call_in_doubt_is_not_rerun() {
     for (n, point) in [(6, CrashPoint::AfterApply), (7, CrashPoint::BeforeApply)] {
         let f = fixture(template(), false);
         let inner = Arc::new(InMemoryStore::new());
-        let crashing = Arc::new(CrashingStore {
-            inner: inner.clone(),
-            delay: Duration::ZERO,
-            crash_at: n,
-            point,
-            commits: AtomicUsize::new(0),
-            crashed: Notify::new(),
-            did_crash: AtomicBool::new(false),
-        });
+        let crashing = crashing_store(&inner, n, point);
         let node_a = runtime(&f.catalog, crashing.clone(), "a");
         let id = start(&node_a, "s").await;
         let send = {
@@ -489,7 +435,7 @@ async fn non_idempotent_call_in_doubt_is_not_rerun() {
                     .await
             })
         };
-        crashing.crashed.notified().await;
+        crashing.hung().await;
         node_a.kill(&id);
         send.abort();
         let ran_before = f.c.runs().len();
@@ -817,21 +763,13 @@ async fn corrupt_state_is_a_typed_error_and_history_needs_no_credentials() {
 async fn resume_interrupted_continues_eager_turns_without_a_request() {
     let f = fixture(template(), true);
     let inner = Arc::new(InMemoryStore::new());
-    let crashing = Arc::new(CrashingStore {
-        inner: inner.clone(),
-        delay: Duration::ZERO,
-        crash_at: 4,
-        point: CrashPoint::AfterApply,
-        commits: AtomicUsize::new(0),
-        crashed: Notify::new(),
-        did_crash: AtomicBool::new(false),
-    });
+    let crashing = crashing_store(&inner, 4, CrashPoint::AfterApply);
     let node_a = runtime(&f.catalog, crashing.clone(), "a");
     let id = start(&node_a, "s").await;
     let n2 = node_a.clone();
     let id2 = id.clone();
     let send = tokio::spawn(async move { n2.send(&id2, "q").await });
-    crashing.crashed.notified().await;
+    crashing.hung().await;
     node_a.kill(&id);
     send.abort();
 
@@ -938,15 +876,10 @@ async fn hooks_edit_and_veto_calls() {
 async fn a_full_mailbox_fails_with_overloaded_after_the_timeout() {
     // Slow commits keep the actor busy, so its one-slot mailbox stays full.
     let f = fixture(template(), true);
-    let slow = Arc::new(CrashingStore {
-        inner: Arc::new(InMemoryStore::new()),
-        delay: Duration::from_millis(30),
-        crash_at: usize::MAX,
-        point: CrashPoint::AfterApply,
-        commits: AtomicUsize::new(0),
-        crashed: Notify::new(),
-        did_crash: AtomicBool::new(false),
-    });
+    let slow = Arc::new(FaultStore::default().on_commit(|_| async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        Fault::Pass
+    }));
     let sessions = Sessions::builder(f.catalog.clone())
         .store(slow)
         .mailbox(1)

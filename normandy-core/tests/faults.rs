@@ -14,6 +14,9 @@ use normandy_core::*;
 use serde_json::json;
 use tokio::time::timeout;
 
+mod support;
+use support::{Fault, FaultStore};
+
 // ---------------------------------------------------------------------------------------------
 // Fixtures
 
@@ -228,56 +231,19 @@ async fn wait_for_entry(store: &InMemoryStore, id: &SessionId, kind: &str) {
     panic!("no {kind} entry appeared");
 }
 
-/// A store whose next `activate` can be made to hang (a slow or stuck database).
-#[derive(Default)]
-struct GatedStore {
-    inner: InMemoryStore,
-    hang_next_activate: AtomicBool,
-}
-
-#[async_trait]
-impl SessionStore for GatedStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn create(&self, s: NewSession) -> Result<SessionRecord> {
-        self.inner.create(s).await
-    }
-    async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
-        if self.hang_next_activate.swap(false, Ordering::SeqCst) {
-            futures::future::pending::<()>().await;
-        }
-        self.inner.activate(id, node).await
-    }
-    async fn commit(
-        &self,
-        id: &SessionId,
-        epoch: Epoch,
-        expected_seq: Seq,
-        batch: &CommitBatch,
-    ) -> Result<CommitAck> {
-        self.inner.commit(id, epoch, expected_seq, batch).await
-    }
-    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
-        self.inner.load(id).await
-    }
-    async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
-        self.inner.entries(id, after, limit).await
-    }
-    async fn list_resumable(
-        &self,
-        owner: &OwnerFilter,
-        cursor: Option<&SessionId>,
-        limit: usize,
-    ) -> Result<ResumablePage> {
-        self.inner.list_resumable(owner, cursor, limit).await
-    }
-    async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
-        self.inner.mark_terminal(id, epoch).await
-    }
-    async fn delete(&self, id: &SessionId) -> Result<bool> {
-        self.inner.delete(id).await
-    }
+/// A store whose next `activate` hangs once the returned flag is set (a slow or stuck
+/// database).
+fn gated_store() -> (Arc<FaultStore>, Arc<AtomicBool>) {
+    let hang_next_activate = Arc::new(AtomicBool::new(false));
+    let hang = hang_next_activate.clone();
+    let store = FaultStore::default().on_activate(move |_| {
+        std::future::ready(if hang.swap(false, Ordering::SeqCst) {
+            Fault::Hang
+        } else {
+            Fault::Pass
+        })
+    });
+    (Arc::new(store), hang_next_activate)
 }
 
 /// A registry whose `unregister` takes a while (a network round trip, as with Redis).
@@ -302,61 +268,21 @@ impl SessionRegistry for SlowRegistry {
 
 /// A store that refuses (non-retryably) any batch carrying an input whose text is `poison`, as
 /// a backend may refuse content it cannot store.
-#[derive(Default)]
-struct RefusingStore {
-    inner: InMemoryStore,
-}
-
-#[async_trait]
-impl SessionStore for RefusingStore {
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn create(&self, s: NewSession) -> Result<SessionRecord> {
-        self.inner.create(s).await
-    }
-    async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
-        self.inner.activate(id, node).await
-    }
-    async fn commit(
-        &self,
-        id: &SessionId,
-        epoch: Epoch,
-        expected_seq: Seq,
-        batch: &CommitBatch,
-    ) -> Result<CommitAck> {
-        let poison = batch.entries.iter().any(|e| {
+fn refusing_store() -> Arc<FaultStore> {
+    Arc::new(FaultStore::default().on_commit(|call| {
+        let poison = call.batch.entries.iter().any(|e| {
             matches!(&e.payload, EntryPayload::Input { content, .. }
                 if content.iter().any(|b| matches!(b, ContentBlock::Text { text } if text == "poison")))
         });
-        if poison {
-            return Err(Error::invalid_input(
-                Some(id),
+        std::future::ready(if poison {
+            Fault::Fail(Error::invalid_input(
+                Some(call.id),
                 "the backend cannot store this input",
-            ));
-        }
-        self.inner.commit(id, epoch, expected_seq, batch).await
-    }
-    async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
-        self.inner.load(id).await
-    }
-    async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
-        self.inner.entries(id, after, limit).await
-    }
-    async fn list_resumable(
-        &self,
-        owner: &OwnerFilter,
-        cursor: Option<&SessionId>,
-        limit: usize,
-    ) -> Result<ResumablePage> {
-        self.inner.list_resumable(owner, cursor, limit).await
-    }
-    async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
-        self.inner.mark_terminal(id, epoch).await
-    }
-    async fn delete(&self, id: &SessionId) -> Result<bool> {
-        self.inner.delete(id).await
-    }
+            ))
+        } else {
+            Fault::Pass
+        })
+    }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -371,11 +297,11 @@ async fn a_send_dropped_during_activation_does_not_wedge_the_session() {
         ConfigTemplate::new("t", "m"),
         CatalogEntry::with_client(ScriptedClient::echo()),
     );
-    let store = Arc::new(GatedStore::default());
-    let sessions = runtime(&catalog, store.clone(), "a");
+    let (store, hang_next_activate) = gated_store();
+    let sessions = runtime(&catalog, store, "a");
     let id = start(&sessions, "t", "s").await;
 
-    store.hang_next_activate.store(true, Ordering::SeqCst);
+    hang_next_activate.store(true, Ordering::SeqCst);
     let first = timeout(Duration::from_millis(100), sessions.send(&id, "one")).await;
     assert!(first.is_err(), "the stuck activation should time out");
 
@@ -921,8 +847,7 @@ async fn a_refused_input_fails_only_its_sender() {
         ConfigTemplate::new("t", "m"),
         CatalogEntry::with_client(one_tool_client("slow")).tool(slow.clone()),
     );
-    let store = Arc::new(RefusingStore::default());
-    let sessions = runtime(&catalog, store.clone(), "a");
+    let sessions = runtime(&catalog, refusing_store(), "a");
     let id = start(&sessions, "t", "s").await;
     let s = sessions.clone();
     let id2 = id.clone();
