@@ -17,7 +17,10 @@ pub struct ClusterConfig {
     pub rpc_timeout: Duration,
     /// How long a request keeps re-routing after stale routes (owner moved or died) before it
     /// gives up with the last error (default 3 × TTL + 5 s: long enough for a dead owner's lease
-    /// to lapse and a survivor to take over).
+    /// to lapse and a survivor to take over). Checked between attempts: an attempt under way
+    /// runs to its own end, which over a link gone dark is the peer connection's HTTP/2
+    /// keep-alive (a ping 5 s after the last bytes, 5 s to answer), so a send over a dead link
+    /// fails after at most about `route_timeout` + 10 s.
     pub route_timeout: Duration,
     /// How long a node must stay down before its sessions are reaped (default TTL / 3 + poll
     /// interval): a live node whose lease the backend dropped (a failover, say) recreates it

@@ -345,6 +345,21 @@ impl NodeClient {
                 ),
             };
         }
+        if s.details().is_empty() {
+            // A transport failure: its cause ("keep-alive timed out", "connection refused") is
+            // in the source chain, not in the message ("transport error").
+            let mut message = s.message().to_string();
+            let mut cause = std::error::Error::source(&s);
+            while let Some(e) = cause {
+                let text = e.to_string();
+                if !message.contains(&text) {
+                    message.push_str(": ");
+                    message.push_str(&text);
+                }
+                cause = e.source();
+            }
+            return from_status(&self.peer, &Status::new(s.code(), message));
+        }
         from_status(&self.peer, &s)
     }
 

@@ -6,13 +6,16 @@
 
 use std::collections::HashMap;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use normandy_cluster::NodeClient;
 use normandy_core::{ContentBlock, Entry, EntryPayload, InputId, SessionId, TurnOutcome};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
 pub const SECRET: &str = "test-cluster-secret";
@@ -67,6 +70,11 @@ pub struct NodeOpts {
     pub postgres_schema: Option<String>,
     /// Redis URL for this node (default: [`redis_url`]), e.g. through a [`Proxy`].
     pub redis_url: Option<String>,
+    /// Address the RPC server binds (default `127.0.0.1:0`, a free port).
+    pub bind: Option<String>,
+    /// Address other nodes are told to reach this one at (`--advertise`), e.g. a [`Proxy`]
+    /// in front of `bind`, which must then be given.
+    pub advertise: Option<String>,
 }
 
 impl NodeOpts {
@@ -80,7 +88,16 @@ impl NodeOpts {
             reaper: true,
             postgres_schema: None,
             redis_url: None,
+            bind: None,
+            advertise: None,
         }
+    }
+
+    /// Binds the RPC server to `bind` and has other nodes reach it at `advertise` only.
+    pub fn behind(mut self, bind: &str, advertise: &str) -> Self {
+        self.bind = Some(bind.into());
+        self.advertise = Some(advertise.into());
+        self
     }
 
     pub fn model_latency(mut self, ms: u64) -> Self {
@@ -100,10 +117,19 @@ impl NodeOpts {
     }
 }
 
+/// A free loopback address to bind a node to (the port is free now; nothing holds it).
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
 /// A running node process.
 pub struct Node {
     pub name: String,
+    /// Where this node's RPC server is reached directly (the test's own client uses it).
     pub address: String,
+    /// Where other nodes reach it (`address` unless it advertises another one).
+    pub advertised: String,
     pub node_id: String,
     pub client: NodeClient,
     child: Child,
@@ -118,7 +144,7 @@ impl Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_normandy-node"));
         cmd.arg("serve")
             .args(["--name", &opts.name])
-            .args(["--bind", "127.0.0.1:0"])
+            .args(["--bind", opts.bind.as_deref().unwrap_or("127.0.0.1:0")])
             .args([
                 "--redis-url",
                 &opts.redis_url.clone().unwrap_or_else(redis_url),
@@ -136,6 +162,13 @@ impl Node {
             .process_group(0);
         if !opts.reaper {
             cmd.arg("--no-reaper");
+        }
+        if let Some(a) = &opts.advertise {
+            assert!(
+                opts.bind.is_some(),
+                "a node that advertises needs a known bind"
+            );
+            cmd.args(["--advertise", a]);
         }
         if let Some(schema) = &opts.postgres_schema {
             cmd.args(["--postgres-url", &postgres_url()])
@@ -156,14 +189,20 @@ impl Node {
             Some("LISTENING"),
             "unexpected first line {line:?}"
         );
-        let address = parts.next().unwrap().to_string();
+        let advertised = parts.next().unwrap().to_string();
         let node_id = parts.next().unwrap().to_string();
+        // The node prints the address it advertises; the test talks to it directly.
+        let address = match &opts.advertise {
+            Some(_) => opts.bind.clone().unwrap(),
+            None => advertised.clone(),
+        };
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let client = NodeClient::new(&address, Some(SECRET), Duration::from_secs(30)).unwrap();
         let node = Node {
             name: opts.name,
             address,
+            advertised,
             node_id,
             client,
             child,
@@ -372,84 +411,184 @@ pub async fn drop_schema(name: &str) {
     }
 }
 
-/// A TCP proxy in front of Redis whose link can be blackholed: bytes stop flowing both ways
-/// (connections stay open, as with a partition), until healed.
+/// What a [`Proxy`] does to the bytes of its link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Bytes flow as they come.
+    Pass,
+    /// Bytes stop both ways and connections stay open, as in a partition. Nothing is read while
+    /// the link is dark; bytes read just before are held and delivered once it heals (TCP
+    /// would retransmit them).
+    Blackhole,
+    /// Every chunk is held this long, each way (a delay line: chunks stay pipelined).
+    Delay(Duration),
+    /// Every open connection is reset (RST) at once, and every new one as soon as it is
+    /// accepted, until the fault changes.
+    Reset,
+}
+
+/// A TCP proxy for one link (a node's Redis connection, or the RPC link to one node) that
+/// injects a [`Fault`]. Dropping it resets every connection through it.
 pub struct Proxy {
+    /// Where the proxy listens (`host:port`).
+    pub addr: String,
+    /// `redis://addr` for a Redis proxy ([`Proxy::start`]); `addr` otherwise.
     pub url: String,
-    blackhole: Arc<std::sync::atomic::AtomicBool>,
+    state: Arc<ProxyState>,
     task: tokio::task::JoinHandle<()>,
 }
 
-use std::sync::Arc;
+struct ProxyState {
+    fault: tokio::sync::watch::Sender<Fault>,
+    /// Bumped to reset every open connection.
+    kick: tokio::sync::watch::Sender<u64>,
+    accepted: std::sync::atomic::AtomicU64,
+    resets: std::sync::atomic::AtomicU64,
+}
 
 impl Proxy {
+    /// A proxy in front of Redis ([`redis_url`]).
     pub async fn start() -> Proxy {
         let upstream = redis_url()
             .trim_start_matches("redis://")
             .trim_end_matches('/')
             .to_string();
+        let mut p = Self::to(&upstream).await;
+        p.url = format!("redis://{}", p.addr);
+        p
+    }
+
+    /// A proxy in front of `upstream` (`host:port`), passing bytes until told otherwise.
+    pub async fn to(upstream: &str) -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}", listener.local_addr().unwrap());
-        let blackhole = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let bh = blackhole.clone();
+        let addr = listener.local_addr().unwrap().to_string();
+        let state = Arc::new(ProxyState {
+            fault: tokio::sync::watch::Sender::new(Fault::Pass),
+            kick: tokio::sync::watch::Sender::new(0),
+            accepted: 0.into(),
+            resets: 0.into(),
+        });
+        let (st, upstream) = (state.clone(), upstream.to_string());
         let task = tokio::spawn(async move {
-            loop {
-                let Ok((down, _)) = listener.accept().await else {
-                    return;
-                };
-                let bh = bh.clone();
-                let upstream = upstream.clone();
-                tokio::spawn(async move {
-                    let Ok(up) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (dr, dw) = down.into_split();
-                    let (ur, uw) = up.into_split();
-                    tokio::spawn(pump(dr, uw, bh.clone()));
-                    tokio::spawn(pump(ur, dw, bh));
-                });
+            while let Ok((down, _)) = listener.accept().await {
+                st.accepted.fetch_add(1, SeqCst);
+                if *st.fault.borrow() == Fault::Reset {
+                    st.resets.fetch_add(1, SeqCst);
+                    rst(&down);
+                    continue;
+                }
+                tokio::spawn(link(down, upstream.clone(), st.clone()));
             }
         });
         Proxy {
-            url,
-            blackhole,
+            url: addr.clone(),
+            addr,
+            state,
             task,
         }
     }
 
+    /// Sets the link's fault; [`Fault::Reset`] resets every open connection at once.
+    pub fn set(&self, fault: Fault) {
+        self.state.fault.send_replace(fault);
+        if fault == Fault::Reset {
+            self.reset();
+        }
+    }
+
+    /// Blackholes the link (`true`) or lets bytes pass again.
     pub fn blackhole(&self, on: bool) {
-        self.blackhole
-            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.set(if on { Fault::Blackhole } else { Fault::Pass });
+    }
+
+    /// Resets (RST) every connection open now; the fault stays as it is for new ones.
+    pub fn reset(&self) {
+        self.state.kick.send_modify(|k| *k += 1);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.state.accepted.load(SeqCst)
+    }
+
+    /// Connections reset so far.
+    pub fn resets(&self) -> u64 {
+        self.state.resets.load(SeqCst)
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.reset();
     }
 }
 
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    blackhole: Arc<std::sync::atomic::AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        while blackhole.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+/// Closes `s` with an RST instead of a FIN once it is dropped.
+fn rst(s: &TcpStream) {
+    let _ = s.set_zero_linger();
+}
+
+/// One proxied connection: bytes pumped both ways until both sides are done or a reset.
+async fn link(mut down: TcpStream, upstream: String, state: Arc<ProxyState>) {
+    let mut kick = state.kick.subscribe();
+    let Ok(mut up) = TcpStream::connect(&upstream).await else {
+        rst(&down);
+        return;
+    };
+    let _ = (down.set_nodelay(true), up.set_nodelay(true));
+    let reset = {
+        let (dr, dw) = down.split();
+        let (ur, uw) = up.split();
+        tokio::select! {
+            _ = async { tokio::join!(pump(dr, uw, &state), pump(ur, dw, &state)) } => false,
+            _ = kick.changed() => true,
         }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        // Bytes read just as the link went dark are held until it heals, like a partition.
-        while blackhole.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
+    };
+    if reset {
+        state.resets.fetch_add(1, SeqCst);
+        rst(&down);
+        rst(&up);
     }
+}
+
+/// One direction of a connection: a reader that stamps each chunk with when it is due, and a
+/// writer that delivers it then (and not while the link is dark).
+async fn pump(
+    mut from: tokio::net::tcp::ReadHalf<'_>,
+    mut to: tokio::net::tcp::WriteHalf<'_>,
+    state: &ProxyState,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(64);
+    let read = async move {
+        let mut fault = state.fault.subscribe();
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let _ = fault.wait_for(|f| *f != Fault::Blackhole).await;
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return, // dropping `tx` lets the writer finish
+                Ok(n) => n,
+            };
+            let delay = match *fault.borrow() {
+                Fault::Delay(d) => d,
+                _ => Duration::ZERO,
+            };
+            let due = tokio::time::Instant::now() + delay;
+            if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                return;
+            }
+        }
+    };
+    let write = async move {
+        let mut fault = state.fault.subscribe();
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            let _ = fault.wait_for(|f| *f != Fault::Blackhole).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await; // the other side sent FIN: pass it on
+    };
+    tokio::join!(read, write);
 }
