@@ -782,10 +782,11 @@ impl ClusterInner {
         if let Some(c) = peers.get(address) {
             return Ok(c.clone());
         }
-        let c = NodeClient::connect(
+        let c = NodeClient::connect_with(
             address,
             Some(self.secret.expose()),
             self.config.rpc_timeout,
+            self.config.peer_keepalive,
             self.tls.as_ref(),
         )?;
         peers.insert(address.to_string(), c.clone());

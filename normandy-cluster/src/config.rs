@@ -18,10 +18,14 @@ pub struct ClusterConfig {
     /// How long a request keeps re-routing after stale routes (owner moved or died) before it
     /// gives up with the last error (default 3 × TTL + 5 s: long enough for a dead owner's lease
     /// to lapse and a survivor to take over). Checked between attempts: an attempt under way
-    /// runs to its own end, which over a link gone dark is the peer connection's HTTP/2
-    /// keep-alive (a ping 5 s after the last bytes, 5 s to answer), so a send over a dead link
-    /// fails after at most about `route_timeout` + 10 s.
+    /// runs to its own end, which over a link gone dark is set by `peer_keepalive`, so a send
+    /// over a dead link fails after at most about `route_timeout` + 2 × `peer_keepalive`.
     pub route_timeout: Duration,
+    /// HTTP/2 keep-alive of the connections to peers (default 5 s): a ping goes out after this
+    /// long without bytes from the peer, and the connection is dropped — failing its calls with
+    /// a retryable `Unavailable` — if no answer comes within it. Bounds how long a call hangs on
+    /// a link that went dark without a reset.
+    pub peer_keepalive: Duration,
     /// How long a node must stay down before its sessions are reaped (default TTL / 3 + poll
     /// interval): a live node whose lease the backend dropped (a failover, say) recreates it
     /// within one refresh period, so it is not mistaken for a dead one.
@@ -46,6 +50,7 @@ impl Default for ClusterConfig {
             confirm_down: ttl / 3 + ttl / 6,
             rpc_timeout: Duration::from_secs(120),
             route_timeout: ttl * 3 + Duration::from_secs(5),
+            peer_keepalive: Duration::from_secs(5),
             reap_rate: 1000,
             reap_concurrency: 64,
             sweep_interval: Duration::from_secs(30),
@@ -80,6 +85,12 @@ impl ClusterConfig {
             return Err(Error::Config(format!(
                 "member poll interval {:?} must be positive and at most the lease TTL {:?}",
                 self.poll_interval, self.lease_ttl
+            )));
+        }
+        if self.peer_keepalive < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "peer keep-alive {:?} is too short (minimum 100 ms)",
+                self.peer_keepalive
             )));
         }
         if self.reap_rate == 0 || self.reap_concurrency == 0 {

@@ -257,6 +257,18 @@ impl NodeClient {
         timeout: Duration,
         tls: Option<&ClusterTls>,
     ) -> Result<Self> {
+        Self::connect_with(address, secret, timeout, Duration::from_secs(5), tls)
+    }
+
+    /// Like [`connect`](Self::connect), with the HTTP/2 keep-alive of the connection (see
+    /// [`ClusterConfig::peer_keepalive`](crate::ClusterConfig::peer_keepalive)).
+    pub fn connect_with(
+        address: &str,
+        secret: Option<&str>,
+        timeout: Duration,
+        keepalive: Duration,
+        tls: Option<&ClusterTls>,
+    ) -> Result<Self> {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| {
@@ -265,8 +277,8 @@ impl NodeClient {
             .connect_timeout(Duration::from_secs(1).min(timeout))
             .timeout(timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5));
+            .http2_keep_alive_interval(keepalive)
+            .keep_alive_timeout(keepalive);
         if let Some(tls) = tls {
             endpoint = endpoint.tls_config(tls.client_config()).map_err(|e| {
                 normandy_core::Error::Config(format!("cluster TLS client settings: {e}"))
@@ -321,15 +333,29 @@ impl NodeClient {
     }
 
     fn map(&self, s: Status) -> normandy_core::Error {
+        if !s.details().is_empty() {
+            return from_status(&self.peer, &s);
+        }
+        // No details: the status comes from the transport, not from a node (our nodes put
+        // details on every status they send). Its cause ("keep-alive timed out", "connection
+        // reset by peer") is in the source chain, not in the message ("transport error").
+        let mut message = s.message().to_string();
+        let mut cause = std::error::Error::source(&s);
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if !message.contains(&text) {
+                message.push_str(": ");
+                message.push_str(&text);
+            }
+            cause = e.source();
+        }
         if matches!(
             s.code(),
             tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal
-        ) && s.details().is_empty()
-        {
-            // What a client sees when the node closed the connection before the call went out
-            // (our nodes put details on every status they send): a node that died, or, when it
-            // persists, a TLS mismatch, which the bare "operation was canceled" or "transport
-            // error" does not say.
+        ) {
+            // The connection closed with no reply: the node or the link went away — or, when it
+            // persists with the node up, the two sides disagree on TLS, which the bare
+            // "operation was canceled" or "h2 protocol error" does not say.
             let hint = if self.tls {
                 "this client speaks TLS: is the node plaintext, or does it not trust this \
                  client's certificate?"
@@ -339,28 +365,13 @@ impl NodeClient {
             return normandy_core::Error::Unavailable {
                 backend: "cluster peer",
                 message: format!(
-                    "node {}: connection closed before a reply ({}); if this persists, {hint}",
-                    self.peer,
-                    s.message()
+                    "node {}: connection closed with no reply ({message}); if this persists \
+                     while the node is up, {hint}",
+                    self.peer
                 ),
             };
         }
-        if s.details().is_empty() {
-            // A transport failure: its cause ("keep-alive timed out", "connection refused") is
-            // in the source chain, not in the message ("transport error").
-            let mut message = s.message().to_string();
-            let mut cause = std::error::Error::source(&s);
-            while let Some(e) = cause {
-                let text = e.to_string();
-                if !message.contains(&text) {
-                    message.push_str(": ");
-                    message.push_str(&text);
-                }
-                cause = e.source();
-            }
-            return from_status(&self.peer, &Status::new(s.code(), message));
-        }
-        from_status(&self.peer, &s)
+        from_status(&self.peer, &Status::new(s.code(), message))
     }
 
     /// The node's health: who it is, whether it serves.

@@ -18,11 +18,12 @@ use tokio::time::Instant;
 /// Node a, and node b whose RPC server the other nodes reach only through the returned proxy.
 async fn a_and_b_behind_link(
     prefix: &str,
+    a_opts: impl FnOnce(NodeOpts) -> NodeOpts,
     b_opts: impl FnOnce(NodeOpts) -> NodeOpts,
 ) -> (Node, Node, Proxy) {
     let b_addr = free_addr();
     let link = Proxy::to(&b_addr).await;
-    let a = Node::spawn(NodeOpts::new("a", prefix)).await;
+    let a = Node::spawn(a_opts(NodeOpts::new("a", prefix))).await;
     let b = Node::spawn(b_opts(
         NodeOpts::new("b", prefix).behind(&b_addr, &link.addr),
     ))
@@ -69,7 +70,7 @@ async fn send_from(
 async fn sends_over_a_slow_link_arrive_once_with_history_intact() {
     const DELAY: Duration = Duration::from_millis(40);
     let prefix = unique_prefix("slow");
-    let (a, b, link) = a_and_b_behind_link(&prefix, |o| o).await;
+    let (a, b, link) = a_and_b_behind_link(&prefix, |o| o, |o| o).await;
     link.set(Fault::Delay(DELAY));
     let mut ids = Vec::new();
     for _ in 0..3 {
@@ -163,7 +164,7 @@ async fn phase_of(b: &Node, id: &SessionId, input: &InputId) -> Option<Phase> {
 async fn a_link_reset_mid_turn_never_appends_an_input_or_runs_a_tool_twice() {
     let prefix = unique_prefix("reset");
     let (a, b, link) =
-        a_and_b_behind_link(&prefix, |o| o.model_latency(600).tool_latency(600)).await;
+        a_and_b_behind_link(&prefix, |o| o, |o| o.model_latency(600).tool_latency(600)).await;
     let id = session_on(&prefix, &b).await;
     // Each turn: model call (tool use) → `count` tool → model call → answer, ~1.8 s on b.
     // The a→b link is reset once in each phase; in the tool phase it keeps resetting every new
@@ -273,7 +274,8 @@ async fn a_link_reset_mid_turn_never_appends_an_input_or_runs_a_tool_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blackholed_link_fails_a_send_in_bounded_time_and_heals() {
     let prefix = unique_prefix("dark");
-    let (a, b, link) = a_and_b_behind_link(&prefix, |o| o).await;
+    // a gives a silent connection up after 1 s without an answer to its keep-alive ping.
+    let (a, b, link) = a_and_b_behind_link(&prefix, |o| o.peer_keepalive(1000), |o| o).await;
     let on_b = session_on(&prefix, &b).await;
     let on_a = session_on(&prefix, &a).await;
     let mut acked = Vec::new();
@@ -281,10 +283,10 @@ async fn a_blackholed_link_fails_a_send_in_bounded_time_and_heals() {
     a.send_with(&on_b, &warm, "before").await.unwrap();
     acked.push(warm);
     assert!(link.accepted() >= 1, "a reaches b through the proxy");
-    // Idle past the HTTP/2 keepalive interval (5 s): the first call over the dark link then
-    // pings at once and fails after the keepalive timeout (5 s), early enough for a to re-route
-    // over a new connection — which is dark too.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Idle past a's keep-alive interval (1 s): the first call over the dark link then pings at
+    // once and fails after the keep-alive timeout (1 s), early enough for a to re-route over a
+    // new connection — which is dark too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     link.blackhole(true);
     let connections = link.accepted();
@@ -315,11 +317,11 @@ async fn a_blackholed_link_fails_a_send_in_bounded_time_and_heals() {
     let took = started.elapsed();
     eprintln!("send over the blackholed link failed after {took:?}: {err}");
     // The bound: a's route re-routes an Unavailable until route_timeout (3 × lease TTL + 5 s =
-    // 9.5 s) has passed, and each attempt over the dark link ends when HTTP/2 keepalive gives
-    // the connection up (a ping 5 s after the last bytes read, 5 s to answer it): at most about
-    // 9.5 s + 10 s — here 5 s + 10 s — far below the 120 s rpc_timeout. (Were a to hang, the
-    // test's own client would give up after 30 s with a Timeout, not Unavailable.)
-    assert!(took < Duration::from_secs(25), "bounded: took {took:?}");
+    // 9.5 s) has passed, and each attempt over the dark link ends when HTTP/2 keep-alive gives
+    // the connection up (a ping after 1 s without bytes, 1 s to answer it): at most about
+    // 9.5 s + 2 s, far below the 120 s rpc_timeout. (Were a to hang, the test's own client would
+    // give up after 30 s with a Timeout, not Unavailable.)
+    assert!(took < Duration::from_secs(15), "bounded: took {took:?}");
     assert!(
         link.accepted() > connections,
         "a re-routed over a new connection in the dark"

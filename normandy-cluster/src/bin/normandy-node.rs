@@ -3,7 +3,8 @@
 //! ```text
 //! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
 //!     --secret S [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
-//!     [--lease-ttl-ms 1500] [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
+//!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 120000] [--peer-keepalive-ms 5000]
+//!     [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
 //!     [--worker-threads N] [TLS]
 //! normandy-node client --to ADDR --secret S [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
 //!
@@ -246,7 +247,11 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .node_name(&name)
         .bind(bind)
         .secret(secret)
-        .config(ClusterConfig::default().with_lease_ttl(ttl))
+        .config(ClusterConfig {
+            rpc_timeout: flags.ms("rpc-timeout-ms", 120_000)?,
+            peer_keepalive: flags.ms("peer-keepalive-ms", 5_000)?,
+            ..ClusterConfig::default().with_lease_ttl(ttl)
+        })
         .reaper(!flags.switch("no-reaper"));
     if let Some(a) = flags.get("advertise") {
         builder = builder.advertise(a);

@@ -75,6 +75,8 @@ pub struct NodeOpts {
     /// Address other nodes are told to reach this one at (`--advertise`), e.g. a [`Proxy`]
     /// in front of `bind`, which must then be given.
     pub advertise: Option<String>,
+    /// HTTP/2 keep-alive toward peers (`--peer-keepalive-ms`; default: the node's, 5 s).
+    pub peer_keepalive_ms: Option<u64>,
 }
 
 impl NodeOpts {
@@ -90,7 +92,13 @@ impl NodeOpts {
             redis_url: None,
             bind: None,
             advertise: None,
+            peer_keepalive_ms: None,
         }
+    }
+
+    pub fn peer_keepalive(mut self, ms: u64) -> Self {
+        self.peer_keepalive_ms = Some(ms);
+        self
     }
 
     /// Binds the RPC server to `bind` and has other nodes reach it at `advertise` only.
@@ -169,6 +177,9 @@ impl Node {
                 "a node that advertises needs a known bind"
             );
             cmd.args(["--advertise", a]);
+        }
+        if let Some(ms) = opts.peer_keepalive_ms {
+            cmd.args(["--peer-keepalive-ms", &ms.to_string()]);
         }
         if let Some(schema) = &opts.postgres_schema {
             cmd.args(["--postgres-url", &postgres_url()])
