@@ -273,6 +273,15 @@ impl Cluster {
     }
 
     /// Subscribes to the session's events after `after`, at its owner.
+    ///
+    /// # Behavior
+    /// - Committed entries after `after` first, then live entries and progress events, each seq
+    ///   once (see `Sessions::subscribe`); from a remote owner they stream over one RPC.
+    /// - The stream is tied to the owner's actor: it ends when the actor passivates or is
+    ///   fenced, and ends with a retryable `Unavailable` when the owner dies or the link to it
+    ///   fails.
+    ///   To follow the session on, subscribe again with the last seq seen: the new owner
+    ///   replays from there, so nothing is missed or repeated.
     pub async fn subscribe(&self, id: &SessionId, after: Seq) -> Result<EventStream> {
         self.inner.route_subscribe(id, after, false).await
     }

@@ -8,8 +8,11 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use common::*;
+use futures::StreamExt;
 use nix::sys::signal::Signal;
-use normandy_core::{InputId, NodeId, SessionId, SessionRegistry, TurnStatus};
+use normandy_core::{
+    ErrorKind, InputId, NodeId, SessionId, SessionRegistry, TurnEvent, TurnStatus,
+};
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
 use tonic::Code;
 
@@ -165,6 +168,74 @@ async fn lazy_sessions_continue_on_another_node_after_owner_sigkill() {
     // Idle sessions cost nothing: the survivors only hold the ones asked for.
     let live: u64 = health_sum(&[&ns[1], &ns[2]], |h| h.live).await;
     assert_eq!(live, 10);
+    drop(ns);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_subscription_ends_when_its_owner_dies_and_resumes_from_the_last_seq() {
+    let prefix = unique_prefix("sub-kill");
+    let mut ns = nodes(&prefix, &["a", "b"], |o| o).await;
+    let id = ns[0].client.start("demo", None).await.unwrap();
+    ns[0].send(&id, "one").await.unwrap(); // owned by a
+    // Subscribed through b: routed to a, streamed back over RPC.
+    let mut events = ns[1].client.subscribe(&id, 0).await.unwrap();
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("replay arrives")
+        {
+            Some(Ok(TurnEvent::Entry(e))) => seqs.push(e.seq),
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ns[0].kill9().await;
+    // The stream does not hang on a dead owner: it ends, or fails retryably, in bounded time.
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match events.next().await {
+                None => return None,
+                Some(Err(e)) => return Some(e),
+                Some(Ok(TurnEvent::Entry(e))) => panic!("no entry after the kill: {}", e.seq),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("the subscription ends after its owner's death");
+    if let Some(e) = end {
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+    }
+    // Following on: subscribe again after the last seq seen. The session comes back on b (lazy
+    // rehydrate) and the new stream holds exactly what came after.
+    let last = *seqs.last().unwrap();
+    let mut events = ns[1].client.subscribe(&id, last).await.unwrap();
+    let out = ns[1].send(&id, "two").await.unwrap();
+    assert_eq!(out.text(), "echo: two");
+    let mut after = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("live events after resubscribing")
+        {
+            Some(Ok(TurnEvent::Entry(e))) => after.push(e.seq),
+            Some(Ok(TurnEvent::TurnFinished(o))) => {
+                assert_eq!(o.text(), "echo: two");
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(!after.is_empty());
+    assert_eq!(
+        after[0],
+        last + 1,
+        "no gap and no repeat after the last seq"
+    );
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
     drop(ns);
     cleanup(&prefix).await;
 }

@@ -1,18 +1,14 @@
-//! A counting global allocator, so benches can report bytes held per live session. It counts
-//! over mimalloc, the allocator `normandy-node` uses, so every bench runs on the same allocator
-//! as the nodes it is compared with.
+//! A counting global allocator, so benches can report bytes held per live session.
 
-use std::alloc::{GlobalAlloc, Layout};
-
-use mimalloc::MiMalloc as System;
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
-/// mimalloc, counting the bytes currently allocated.
+/// The system allocator, counting the bytes currently allocated.
 pub(crate) struct Counting;
 
 static ALLOCATED: AtomicIsize = AtomicIsize::new(0);
 
-// SAFETY: every call forwards to mimalloc unchanged; the counter is only bookkeeping.
+// SAFETY: every call forwards to `System` unchanged; the counter is only bookkeeping.
 #[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {

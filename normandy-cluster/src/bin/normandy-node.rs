@@ -33,12 +33,6 @@ use normandy_core::{
     async_trait,
 };
 
-/// mimalloc: a node is a many-threaded async server that allocates on one thread and frees on
-/// another all the time. Profiled under `cargo xtask bench cluster`, glibc's malloc and free took
-/// about 20% of a busy process's CPU (arena locks, consolidation); mimalloc about 6%.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// The non-idempotent demo tool: counts its runs per call id in Redis.
 struct CountTool {
     con: redis::aio::ConnectionManager,
