@@ -77,7 +77,19 @@ impl Drop for Proc {
 }
 
 fn spawn(bin: &std::path::Path, name: &str, prefix: &str, model_ms: u64) -> Result<Proc> {
-    let mut child = Command::new(bin)
+    let mut cmd = Command::new(bin);
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
+    // async-signal-safe. The kernel SIGKILLs the node if this process dies without dropping it
+    // (interrupted bench), so no node outlives the bench.
+    #[allow(unsafe_code)]
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    let mut child = cmd
         .args(["serve", "--name", name, "--bind", "127.0.0.1:0"])
         .args([
             "--redis-url",
