@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use futures::StreamExt;
 use normandy_core::{
     CredentialProvider, Entry, Error, EventStream, Input, InputId, Member, Membership, NodeId,
     OwnerFilter, Result, Seq, SessionId, SessionRegistry, SessionStore, Sessions, StartOptions,
@@ -284,6 +285,93 @@ impl Cluster {
     ///   replays from there, so nothing is missed or repeated.
     pub async fn subscribe(&self, id: &SessionId, after: Seq) -> Result<EventStream> {
         self.inner.route_subscribe(id, after, false).await
+    }
+
+    /// Follows the session's events after `after` wherever it lives: a [`subscribe`]
+    /// (Self::subscribe) that subscribes again, after the last seq it yielded, whenever its
+    /// stream ends or fails retryably — the owner passivated, died, was fenced, or the link to
+    /// it failed.
+    ///
+    /// # Behavior
+    /// - Each committed entry once, in seq order, with no gap across re-subscriptions. Progress
+    ///   events (model call started, turn finished) are live only: those emitted while the
+    ///   stream was between subscriptions — including while nobody polled it — are not
+    ///   replayed; the entries they stand for are.
+    /// - Re-subscribing activates the session, so a followed session stays live (or comes back
+    ///   after each passivation) for as long as the stream is held.
+    /// - Waits between attempts grow from 20 ms to 1 s while they keep failing, and reset once
+    ///   an event arrives.
+    /// - Ends after a non-retryable error, which it yields (the session was closed or deleted,
+    ///   say), or when this node shuts down. Drop the stream to stop following.
+    /// - The first subscription is made before this returns (its error is this call's), so no
+    ///   event committed after the call is missed.
+    pub async fn follow(&self, id: &SessionId, after: Seq) -> Result<EventStream> {
+        let first = self.inner.route_subscribe(id, after, false).await?;
+        struct Follow {
+            inner: Arc<ClusterInner>,
+            id: SessionId,
+            last: Seq,
+            current: Option<EventStream>,
+            failures: u32,
+        }
+        let state = Follow {
+            inner: self.inner.clone(),
+            id: id.clone(),
+            last: after,
+            current: Some(first),
+            failures: 0,
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            Some(state),
+            |state| async move {
+                let mut st = state?;
+                loop {
+                    if st.inner.stopped() {
+                        return None;
+                    }
+                    let mut stream = match st.current.take() {
+                        Some(stream) => stream,
+                        None => {
+                            if st.failures > 0 {
+                                let wait = Duration::from_millis(20)
+                                    .saturating_mul(1 << st.failures.min(6))
+                                    .min(Duration::from_secs(1));
+                                tokio::time::sleep(wait).await;
+                            }
+                            match st.inner.route_subscribe(&st.id, st.last, false).await {
+                                Ok(stream) => stream,
+                                Err(e) if e.is_retryable() => {
+                                    debug!(session = %st.id, error = %e, "follow: subscribing again");
+                                    st.failures += 1;
+                                    continue;
+                                }
+                                Err(e) => return Some((Err(e), None)),
+                            }
+                        }
+                    };
+                    match stream.next().await {
+                        Some(Ok(event)) => {
+                            st.current = Some(stream);
+                            if let Some(seq) = event.seq() {
+                                if seq <= st.last {
+                                    continue; // already yielded before a re-subscription
+                                }
+                                st.last = seq;
+                            }
+                            st.failures = 0;
+                            return Some((Ok(event), Some(st)));
+                        }
+                        Some(Err(e)) if e.is_retryable() => {
+                            debug!(session = %st.id, error = %e, "follow: stream failed; subscribing again");
+                            st.failures += 1;
+                        }
+                        Some(Err(e)) => return Some((Err(e), None)),
+                        // The owner's actor went away (passivated, fenced, moved): follow it.
+                        None => st.failures += 1,
+                    }
+                }
+            },
+        )))
     }
 
     /// Cancels the session's running turn, at its owner.

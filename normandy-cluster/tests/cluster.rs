@@ -10,8 +10,10 @@ use std::time::Duration;
 use common::*;
 use futures::StreamExt;
 use nix::sys::signal::Signal;
+use normandy_cluster::Cluster;
 use normandy_core::{
-    ErrorKind, InputId, NodeId, SessionId, SessionRegistry, TurnEvent, TurnStatus,
+    CatalogEntry, ConfigTemplate, EntryPayload, ErrorKind, InputId, NodeId, ScriptedClient,
+    SessionId, SessionRegistry, TemplateCatalog, TurnEvent, TurnStatus,
 };
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
 use tonic::Code;
@@ -236,6 +238,74 @@ async fn a_remote_subscription_ends_when_its_owner_dies_and_resumes_from_the_las
         "no gap and no repeat after the last seq"
     );
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+    drop(ns);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follow_streams_on_across_the_owners_sigkill_without_gap_or_repeat() {
+    let prefix = unique_prefix("follow-kill");
+    let mut ns = nodes(&prefix, &["a"], |o| o).await;
+    // This test process is a node too (library API), with the `echo` template the binary has.
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("echo", "scripted"),
+            CatalogEntry::with_client(ScriptedClient::echo()),
+        )
+        .unwrap();
+    let me = Cluster::redis(catalog, &redis_url())
+        .prefix(&prefix)
+        .node_name("me")
+        .secret(SECRET)
+        .build()
+        .await
+        .unwrap();
+    ns[0].wait_members(2).await;
+    let id = ns[0].client.start("echo", None).await.unwrap();
+    ns[0].send(&id, "one").await.unwrap(); // owned by a
+    let follow = me.follow(&id, 0).await.unwrap();
+    // Drain it continuously, as a UI would, into a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move {
+        let mut follow = follow;
+        while let Some(ev) = follow.next().await {
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seqs = Vec::new();
+    let mut next_turn_end = async |seqs: &mut Vec<u64>| loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("follow stalled; seqs so far {seqs:?}"))
+        {
+            Some(Ok(TurnEvent::Entry(e))) => {
+                seqs.push(e.seq);
+                if matches!(e.payload, EntryPayload::TurnEnd { .. }) {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("follow ended: {other:?}"),
+        }
+    };
+    next_turn_end(&mut seqs).await; // the replay of turn one
+    ns[0].kill9().await;
+    // The next request re-routes until a's lease lapses, then the session comes back here.
+    let out = me.send(&id, "two").await.unwrap();
+    assert_eq!(out.text(), "echo: two");
+    next_turn_end(&mut seqs).await; // turn two, followed across the owner's death
+    assert_eq!(seqs.first(), Some(&1));
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "each seq once, in order: {seqs:?}"
+    );
+    let s = summarize(&me.history_all(&id).await.unwrap());
+    assert_eq!(s.inputs.len(), 2);
+    assert!(s.inputs.values().all(|n| *n == 1));
+    drain.abort();
+    me.shutdown().await;
     drop(ns);
     cleanup(&prefix).await;
 }

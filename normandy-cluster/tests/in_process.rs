@@ -9,7 +9,7 @@ use common::{cleanup, redis_url, unique_prefix};
 use futures::StreamExt;
 use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
 use normandy_core::{
-    CatalogEntry, ConfigTemplate, ErrorKind, FromClient, Member, Membership, NodeId,
+    CatalogEntry, ConfigTemplate, EntryPayload, ErrorKind, FromClient, Member, Membership, NodeId,
     ScriptedClient, TemplateCatalog, TurnEvent,
 };
 
@@ -260,5 +260,96 @@ async fn the_membership_lease_is_the_registry_lease() {
     // Dropping the membership lease is what makes the placement stop resolving.
     m.leave(&me.node).await.unwrap();
     assert_eq!(registry.lookup(&id).await.unwrap(), None);
+    cleanup(&prefix).await;
+}
+
+/// Reads events from `stream` until a turn-end entry, collecting entry seqs. Entries only: a
+/// follow guarantees every entry, while progress events of a moment it was re-subscribing are
+/// gone.
+async fn until_turn_end(stream: &mut normandy_core::EventStream, seqs: &mut Vec<u64>) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap_or_else(|_| panic!("events stopped; seqs so far {seqs:?}"))
+        {
+            Some(Ok(TurnEvent::Entry(e))) => {
+                seqs.push(e.seq);
+                if matches!(e.payload, EntryPayload::TurnEnd { .. }) {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_close() {
+    let prefix = unique_prefix("follow");
+    let short = |name: &'static str| {
+        let prefix = prefix.clone();
+        async move {
+            Cluster::redis(catalog(), &redis_url())
+                .prefix(&prefix)
+                .node_name(name)
+                .secret("in-process-secret")
+                .idle_timeout(Duration::from_millis(300))
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+    let a = short("a").await;
+    let b = short("b").await;
+    let id = a.start("echo").await.unwrap();
+    a.send(&id, "one").await.unwrap(); // placed on a
+    let mut follow = b.follow(&id, 0).await.unwrap(); // remote: b follows a's actor
+    let mut seqs = Vec::new();
+    until_turn_end(&mut follow, &mut seqs).await; // the replay of turn one
+    assert_eq!(b.send(&id, "two").await.unwrap().text(), "echo: two");
+    until_turn_end(&mut follow, &mut seqs).await; // turn two, live
+
+    // a passivates the session (idle), which ends the stream under `follow`: it subscribes
+    // again (when next polled), which places the session anew — and `b.send` goes wherever
+    // that is.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(a.sessions().live_count(), 0, "a passivated the session");
+    let out = b.send(&id, "three").await.unwrap();
+    assert_eq!(out.text(), "echo: three");
+    until_turn_end(&mut follow, &mut seqs).await;
+    // Every entry once, in order, no gap, across the re-subscription.
+    assert_eq!(seqs.first(), Some(&1));
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "each seq once, in order: {seqs:?}"
+    );
+    let stored = a.history_all(&id).await.unwrap();
+    assert_eq!(seqs.last(), stored.last().map(|e| &e.seq));
+
+    // Closing the session ends the follow with the reason.
+    a.stop(&id).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match follow.next().await {
+                None => return None,
+                Some(Err(e)) => return Some(e),
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+    .expect("follow ends once the session is closed");
+    if let Some(e) = end {
+        assert!(!e.is_retryable(), "ends on a final error only: {e}");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), follow.next())
+            .await
+            .expect("ended")
+            .is_none()
+    );
+    b.shutdown().await;
+    a.shutdown().await;
     cleanup(&prefix).await;
 }
