@@ -302,19 +302,22 @@ impl Cluster {
     /// - Waits between attempts grow from 20 ms to 1 s while they keep failing, and reset once
     ///   an event arrives.
     /// - Ends after a non-retryable error, which it yields (the session was closed or deleted,
-    ///   say), or when this node shuts down. Drop the stream to stop following.
+    ///   say), and, silently, when this node starts shutting down (follow on through another
+    ///   node). Drop the stream to stop following.
     /// - The first subscription is made before this returns (its error is this call's), so no
     ///   event committed after the call is missed.
     pub async fn follow(&self, id: &SessionId, after: Seq) -> Result<EventStream> {
         let first = self.inner.route_subscribe(id, after, false).await?;
         struct Follow {
             inner: Arc<ClusterInner>,
+            stop: watch::Receiver<bool>,
             id: SessionId,
             last: Seq,
             current: Option<EventStream>,
             failures: u32,
         }
         let state = Follow {
+            stop: self.inner.stop.subscribe(),
             inner: self.inner.clone(),
             id: id.clone(),
             last: after,
@@ -326,7 +329,9 @@ impl Cluster {
             |state| async move {
                 let mut st = state?;
                 loop {
-                    if st.inner.stopped() {
+                    // A node that drains or stops ends its follows (their callers follow on through
+                    // another node); nothing here holds up its shutdown.
+                    if st.inner.stopped() || st.inner.draining.load(Ordering::SeqCst) {
                         return None;
                     }
                     let mut stream = match st.current.take() {
@@ -334,13 +339,20 @@ impl Cluster {
                         None => {
                             if st.failures > 0 {
                                 let wait = Duration::from_millis(20)
-                                    .saturating_mul(1 << st.failures.min(6))
+                                    .saturating_mul(1 << (st.failures - 1).min(6))
                                     .min(Duration::from_secs(1));
-                                tokio::time::sleep(wait).await;
+                                tokio::select! {
+                                    _ = tokio::time::sleep(wait) => {}
+                                    _ = st.stop.wait_for(|s| *s) => return None,
+                                }
                             }
-                            match st.inner.route_subscribe(&st.id, st.last, false).await {
+                            let subscribed = tokio::select! {
+                                r = st.inner.route_subscribe(&st.id, st.last, false) => r,
+                                _ = st.stop.wait_for(|s| *s) => return None,
+                            };
+                            match subscribed {
                                 Ok(stream) => stream,
-                                Err(e) if e.is_retryable() => {
+                                Err(e) if follow_on(&e) => {
                                     debug!(session = %st.id, error = %e, "follow: subscribing again");
                                     st.failures += 1;
                                     continue;
@@ -349,7 +361,11 @@ impl Cluster {
                             }
                         }
                     };
-                    match stream.next().await {
+                    let next = tokio::select! {
+                        next = stream.next() => next,
+                        _ = st.stop.wait_for(|s| *s) => return None,
+                    };
+                    match next {
                         Some(Ok(event)) => {
                             st.current = Some(stream);
                             if let Some(seq) = event.seq() {
@@ -361,7 +377,7 @@ impl Cluster {
                             st.failures = 0;
                             return Some((Ok(event), Some(st)));
                         }
-                        Some(Err(e)) if e.is_retryable() => {
+                        Some(Err(e)) if follow_on(&e) => {
                             debug!(session = %st.id, error = %e, "follow: stream failed; subscribing again");
                             st.failures += 1;
                         }
@@ -534,10 +550,14 @@ impl ClusterBuilder {
             ));
         }
         if let Some(tls) = &self.tls {
-            // Fail here, with the reason, rather than in the server task after startup.
+            // Fail here, with the reason, rather than in the server task after startup or on
+            // the first forwarded request.
             tonic::transport::Server::builder()
                 .tls_config(tls.server_config())
                 .map_err(|e| Error::Config(format!("cluster TLS server settings: {e}")))?;
+            tonic::transport::Endpoint::from_static("https://127.0.0.1:1")
+                .tls_config(tls.client_config())
+                .map_err(|e| Error::Config(format!("cluster TLS client settings: {e}")))?;
         }
         let node = NodeId::with_fresh_incarnation(&self.name)?;
         let listener = tokio::net::TcpListener::bind(self.bind)
@@ -756,6 +776,12 @@ async fn serve(inner: Arc<ClusterInner>, listener: tokio::net::TcpListener) {
 
 /// Entries of the route cache before it is cleared.
 const ROUTE_CACHE_MAX: usize = 100_000;
+
+/// Whether a follow subscribes again after `e`: whatever a request would re-route, and any
+/// other retryable error.
+fn follow_on(e: &Error) -> bool {
+    reroutable(e) || e.is_retryable()
+}
 
 /// Whether a failed request should be retried after a fresh lookup.
 fn reroutable(e: &Error) -> bool {

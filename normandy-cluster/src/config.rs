@@ -13,7 +13,9 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// How often survivors read the member list (default TTL / 6).
     pub poll_interval: Duration,
-    /// Deadline of one RPC, a whole turn included (default 120 s), set on both sides.
+    /// Deadline of one RPC, a whole turn included, set on both sides (default 11 min: longer
+    /// than the default 10-minute turn deadline, so a remote caller waits as long as a local
+    /// one). A dead link is noticed sooner, by `peer_keepalive`.
     pub rpc_timeout: Duration,
     /// How long a request keeps re-routing after stale routes (owner moved or died) before it
     /// gives up with the last error (default 3 × TTL + 5 s: long enough for a dead owner's lease
@@ -48,7 +50,7 @@ impl Default for ClusterConfig {
             lease_ttl: ttl,
             poll_interval: ttl / 6,
             confirm_down: ttl / 3 + ttl / 6,
-            rpc_timeout: Duration::from_secs(120),
+            rpc_timeout: Duration::from_secs(660),
             route_timeout: ttl * 3 + Duration::from_secs(5),
             peer_keepalive: Duration::from_secs(5),
             reap_rate: 1000,
@@ -85,6 +87,12 @@ impl ClusterConfig {
             return Err(Error::Config(format!(
                 "member poll interval {:?} must be positive and at most the lease TTL {:?}",
                 self.poll_interval, self.lease_ttl
+            )));
+        }
+        if self.rpc_timeout < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "RPC timeout {:?} is too short (minimum 100 ms; it bounds a whole remote turn)",
+                self.rpc_timeout
             )));
         }
         if self.peer_keepalive < Duration::from_millis(100) {

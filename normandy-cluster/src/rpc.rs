@@ -33,6 +33,11 @@ use crate::wire::{
     SubscribeRequest, WireEvent, WireOutcome, from_status, path,
 };
 
+/// Largest reply (history page, event, outcome) a client decodes: far above any input (1 MiB by
+/// default) so that large tool results stream through, and finite so a broken peer cannot make
+/// it buffer without bound. tonic's own default is 4 MiB.
+const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// The metadata key carrying the cluster secret.
 const AUTH_HEADER: &str = "authorization";
 
@@ -224,6 +229,65 @@ where
     }
 }
 
+/// The error for a failed call to `peer`. A status with details came from a node and is rebuilt
+/// as the error it was; one without came from the transport, and keeps its cause chain.
+fn map_status(peer: &str, tls: bool, timeout: Duration, s: Status) -> normandy_core::Error {
+    if !s.details().is_empty() {
+        return from_status(peer, &s);
+    }
+    // The cause ("keep-alive timed out", "connection reset by peer") is in the source chain,
+    // not in the message ("transport error").
+    let mut message = s.message().to_string();
+    let mut timed_out = false;
+    let mut cause = std::error::Error::source(&s);
+    while let Some(e) = cause {
+        timed_out |= e.is::<tonic::TimeoutExpired>();
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = e.source();
+    }
+    if timed_out || (s.code() == tonic::Code::Cancelled && s.message() == "Timeout expired") {
+        return normandy_core::Error::Timeout {
+            session: None,
+            what: format!(
+                "call to node {peer} (RPC deadline {timeout:?}, ClusterConfig::rpc_timeout)"
+            ),
+        };
+    }
+    match s.code() {
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted => {
+            // A message over a size limit: the same request would fail the same way again.
+            normandy_core::Error::Backend {
+                backend: "cluster peer",
+                message: format!("node {peer}: {message}"),
+                retryable: false,
+            }
+        }
+        tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal => {
+            // The connection closed with no reply: the node or the link went away — or, when it
+            // persists with the node up, the two sides disagree on TLS, which the bare
+            // "operation was canceled" or "h2 protocol error" does not say.
+            let hint = if tls {
+                "this client speaks TLS: is the node plaintext, or does it not trust this \
+                 client's certificate?"
+            } else {
+                "this client speaks plaintext: does the node require TLS?"
+            };
+            normandy_core::Error::Unavailable {
+                backend: "cluster peer",
+                message: format!(
+                    "node {peer}: connection closed with no reply ({message}); if this persists \
+                     while the node is up, {hint}"
+                ),
+            }
+        }
+        code => from_status(peer, &Status::new(code, message)),
+    }
+}
+
 /// A client for one node's RPC service. Cheap to clone: clones share one HTTP/2 connection.
 #[derive(Clone)]
 pub struct NodeClient {
@@ -269,6 +333,12 @@ impl NodeClient {
         keepalive: Duration,
         tls: Option<&ClusterTls>,
     ) -> Result<Self> {
+        if timeout < Duration::from_millis(1) || keepalive < Duration::from_millis(100) {
+            return Err(normandy_core::Error::Config(format!(
+                "node client timeout {timeout:?} (minimum 1 ms) or keep-alive {keepalive:?} \
+                 (minimum 100 ms) too short"
+            )));
+        }
         let scheme = if tls.is_some() { "https" } else { "http" };
         let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| {
@@ -318,7 +388,8 @@ impl NodeClient {
         M1: serde::Serialize + Send + Sync + 'static,
         M2: serde::de::DeserializeOwned + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(MAX_REPLY_BYTES);
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
@@ -333,45 +404,7 @@ impl NodeClient {
     }
 
     fn map(&self, s: Status) -> normandy_core::Error {
-        if !s.details().is_empty() {
-            return from_status(&self.peer, &s);
-        }
-        // No details: the status comes from the transport, not from a node (our nodes put
-        // details on every status they send). Its cause ("keep-alive timed out", "connection
-        // reset by peer") is in the source chain, not in the message ("transport error").
-        let mut message = s.message().to_string();
-        let mut cause = std::error::Error::source(&s);
-        while let Some(e) = cause {
-            let text = e.to_string();
-            if !message.contains(&text) {
-                message.push_str(": ");
-                message.push_str(&text);
-            }
-            cause = e.source();
-        }
-        if matches!(
-            s.code(),
-            tonic::Code::Cancelled | tonic::Code::Unknown | tonic::Code::Internal
-        ) {
-            // The connection closed with no reply: the node or the link went away — or, when it
-            // persists with the node up, the two sides disagree on TLS, which the bare
-            // "operation was canceled" or "h2 protocol error" does not say.
-            let hint = if self.tls {
-                "this client speaks TLS: is the node plaintext, or does it not trust this \
-                 client's certificate?"
-            } else {
-                "this client speaks plaintext: does the node require TLS?"
-            };
-            return normandy_core::Error::Unavailable {
-                backend: "cluster peer",
-                message: format!(
-                    "node {}: connection closed with no reply ({message}); if this persists \
-                     while the node is up, {hint}",
-                    self.peer
-                ),
-            };
-        }
-        from_status(&self.peer, &Status::new(s.code(), message))
+        map_status(&self.peer, self.tls, self.timeout, s)
     }
 
     /// The node's health: who it is, whether it serves.
@@ -498,7 +531,8 @@ impl NodeClient {
         after: Seq,
         forwarded: bool,
     ) -> Result<EventStream> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(MAX_REPLY_BYTES);
         grpc.ready()
             .await
             .map_err(|e| self.map(Status::unavailable(format!("connection not ready: {e}"))))?;
@@ -519,10 +553,10 @@ impl NodeClient {
             )
             .await
             .map_err(|s| self.map(s))?;
-        let peer = self.peer.clone();
+        let (peer, tls, timeout) = (self.peer.clone(), self.tls, self.timeout);
         Ok(Box::pin(resp.into_inner().map(move |item| match item {
             Ok(ev) => Ok(ev.into_event()),
-            Err(s) => Err(from_status(&peer, &s)),
+            Err(s) => Err(map_status(&peer, tls, timeout, s)),
         })))
     }
 
@@ -537,7 +571,8 @@ impl NodeClient {
 
     /// Sends `bytes` as the body of a `Send` call, unchecked: for tests of malformed payloads.
     pub async fn send_raw(&self, bytes: Vec<u8>) -> std::result::Result<(), Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
+            .max_decoding_message_size(MAX_REPLY_BYTES);
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
@@ -549,5 +584,52 @@ impl NodeClient {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use normandy_core::ErrorKind;
+
+    #[test]
+    fn transport_statuses_map_to_what_the_caller_can_do() {
+        let t = Duration::from_secs(3);
+        let e = map_status("n:1", false, t, Status::cancelled("Timeout expired"));
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(e.to_string().contains("rpc_timeout"), "{e}");
+        let e = map_status("n:1", false, t, Status::out_of_range("message too large"));
+        assert!(!e.is_retryable(), "the same call would fail again: {e}");
+        let e = map_status("n:1", true, t, Status::cancelled("operation was canceled"));
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(e.to_string().contains("speaks TLS"), "{e}");
+        let e = map_status("n:1", false, t, Status::unavailable("tcp connect error"));
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert!(
+            !e.to_string().contains("TLS"),
+            "no TLS hint for a refused connection: {e}"
+        );
+    }
+
+    #[test]
+    fn client_timeouts_too_short_are_config_errors() {
+        let e = NodeClient::connect_with(
+            "127.0.0.1:1",
+            None,
+            Duration::ZERO,
+            Duration::from_secs(5),
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
+        let e = NodeClient::connect_with(
+            "127.0.0.1:1",
+            None,
+            Duration::from_secs(1),
+            Duration::ZERO,
+            None,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Config);
     }
 }

@@ -112,7 +112,10 @@ impl ClusterTls {
     }
 
     pub(crate) fn server_config(&self) -> ServerTlsConfig {
-        let config = ServerTlsConfig::new().identity(self.identity());
+        // A caller that opens a connection and never finishes the handshake is dropped.
+        let config = ServerTlsConfig::new()
+            .identity(self.identity())
+            .timeout(std::time::Duration::from_secs(10));
         if self.require_client_cert {
             config.client_ca_root(Certificate::from_pem(&self.ca_pem))
         } else {

@@ -263,12 +263,15 @@ async fn the_membership_lease_is_the_registry_lease() {
     cleanup(&prefix).await;
 }
 
-/// Reads events from `stream` until a turn-end entry, collecting entry seqs. Entries only: a
+/// Reads forwarded follow events until a turn-end entry, collecting entry seqs. Entries only: a
 /// follow guarantees every entry, while progress events of a moment it was re-subscribing are
 /// gone.
-async fn until_turn_end(stream: &mut normandy_core::EventStream, seqs: &mut Vec<u64>) {
+async fn until_turn_end(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<normandy_core::Result<TurnEvent>>,
+    seqs: &mut Vec<u64>,
+) {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), stream.next())
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
             .unwrap_or_else(|_| panic!("events stopped; seqs so far {seqs:?}"))
         {
@@ -304,20 +307,36 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
     let b = short("b").await;
     let id = a.start("echo").await.unwrap();
     a.send(&id, "one").await.unwrap(); // placed on a
-    let mut follow = b.follow(&id, 0).await.unwrap(); // remote: b follows a's actor
+    // b follows a's actor remotely; a task drains it all along, as a UI would.
+    let mut follow = b.follow(&id, 0).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move {
+        while let Some(ev) = follow.next().await {
+            let _ = tx.send(ev);
+        }
+    });
     let mut seqs = Vec::new();
-    until_turn_end(&mut follow, &mut seqs).await; // the replay of turn one
+    until_turn_end(&mut rx, &mut seqs).await; // the replay of turn one
     assert_eq!(b.send(&id, "two").await.unwrap().text(), "echo: two");
-    until_turn_end(&mut follow, &mut seqs).await; // turn two, live
+    until_turn_end(&mut rx, &mut seqs).await; // turn two, live
 
-    // a passivates the session (idle), which ends the stream under `follow`: it subscribes
-    // again (when next polled), which places the session anew — and `b.send` goes wherever
-    // that is.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(a.sessions().live_count(), 0, "a passivated the session");
+    // a passivates the session (idle). That ends the stream under `follow`, which subscribes
+    // again at once and so places the session anew; `b.send` goes wherever that is.
+    common::eventually(
+        Duration::from_secs(10),
+        "a passivates the session",
+        || async { a.sessions().live_count() == 0 },
+    )
+    .await;
+    common::eventually(
+        Duration::from_secs(10),
+        "the follow re-placed it",
+        || async { a.sessions().live_count() + b.sessions().live_count() == 1 },
+    )
+    .await;
     let out = b.send(&id, "three").await.unwrap();
     assert_eq!(out.text(), "echo: three");
-    until_turn_end(&mut follow, &mut seqs).await;
+    until_turn_end(&mut rx, &mut seqs).await;
     // Every entry once, in order, no gap, across the re-subscription.
     assert_eq!(seqs.first(), Some(&1));
     assert!(
@@ -331,7 +350,7 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
     a.stop(&id).await.unwrap();
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            match follow.next().await {
+            match rx.recv().await {
                 None => return None,
                 Some(Err(e)) => return Some(e),
                 Some(Ok(_)) => {}
@@ -339,16 +358,13 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
         }
     })
     .await
-    .expect("follow ends once the session is closed");
-    if let Some(e) = end {
-        assert!(!e.is_retryable(), "ends on a final error only: {e}");
-    }
-    assert!(
-        tokio::time::timeout(Duration::from_secs(2), follow.next())
-            .await
-            .expect("ended")
-            .is_none()
-    );
+    .expect("follow ends once the session is closed")
+    .expect("with the reason");
+    assert_eq!(end.kind(), ErrorKind::SessionClosed, "{end}");
+    tokio::time::timeout(Duration::from_secs(2), drain)
+        .await
+        .expect("the stream ended")
+        .unwrap();
     b.shutdown().await;
     a.shutdown().await;
     cleanup(&prefix).await;

@@ -164,7 +164,7 @@ async fn phase_of(b: &Node, id: &SessionId, input: &InputId) -> Option<Phase> {
 async fn a_link_reset_mid_turn_never_appends_an_input_or_runs_a_tool_twice() {
     let prefix = unique_prefix("reset");
     let (a, b, link) =
-        a_and_b_behind_link(&prefix, |o| o, |o| o.model_latency(600).tool_latency(600)).await;
+        a_and_b_behind_link(&prefix, |o| o, |o| o.model_latency(1000).tool_latency(1000)).await;
     let id = session_on(&prefix, &b).await;
     // Each turn: model call (tool use) → `count` tool → model call → answer, ~1.8 s on b.
     // The a→b link is reset once in each phase; in the tool phase it keeps resetting every new

@@ -161,6 +161,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
     let stranger = Pki::new("some other CA");
     let err = probe(Some(stranger.node_tls())).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
 
     // Trusts our CA (so it accepts the node) but presents a certificate the cluster never
     // issued: mutual TLS refuses it in the handshake, secret or not.
@@ -168,6 +169,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
     let impostor = ClusterTls::from_pem(cert, key, pki.ca_pem()).unwrap();
     let err = probe(Some(impostor.clone())).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("connection closed"), "{err}");
     // ...and only for that: a node that does not require client certificates serves it (the
     // cluster secret is then the only check on callers).
     let lax = node(&prefix, "lax", pki.node_tls().require_client_cert(false)).await;
@@ -184,6 +186,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.to_string().contains("not valid for name"), "{err}");
 
     // The node kept serving through all of it.
     assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, *a.node());

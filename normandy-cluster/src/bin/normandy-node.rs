@@ -3,7 +3,7 @@
 //! ```text
 //! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
 //!     --secret S [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
-//!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 120000] [--peer-keepalive-ms 5000]
+//!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 660000] [--peer-keepalive-ms 5000]
 //!     [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
 //!     [--worker-threads N] [TLS]
 //! normandy-node client --to ADDR --secret S [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
@@ -242,7 +242,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .bind(bind)
         .secret(secret)
         .config(ClusterConfig {
-            rpc_timeout: flags.ms("rpc-timeout-ms", 120_000)?,
+            rpc_timeout: flags.ms("rpc-timeout-ms", 660_000)?,
             peer_keepalive: flags.ms("peer-keepalive-ms", 5_000)?,
             ..ClusterConfig::default().with_lease_ttl(ttl)
         })
@@ -300,7 +300,12 @@ fn tls(flags: &Flags) -> anyhow::Result<Option<ClusterTls>> {
         flags.get("tls-ca"),
     );
     let (Some(cert), Some(key), Some(ca)) = (&cert, &key, &ca) else {
-        if cert.is_some() || key.is_some() || ca.is_some() {
+        if cert.is_some()
+            || key.is_some()
+            || ca.is_some()
+            || flags.get("tls-server-name").is_some()
+            || flags.switch("no-tls-client-cert")
+        {
             bail!("TLS needs all of --tls-cert, --tls-key and --tls-ca");
         }
         return Ok(None);

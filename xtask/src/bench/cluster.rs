@@ -467,6 +467,9 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat`.
 fn cpu_time(pid: u32) -> Duration {
+    if pid == 0 {
+        return Duration::ZERO;
+    }
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
@@ -518,10 +521,20 @@ async fn redis_pid() -> Result<u32> {
         .arg("server")
         .query_async(&mut con)
         .await?;
-    info.lines()
+    let pid: u32 = info
+        .lines()
         .find_map(|l| l.strip_prefix("process_id:"))
         .and_then(|v| v.trim().parse().ok())
-        .context("redis INFO has no process_id")
+        .context("redis INFO has no process_id")?;
+    // A server in a container or on another host reports a pid of another namespace: measure
+    // it only if that pid here is a redis-server (else its column reads 0).
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    if comm.trim() == "redis-server" {
+        Ok(pid)
+    } else {
+        println!("  (Redis is not a local process: its CPU column is not measured)");
+        Ok(0)
+    }
 }
 
 async fn run_sends(
