@@ -388,8 +388,7 @@ impl NodeClient {
         M1: serde::Serialize + Send + Sync + 'static,
         M2: serde::de::DeserializeOwned + Send + Sync + 'static,
     {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
-            .max_decoding_message_size(MAX_REPLY_BYTES);
+        let mut grpc = self.grpc();
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
@@ -405,6 +404,11 @@ impl NodeClient {
 
     fn map(&self, s: Status) -> normandy_core::Error {
         map_status(&self.peer, self.tls, self.timeout, s)
+    }
+
+    /// A gRPC client on the shared channel, with this crate's reply size limit.
+    fn grpc(&self) -> tonic::client::Grpc<Channel> {
+        tonic::client::Grpc::new(self.channel.clone()).max_decoding_message_size(MAX_REPLY_BYTES)
     }
 
     /// The node's health: who it is, whether it serves.
@@ -531,8 +535,7 @@ impl NodeClient {
         after: Seq,
         forwarded: bool,
     ) -> Result<EventStream> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
-            .max_decoding_message_size(MAX_REPLY_BYTES);
+        let mut grpc = self.grpc();
         grpc.ready()
             .await
             .map_err(|e| self.map(Status::unavailable(format!("connection not ready: {e}"))))?;
@@ -571,8 +574,7 @@ impl NodeClient {
 
     /// Sends `bytes` as the body of a `Send` call, unchecked: for tests of malformed payloads.
     pub async fn send_raw(&self, bytes: Vec<u8>) -> std::result::Result<(), Status> {
-        let mut grpc = tonic::client::Grpc::new(self.channel.clone())
-            .max_decoding_message_size(MAX_REPLY_BYTES);
+        let mut grpc = self.grpc();
         grpc.ready()
             .await
             .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
