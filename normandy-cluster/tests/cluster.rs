@@ -12,8 +12,8 @@ use futures::StreamExt;
 use nix::sys::signal::Signal;
 use normandy_cluster::Cluster;
 use normandy_core::{
-    CatalogEntry, ConfigTemplate, EntryPayload, ErrorKind, InputId, NodeId, ScriptedClient,
-    SessionId, SessionRegistry, TemplateCatalog, TurnEvent, TurnStatus,
+    CatalogEntry, ConfigTemplate, ErrorKind, InputId, NodeId, ScriptedClient, SessionId,
+    SessionRegistry, TemplateCatalog, TurnEvent, TurnStatus,
 };
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
 use tonic::Code;
@@ -264,38 +264,14 @@ async fn follow_streams_on_across_the_owners_sigkill_without_gap_or_repeat() {
     let id = ns[0].client.start("echo", None).await.unwrap();
     ns[0].send(&id, "one").await.unwrap(); // owned by a
     let follow = me.follow(&id, 0).await.unwrap();
-    // Drain it continuously, as a UI would, into a channel.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let drain = tokio::spawn(async move {
-        let mut follow = follow;
-        while let Some(ev) = follow.next().await {
-            if tx.send(ev).is_err() {
-                return;
-            }
-        }
-    });
+    let (mut rx, drain) = drain_events(follow);
     let mut seqs = Vec::new();
-    let mut next_turn_end = async |seqs: &mut Vec<u64>| loop {
-        match tokio::time::timeout(Duration::from_secs(20), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("follow stalled; seqs so far {seqs:?}"))
-        {
-            Some(Ok(TurnEvent::Entry(e))) => {
-                seqs.push(e.seq);
-                if matches!(e.payload, EntryPayload::TurnEnd { .. }) {
-                    return;
-                }
-            }
-            Some(Ok(_)) => {}
-            other => panic!("follow ended: {other:?}"),
-        }
-    };
-    next_turn_end(&mut seqs).await; // the replay of turn one
+    until_turn_end(&mut rx, &mut seqs).await; // the replay of turn one
     ns[0].kill9().await;
     // The next request re-routes until a's lease lapses, then the session comes back here.
     let out = me.send(&id, "two").await.unwrap();
     assert_eq!(out.text(), "echo: two");
-    next_turn_end(&mut seqs).await; // turn two, followed across the owner's death
+    until_turn_end(&mut rx, &mut seqs).await; // turn two, followed across the owner's death
     assert_eq!(seqs.first(), Some(&1));
     assert!(
         seqs.windows(2).all(|w| w[1] == w[0] + 1),

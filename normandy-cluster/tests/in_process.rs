@@ -5,11 +5,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cleanup, redis_url, unique_prefix};
+use common::{cleanup, drain_events, redis_url, unique_prefix, until_turn_end};
 use futures::StreamExt;
 use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
 use normandy_core::{
-    CatalogEntry, ConfigTemplate, EntryPayload, ErrorKind, FromClient, Member, Membership, NodeId,
+    CatalogEntry, ConfigTemplate, ErrorKind, FromClient, Member, Membership, NodeId,
     ScriptedClient, TemplateCatalog, TurnEvent,
 };
 
@@ -263,30 +263,6 @@ async fn the_membership_lease_is_the_registry_lease() {
     cleanup(&prefix).await;
 }
 
-/// Reads forwarded follow events until a turn-end entry, collecting entry seqs. Entries only: a
-/// follow guarantees every entry, while progress events of a moment it was re-subscribing are
-/// gone.
-async fn until_turn_end(
-    rx: &mut tokio::sync::mpsc::UnboundedReceiver<normandy_core::Result<TurnEvent>>,
-    seqs: &mut Vec<u64>,
-) {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("events stopped; seqs so far {seqs:?}"))
-        {
-            Some(Ok(TurnEvent::Entry(e))) => {
-                seqs.push(e.seq);
-                if matches!(e.payload, EntryPayload::TurnEnd { .. }) {
-                    return;
-                }
-            }
-            Some(Ok(_)) => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_close() {
     let prefix = unique_prefix("follow");
@@ -308,13 +284,7 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
     let id = a.start("echo").await.unwrap();
     a.send(&id, "one").await.unwrap(); // placed on a
     // b follows a's actor remotely; a task drains it all along, as a UI would.
-    let mut follow = b.follow(&id, 0).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let drain = tokio::spawn(async move {
-        while let Some(ev) = follow.next().await {
-            let _ = tx.send(ev);
-        }
-    });
+    let (mut rx, drain) = drain_events(b.follow(&id, 0).await.unwrap());
     let mut seqs = Vec::new();
     until_turn_end(&mut rx, &mut seqs).await; // the replay of turn one
     assert_eq!(b.send(&id, "two").await.unwrap().text(), "echo: two");

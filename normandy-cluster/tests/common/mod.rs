@@ -603,3 +603,47 @@ async fn pump(
     };
     tokio::join!(read, write);
 }
+
+/// Forwards every event of `stream` into a channel from a task, so the stream is polled all
+/// along, as a UI would poll it. The task ends with the stream.
+pub fn drain_events(
+    mut stream: normandy_core::EventStream,
+) -> (
+    tokio::sync::mpsc::UnboundedReceiver<normandy_core::Result<normandy_core::TurnEvent>>,
+    tokio::task::JoinHandle<()>,
+) {
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Some(ev) = stream.next().await {
+            if tx.send(ev).is_err() {
+                return;
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Reads drained events until a turn-end entry, collecting entry seqs. Entries only: a follow
+/// guarantees every entry, while progress events of a moment it was re-subscribing are gone.
+pub async fn until_turn_end(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<normandy_core::Result<normandy_core::TurnEvent>>,
+    seqs: &mut Vec<u64>,
+) {
+    use normandy_core::TurnEvent;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("events stopped; seqs so far {seqs:?}"))
+        {
+            Some(Ok(TurnEvent::Entry(e))) => {
+                seqs.push(e.seq);
+                if matches!(e.payload, EntryPayload::TurnEnd { .. }) {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -537,21 +537,28 @@ async fn redis_pid() -> Result<u32> {
     }
 }
 
-async fn run_sends(
-    here: &Arc<Cluster>,
-    ids: &[SessionId],
+/// Runs `callers` concurrent tasks, task `i` making `per_task` calls of `call(i)` one after
+/// another: the latency of every call, and the wall time of the whole. Each call's future is made
+/// before its clock starts.
+async fn run_calls<F, Fut>(
+    callers: usize,
     per_task: usize,
-) -> Result<(Vec<Duration>, Duration)> {
+    call: F,
+) -> Result<(Vec<Duration>, Duration)>
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for id in ids {
-        let here = here.clone();
-        let id = id.clone();
+    for i in 0..callers {
+        let call = call.clone();
         tasks.push(tokio::spawn(async move {
             let mut samples = Vec::with_capacity(per_task);
             for _ in 0..per_task {
+                let next = call(i);
                 let t = Instant::now();
-                here.send(&id, "ping").await?;
+                next.await?;
                 samples.push(t.elapsed());
             }
             anyhow::Ok(samples)
@@ -564,56 +571,58 @@ async fn run_sends(
     Ok((all, started.elapsed()))
 }
 
+/// `Cluster::send` from this process to each of `ids`, one caller per session.
+async fn run_sends(
+    here: &Arc<Cluster>,
+    ids: &[SessionId],
+    per_task: usize,
+) -> Result<(Vec<Duration>, Duration)> {
+    let (here, ids) = (here.clone(), Arc::new(ids.to_vec()));
+    run_calls(ids.len(), per_task, move |i| {
+        let (here, ids) = (here.clone(), ids.clone());
+        async move {
+            here.send(&ids[i], "ping").await?;
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// A `send` RPC straight to the owner through `client`, one caller per session.
 async fn run_direct(
     client: &NodeClient,
     ids: &[SessionId],
     per_task: usize,
 ) -> Result<(Vec<Duration>, Duration)> {
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for id in ids {
-        let c = client.clone();
-        let id = id.clone();
-        handles.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(per_task);
-            for _ in 0..per_task {
-                let t = Instant::now();
-                c.send(&id, InputId::generate(), vec![ContentBlock::text("ping")])
-                    .await?;
-                samples.push(t.elapsed());
-            }
-            anyhow::Ok(samples)
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await??);
-    }
-    Ok((all, started.elapsed()))
+    let (client, ids) = (client.clone(), Arc::new(ids.to_vec()));
+    run_calls(ids.len(), per_task, move |i| {
+        let (c, ids) = (client.clone(), ids.clone());
+        async move {
+            c.send(
+                &ids[i],
+                InputId::generate(),
+                vec![ContentBlock::text("ping")],
+            )
+            .await?;
+            Ok(())
+        }
+    })
+    .await
 }
 
+/// The bare echo RPC through `client`, from `callers` concurrent tasks.
 async fn run_echo(
     client: &NodeClient,
-    tasks: usize,
+    callers: usize,
     per_task: usize,
 ) -> Result<(Vec<Duration>, Duration)> {
-    let started = Instant::now();
-    let mut handles = Vec::new();
-    for _ in 0..tasks {
+    let client = client.clone();
+    run_calls(callers, per_task, move |_| {
         let c = client.clone();
-        handles.push(tokio::spawn(async move {
-            let mut samples = Vec::with_capacity(per_task);
-            for _ in 0..per_task {
-                let t = Instant::now();
-                c.echo(b"ping".to_vec()).await?;
-                samples.push(t.elapsed());
-            }
-            anyhow::Ok(samples)
-        }));
-    }
-    let mut all = Vec::new();
-    for h in handles {
-        all.extend(h.await??);
-    }
-    Ok((all, started.elapsed()))
+        async move {
+            c.echo(b"ping".to_vec()).await?;
+            Ok(())
+        }
+    })
+    .await
 }
