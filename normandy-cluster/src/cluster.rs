@@ -53,6 +53,8 @@ pub struct ClusterStats {
 /// Shared state of one node.
 pub(crate) struct ClusterInner {
     me: Member,
+    /// Where the RPC server is bound (the advertised address may be another: a proxy, a NAT).
+    bound: SocketAddr,
     sessions: Sessions,
     registry: Arc<dyn SessionRegistry>,
     store: Arc<dyn SessionStore>,
@@ -202,6 +204,12 @@ impl Cluster {
     /// The address other nodes reach this node's RPC server at.
     pub fn address(&self) -> &str {
         &self.inner.me.address
+    }
+
+    /// The address the RPC server is bound to: [`address`](Self::address) unless the node
+    /// advertises another one, and the real port when it was bound to port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.bound
     }
 
     /// The local runtime (sessions live on this node).
@@ -587,6 +595,7 @@ impl ClusterBuilder {
         let (stop, _) = watch::channel(false);
         let inner = Arc::new(ClusterInner {
             me: me.clone(),
+            bound: local,
             sessions,
             registry,
             store,

@@ -21,14 +21,14 @@ async fn a_and_b_behind_link(
     a_opts: impl FnOnce(NodeOpts) -> NodeOpts,
     b_opts: impl FnOnce(NodeOpts) -> NodeOpts,
 ) -> (Node, Node, Proxy) {
-    let b_addr = free_addr();
-    let link = Proxy::to(&b_addr).await;
+    // The proxy listens first, so b can advertise it; it learns b's port once b has bound one
+    // (no port is probed and released, so nothing else can take it meanwhile).
+    let link = Proxy::pending().await;
     let a = Node::spawn(a_opts(NodeOpts::new("a", prefix))).await;
-    let b = Node::spawn(b_opts(
-        NodeOpts::new("b", prefix).behind(&b_addr, &link.addr),
-    ))
-    .await;
+    let b = Node::spawn(b_opts(NodeOpts::new("b", prefix).advertising(&link.addr))).await;
+    link.point_at(&b.address);
     assert_eq!(b.advertised, link.addr);
+    assert_ne!(b.address, link.addr);
     a.wait_members(2).await;
     b.wait_members(2).await;
     (a, b, link)

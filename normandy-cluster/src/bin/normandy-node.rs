@@ -12,7 +12,8 @@
 //!      [--no-tls-client-cert]
 //! ```
 //! Every flag also reads `NORMANDY_<FLAG>` from the environment (`--redis-url` ←
-//! `NORMANDY_REDIS_URL`). Once the RPC server listens, the node prints `LISTENING <addr> <node>`
+//! `NORMANDY_REDIS_URL`). Once the RPC server listens, the node prints
+//! `LISTENING <advertised addr> <node> <bound addr>`
 //! on stdout; readiness is the `health` RPC.
 //!
 //! The demo catalog has templates `echo` (a scripted echo, no tools), `demo` (lazy) and
@@ -20,6 +21,9 @@
 //! echoes, or — for an input starting with `tool` — calls the non-idempotent `count` tool, which
 //! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`), so tests can
 //! prove no call ran twice.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -260,7 +264,12 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         builder = builder.tls(tls);
     }
     let node = builder.build().await?;
-    println!("LISTENING {} {}", node.address(), node.node());
+    println!(
+        "LISTENING {} {} {}",
+        node.address(),
+        node.node(),
+        node.local_addr()
+    );
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

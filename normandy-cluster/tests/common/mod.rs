@@ -73,7 +73,7 @@ pub struct NodeOpts {
     /// Address the RPC server binds (default `127.0.0.1:0`, a free port).
     pub bind: Option<String>,
     /// Address other nodes are told to reach this one at (`--advertise`), e.g. a [`Proxy`]
-    /// in front of `bind`, which must then be given.
+    /// in front of it, pointed at the bound address once the node prints it.
     pub advertise: Option<String>,
     /// HTTP/2 keep-alive toward peers (`--peer-keepalive-ms`; default: the node's, 5 s).
     pub peer_keepalive_ms: Option<u64>,
@@ -101,9 +101,8 @@ impl NodeOpts {
         self
     }
 
-    /// Binds the RPC server to `bind` and has other nodes reach it at `advertise` only.
-    pub fn behind(mut self, bind: &str, advertise: &str) -> Self {
-        self.bind = Some(bind.into());
+    /// Has other nodes reach this one at `advertise` only (the RPC server binds a free port).
+    pub fn advertising(mut self, advertise: &str) -> Self {
         self.advertise = Some(advertise.into());
         self
     }
@@ -123,12 +122,6 @@ impl NodeOpts {
         self.tool_latency_ms = ms;
         self
     }
-}
-
-/// A free loopback address to bind a node to (the port is free now; nothing holds it).
-pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
 }
 
 /// A running node process.
@@ -172,10 +165,6 @@ impl Node {
             cmd.arg("--no-reaper");
         }
         if let Some(a) = &opts.advertise {
-            assert!(
-                opts.bind.is_some(),
-                "a node that advertises needs a known bind"
-            );
             cmd.args(["--advertise", a]);
         }
         if let Some(ms) = opts.peer_keepalive_ms {
@@ -202,11 +191,9 @@ impl Node {
         );
         let advertised = parts.next().unwrap().to_string();
         let node_id = parts.next().unwrap().to_string();
-        // The node prints the address it advertises; the test talks to it directly.
-        let address = match &opts.advertise {
-            Some(_) => opts.bind.clone().unwrap(),
-            None => advertised.clone(),
-        };
+        // The node prints the address it advertises, then the one it is bound to, which the
+        // test's own client uses (the same unless it advertises a proxy).
+        let address = parts.next().unwrap().to_string();
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         let client = NodeClient::new(&address, Some(SECRET), Duration::from_secs(30)).unwrap();
@@ -450,6 +437,9 @@ pub struct Proxy {
 }
 
 struct ProxyState {
+    /// Where connections go; `None` until [`Proxy::point_at`]: connections accepted before
+    /// then wait for it.
+    upstream: tokio::sync::watch::Sender<Option<String>>,
     fault: tokio::sync::watch::Sender<Fault>,
     /// Bumped to reset every open connection.
     kick: tokio::sync::watch::Sender<u64>,
@@ -471,15 +461,24 @@ impl Proxy {
 
     /// A proxy in front of `upstream` (`host:port`), passing bytes until told otherwise.
     pub async fn to(upstream: &str) -> Proxy {
+        let p = Self::pending().await;
+        p.point_at(upstream);
+        p
+    }
+
+    /// A proxy whose upstream is given later ([`point_at`](Self::point_at)), so that a node can
+    /// advertise the proxy's address before the node has bound its own port.
+    pub async fn pending() -> Proxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let state = Arc::new(ProxyState {
+            upstream: tokio::sync::watch::Sender::new(None),
             fault: tokio::sync::watch::Sender::new(Fault::Pass),
             kick: tokio::sync::watch::Sender::new(0),
             accepted: 0.into(),
             resets: 0.into(),
         });
-        let (st, upstream) = (state.clone(), upstream.to_string());
+        let st = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((down, _)) = listener.accept().await {
                 st.accepted.fetch_add(1, SeqCst);
@@ -488,7 +487,7 @@ impl Proxy {
                     rst(&down);
                     continue;
                 }
-                tokio::spawn(link(down, upstream.clone(), st.clone()));
+                tokio::spawn(link(down, st.clone()));
             }
         });
         Proxy {
@@ -497,6 +496,11 @@ impl Proxy {
             state,
             task,
         }
+    }
+
+    /// Sends connections to `upstream` (`host:port`) from now on.
+    pub fn point_at(&self, upstream: &str) {
+        self.state.upstream.send_replace(Some(upstream.to_string()));
     }
 
     /// Sets the link's fault; [`Fault::Reset`] resets every open connection at once.
@@ -541,8 +545,17 @@ fn rst(s: &TcpStream) {
 }
 
 /// One proxied connection: bytes pumped both ways until both sides are done or a reset.
-async fn link(mut down: TcpStream, upstream: String, state: Arc<ProxyState>) {
+async fn link(mut down: TcpStream, state: Arc<ProxyState>) {
     let mut kick = state.kick.subscribe();
+    let mut upstream = state.upstream.subscribe();
+    let Ok(upstream) = upstream
+        .wait_for(Option::is_some)
+        .await
+        .map(|u| u.clone().unwrap())
+    else {
+        rst(&down);
+        return;
+    };
     let Ok(mut up) = TcpStream::connect(&upstream).await else {
         rst(&down);
         return;

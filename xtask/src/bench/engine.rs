@@ -14,7 +14,7 @@ use normandy_core::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::report;
-use crate::alloc::allocated;
+use crate::alloc::{allocated, set_counting};
 
 pub(crate) fn run(quick: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -150,10 +150,12 @@ async fn settle() {
 
 async fn bare_actor_bytes(n: usize) -> f64 {
     settle().await;
+    set_counting(true);
     let before = allocated();
     let actors: Vec<_> = (0..n).map(|_| spawn_bare_actor()).collect();
     settle().await;
     let after = allocated();
+    set_counting(false);
     drop(actors);
     (after - before) as f64 / n as f64
 }
@@ -177,12 +179,14 @@ async fn live_session_bytes(n: usize) -> Result<f64> {
         );
     }
     settle().await;
+    set_counting(true);
     let before = allocated();
     for id in &ids {
         runtime.resume(id).await?;
     }
     settle().await;
     let after = allocated();
+    set_counting(false);
     ensure!(runtime.live_count() == n, "not all sessions live");
     runtime.shutdown().await;
     Ok((after - before) as f64 / n as f64)
