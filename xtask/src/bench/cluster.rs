@@ -10,7 +10,9 @@
 //!   Turns/s and p50/p99 of `send` with the owner here (local) vs with the owner on B (routed
 //!   over RPC), beside the baseline: a bare unary `Echo` RPC over the same channel, codec and
 //!   auth between the same two processes. The row that matters is the remote overhead
-//!   (remote − local) over the echo: target ≤ 1.5×.
+//!   (remote − local) over the echo: target ≤ 1.5×. First with one caller, the paths taking
+//!   turns call by call (the latency one caller sees); then with 16 callers, the paths in
+//!   alternating rounds, each with the CPU that this process, node B and Redis spent per call.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
