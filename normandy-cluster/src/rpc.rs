@@ -161,7 +161,13 @@ where
             path::HEALTH => unary!(req, cluster, HealthRequest, HealthReply, |c, _r| Ok(
                 c.health()
             )),
-            path::ECHO => unary!(req, cluster, EchoMessage, EchoMessage, |_c, r| Ok(r)),
+            path::ECHO => unary!(req, cluster, EchoMessage, EchoMessage, |_c, r| {
+                if r.delay_ms > 0 {
+                    let ms = r.delay_ms.min(wire::MAX_ECHO_DELAY_MS);
+                    tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+                }
+                Ok(r)
+            }),
             path::START => unary!(req, cluster, StartRequest, StartReply, |c, r| c
                 .serve_start(r)
                 .await
@@ -565,8 +571,15 @@ impl NodeClient {
 
     /// The baseline call: `payload` there and back, through the same channel, auth and codec.
     pub async fn echo(&self, payload: Vec<u8>) -> Result<Vec<u8>> {
+        self.echo_after(payload, Duration::ZERO).await
+    }
+
+    /// Like [`echo`](Self::echo), the node answering only after `delay` (whole milliseconds, at
+    /// most [`MAX_ECHO_DELAY_MS`](crate::wire::MAX_ECHO_DELAY_MS)).
+    pub async fn echo_after(&self, payload: Vec<u8>, delay: Duration) -> Result<Vec<u8>> {
+        let delay_ms = u32::try_from(delay.as_millis()).unwrap_or(u32::MAX);
         let r: EchoMessage = self
-            .unary(path::ECHO, EchoMessage { payload })
+            .unary(path::ECHO, EchoMessage { payload, delay_ms })
             .await
             .map_err(|s| self.map(s))?;
         Ok(r.payload)

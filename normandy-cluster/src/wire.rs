@@ -138,7 +138,14 @@ pub struct EchoMessage {
     /// Opaque payload, returned as is.
     #[serde(with = "serde_bytes_compat")]
     pub payload: Vec<u8>,
+    /// The node answers only after this many milliseconds (at most [`MAX_ECHO_DELAY_MS`]): a
+    /// baseline that waits as long as a turn does, but does no work meanwhile.
+    #[serde(default)]
+    pub delay_ms: u32,
 }
+
+/// The longest [`EchoMessage::delay_ms`] a node honours.
+pub const MAX_ECHO_DELAY_MS: u32 = 1000;
 
 /// A turn's outcome on the wire (mirrors [`TurnOutcome`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]

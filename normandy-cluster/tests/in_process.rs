@@ -339,3 +339,41 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
     a.shutdown().await;
     cleanup(&prefix).await;
 }
+
+/// The bench's baselines: the echo returns its payload, and a waiting echo answers no sooner
+/// than asked, and no later than the node's cap however long it is asked to wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_returns_its_payload_after_the_delay_asked_within_the_cap() {
+    let prefix = unique_prefix("echo");
+    let a = node(&prefix, "a").await;
+    let client = a.client(a.address()).unwrap();
+    assert_eq!(client.echo(b"ping".to_vec()).await.unwrap(), b"ping");
+    let t = std::time::Instant::now();
+    let back = client
+        .echo_after(b"wait".to_vec(), Duration::from_millis(60))
+        .await
+        .unwrap();
+    assert_eq!(back, b"wait");
+    assert!(
+        t.elapsed() >= Duration::from_millis(60),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        client.echo_after(Vec::new(), Duration::from_secs(3600)),
+    )
+    .await
+    .expect("the node caps the delay")
+    .unwrap();
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(u64::from(normandy_cluster::wire::MAX_ECHO_DELAY_MS))
+            && waited < Duration::from_secs(10),
+        "an hour's delay is capped at {} ms: waited {waited:?}",
+        normandy_cluster::wire::MAX_ECHO_DELAY_MS
+    );
+    a.shutdown().await;
+    cleanup(&prefix).await;
+}

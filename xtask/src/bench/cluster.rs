@@ -13,6 +13,8 @@
 //!   (remote − local) over the echo: target ≤ 1.5×. First with one caller, the paths taking
 //!   turns call by call (the latency one caller sees); then with 16 callers, the paths in
 //!   alternating rounds, each with the CPU that this process, node B and Redis spent per call.
+//!   A last phase, an echo that node B answers only after 2 ms, shows what waiting alone costs
+//!   the two processes (a remote turn waits about that long with 16 callers).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -28,6 +30,9 @@ use normandy_core::{
 use super::report;
 
 const SECRET: &str = "bench-cluster-secret";
+
+/// How long the waiting echo waits: about what a remote turn takes with 16 callers here.
+const SLOW_ECHO: Duration = Duration::from_millis(2);
 
 pub(crate) fn run(quick: bool) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -341,8 +346,8 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
             Duration::ZERO,
         );
         let per = if ids_n == 1 { per_task * 4 } else { per_task } / 4;
-        // CPU of each phase: local, remote, echo, direct, peer.
-        let mut cpu = [Cpu::default(); 5];
+        // CPU of each phase: local, remote, echo, direct, peer, echo that waits.
+        let mut cpu = [Cpu::default(); 6];
         if ids_n == 1 {
             // One caller: the paths take turns call by call (the first path rotating), so a
             // slow spell of this shared VM lands on every path alike, not on one phase.
@@ -371,7 +376,7 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
             t_remote += t;
             let c2 = Cpu::now(pids);
             cpu[1].add(c2.since(c1));
-            let (s, t) = run_echo(&echo_client, ids_n, per).await?;
+            let (s, t) = run_echo(&echo_client, ids_n, per, Duration::ZERO).await?;
             echo.extend(s);
             t_echo += t;
             let c3 = Cpu::now(pids);
@@ -384,7 +389,11 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
             let (s, t) = run_sends(&here, &peer_ids[..ids_n], per).await?;
             peer.extend(s);
             t_peer += t;
-            cpu[4].add(Cpu::now(pids).since(c4));
+            let c5 = Cpu::now(pids);
+            cpu[4].add(c5.since(c4));
+            // Not a latency baseline: it shows what waiting alone costs the two processes.
+            run_echo(&echo_client, ids_n, per, SLOW_ECHO).await?;
+            cpu[5].add(Cpu::now(pids).since(c5));
         }
         let count = (ids_n * per * 4) as f64;
         println!("  remote send, {label} ({ids_n} concurrent sessions, {count} calls each):");
@@ -394,6 +403,7 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
             "echo RPC",
             "send, client → B directly",
             "send, owner 2nd node here",
+            "echo RPC, node waits 2 ms",
         ]
         .iter()
         .enumerate()
@@ -676,12 +686,13 @@ async fn run_echo(
     client: &NodeClient,
     callers: usize,
     per_task: usize,
+    delay: Duration,
 ) -> Result<(Vec<Duration>, Duration)> {
     let client = client.clone();
     run_calls(callers, per_task, move |_| {
         let c = client.clone();
         async move {
-            c.echo(b"ping".to_vec()).await?;
+            c.echo_after(b"ping".to_vec(), delay).await?;
             Ok(())
         }
     })
