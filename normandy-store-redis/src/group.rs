@@ -21,10 +21,10 @@ use crate::store::{Reply, WaitPool, eval_on, parse_u64, run_with_wait};
 /// Batches in flight at once. Without `WAIT`, two keep the connection busy (one running on the
 /// server, one on the wire), and more only shrink the batches: the server runs scripts one at a
 /// time, and each script call has a fixed cost. `cargo xtask bench redis --quick`, 64 sessions:
-/// 2 in flight beat 4 in each of six runs paired on one machine (36–41k commits/s against
+/// 2 in flight beat 4 in each of five runs paired on one machine (36–41k commits/s against
 /// 34–38k). With `WAIT` a batch spends most of its time waiting for the replica's
-/// acknowledgement, so more batches in flight keep the replica busy: 4 gave 21k/s where 2 gave
-/// 18k/s.
+/// acknowledgement, so more batches in flight keep the replica busy: in one paired run 4 gave
+/// 21k/s where 2 gave 18k/s.
 fn max_in_flight(wait: bool) -> usize {
     if wait { 4 } else { 2 }
 }
@@ -78,8 +78,6 @@ pub(crate) struct Committer {
     pub(crate) wait: Option<Arc<WaitPool>>,
     pub(crate) script: redis::Script,
     pub(crate) index: String,
-    /// [`max_in_flight`] for this store's durability setting.
-    max_in_flight: usize,
     // std Mutex: queue operations only, never held across an await.
     queue: Mutex<Queue>,
 }
@@ -93,7 +91,6 @@ impl Committer {
     ) -> Self {
         Self {
             shared,
-            max_in_flight: max_in_flight(wait.is_some()),
             wait,
             script,
             index,
@@ -111,7 +108,7 @@ impl Committer {
         let lead = {
             let mut q = self.lock();
             q.jobs.push_back(Job { call, tx });
-            if q.in_flight < self.max_in_flight {
+            if q.in_flight < max_in_flight(self.wait.is_some()) {
                 q.in_flight += 1;
                 true
             } else {

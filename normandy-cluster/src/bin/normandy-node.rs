@@ -22,9 +22,6 @@
 //! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`), so tests can
 //! prove no call ran twice.
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +33,12 @@ use normandy_core::{
     ScriptedClient, SessionId, TemplateCatalog, Tool, ToolContext, ToolOutput, ToolSpec,
     async_trait,
 };
+
+/// mimalloc, not glibc's malloc: a turn served for a remote caller frees on one worker thread
+/// what another allocated, and glibc's arena locks then cost the owner node about 2 futex calls
+/// per turn.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The non-idempotent demo tool: counts its runs per call id in Redis.
 struct CountTool {

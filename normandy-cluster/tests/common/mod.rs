@@ -70,8 +70,6 @@ pub struct NodeOpts {
     pub postgres_schema: Option<String>,
     /// Redis URL for this node (default: [`redis_url`]), e.g. through a [`Proxy`].
     pub redis_url: Option<String>,
-    /// Address the RPC server binds (default `127.0.0.1:0`, a free port).
-    pub bind: Option<String>,
     /// Address other nodes are told to reach this one at (`--advertise`), e.g. a [`Proxy`]
     /// in front of it, pointed at the bound address once the node prints it.
     pub advertise: Option<String>,
@@ -90,7 +88,6 @@ impl NodeOpts {
             reaper: true,
             postgres_schema: None,
             redis_url: None,
-            bind: None,
             advertise: None,
             peer_keepalive_ms: None,
         }
@@ -145,7 +142,7 @@ impl Node {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_normandy-node"));
         cmd.arg("serve")
             .args(["--name", &opts.name])
-            .args(["--bind", opts.bind.as_deref().unwrap_or("127.0.0.1:0")])
+            .args(["--bind", "127.0.0.1:0"])
             .args([
                 "--redis-url",
                 &opts.redis_url.clone().unwrap_or_else(redis_url),

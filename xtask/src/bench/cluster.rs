@@ -336,81 +336,57 @@ async fn remote_send(bin: &std::path::Path, quick: bool) -> Result<()> {
     // pays a client and a server side). The throughput phases alternate in rounds so noise hits
     // every side alike, and print the CPU each process spent per call.
     for (label, ids_n) in [("latency, 1 caller", 1usize), ("throughput", tasks)] {
-        let (mut local, mut remote, mut echo, mut direct, mut peer) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut t_peer = Duration::ZERO;
-        let (mut t_local, mut t_remote, mut t_echo, mut t_direct) = (
-            Duration::ZERO,
-            Duration::ZERO,
-            Duration::ZERO,
-            Duration::ZERO,
-        );
         let per = if ids_n == 1 { per_task * 4 } else { per_task } / 4;
-        // CPU of each phase: local, remote, echo, direct, peer, echo that waits.
-        let mut cpu = [Cpu::default(); 6];
+        let count = (ids_n * per * 4) as f64;
+        println!("  remote send, {label} ({ids_n} concurrent sessions, {count} calls each):");
+        // Per path — local, remote, echo, direct, peer — every call's latency and the wall time
+        // of all of them.
+        let mut samples: [Vec<Duration>; 5] = Default::default();
+        let mut wall = [Duration::ZERO; 5];
         if ids_n == 1 {
             // One caller: the paths take turns call by call (the first path rotating), so a
             // slow spell of this shared VM lands on every path alike, not on one phase.
             let ids = [&local_ids[0], &remote_ids[0], &direct_ids[0], &peer_ids[0]];
-            let s = interleaved(&here, &echo_client, ids, per * 4).await?;
-            let total = |v: &[Duration]| v.iter().sum::<Duration>();
-            (t_local, t_remote, t_echo, t_direct, t_peer) = (
-                total(&s[0]),
-                total(&s[1]),
-                total(&s[2]),
-                total(&s[3]),
-                total(&s[4]),
-            );
-            let [l, r, e, d, pe] = s;
-            (local, remote, echo, direct, peer) = (l, r, e, d, pe);
+            samples = interleaved(&here, &echo_client, ids, per * 4).await?;
+            for (w, s) in wall.iter_mut().zip(&samples) {
+                *w = s.iter().sum();
+            }
+        } else {
+            // The paths in alternating rounds, with the CPU each process spent on each path,
+            // and last the echo that waits (not a latency baseline: it shows what waiting alone
+            // costs the two processes).
+            let mut cpu = [Cpu::default(); 6];
+            for _round in 0..4 {
+                for (i, c) in cpu.iter_mut().enumerate() {
+                    let before = Cpu::now(pids);
+                    let (s, t) = match i {
+                        0 => run_sends(&here, &local_ids[..ids_n], per).await?,
+                        1 => run_sends(&here, &remote_ids[..ids_n], per).await?,
+                        2 => run_echo(&echo_client, ids_n, per, Duration::ZERO).await?,
+                        3 => run_direct(&echo_client, &direct_ids[..ids_n], per).await?,
+                        4 => run_sends(&here, &peer_ids[..ids_n], per).await?,
+                        _ => run_echo(&echo_client, ids_n, per, SLOW_ECHO).await?,
+                    };
+                    c.add(Cpu::now(pids).since(before));
+                    if let (Some(all), Some(w)) = (samples.get_mut(i), wall.get_mut(i)) {
+                        all.extend(s);
+                        *w += t;
+                    }
+                }
+            }
+            for (c, name) in cpu.iter().zip([
+                "send, owner local",
+                "send, owner remote (B)",
+                "echo RPC",
+                "send, client → B directly",
+                "send, owner 2nd node here",
+                "echo RPC, node waits 2 ms",
+            ]) {
+                c.print(name, count);
+            }
         }
-        for _round in 0..if ids_n == 1 { 0 } else { 4 } {
-            let c0 = Cpu::now(pids);
-            let (s, t) = run_sends(&here, &local_ids[..ids_n], per).await?;
-            local.extend(s);
-            t_local += t;
-            let c1 = Cpu::now(pids);
-            cpu[0].add(c1.since(c0));
-            let (s, t) = run_sends(&here, &remote_ids[..ids_n], per).await?;
-            remote.extend(s);
-            t_remote += t;
-            let c2 = Cpu::now(pids);
-            cpu[1].add(c2.since(c1));
-            let (s, t) = run_echo(&echo_client, ids_n, per, Duration::ZERO).await?;
-            echo.extend(s);
-            t_echo += t;
-            let c3 = Cpu::now(pids);
-            cpu[2].add(c3.since(c2));
-            let (s, t) = run_direct(&echo_client, &direct_ids[..ids_n], per).await?;
-            direct.extend(s);
-            t_direct += t;
-            let c4 = Cpu::now(pids);
-            cpu[3].add(c4.since(c3));
-            let (s, t) = run_sends(&here, &peer_ids[..ids_n], per).await?;
-            peer.extend(s);
-            t_peer += t;
-            let c5 = Cpu::now(pids);
-            cpu[4].add(c5.since(c4));
-            // Not a latency baseline: it shows what waiting alone costs the two processes.
-            run_echo(&echo_client, ids_n, per, SLOW_ECHO).await?;
-            cpu[5].add(Cpu::now(pids).since(c5));
-        }
-        let count = (ids_n * per * 4) as f64;
-        println!("  remote send, {label} ({ids_n} concurrent sessions, {count} calls each):");
-        for (i, name) in [
-            "send, owner local",
-            "send, owner remote (B)",
-            "echo RPC",
-            "send, client → B directly",
-            "send, owner 2nd node here",
-            "echo RPC, node waits 2 ms",
-        ]
-        .iter()
-        .enumerate()
-        .filter(|_| ids_n > 1)
-        {
-            cpu[i].print(name, count);
-        }
+        let [mut local, mut remote, mut echo, mut direct, mut peer] = samples;
+        let [t_local, t_remote, t_echo, t_direct, t_peer] = wall;
         report::throughput(
             "send, owner local (turns)",
             count / t_local.as_secs_f64(),
