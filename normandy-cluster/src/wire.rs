@@ -364,21 +364,9 @@ impl Encoder for RawEncoder {
     }
 }
 
-/// An [`Error`] as it travels in a [`Status`]'s details: enough to rebuild the variants a
-/// caller routes or retries on, and the message for the rest.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct WireError {
-    kind: String,
-    message: String,
-    session: Option<SessionId>,
-    owner: Option<NodeId>,
-    a: u64,
-    b: u64,
-    retryable: bool,
-}
-
-/// Maps an [`Error`] to a [`Status`], carrying the error in the details so the caller can rebuild
-/// it with [`from_status`].
+/// Maps an [`Error`] to a [`Status`]: the code says what a plain gRPC client can do, and the
+/// details carry the error itself (serde, MessagePack) so that [`from_status`] rebuilds the same
+/// variant on the caller's side.
 pub(crate) fn to_status(e: &Error) -> Status {
     let code = match e.kind() {
         ErrorKind::InvalidId | ErrorKind::InvalidInput | ErrorKind::InputTooLarge => {
@@ -398,74 +386,29 @@ pub(crate) fn to_status(e: &Error) -> Status {
         }
         _ => Code::Internal,
     };
-    let (session, owner, a, b) = match e {
-        Error::Fenced {
-            session,
-            epoch,
-            current,
-        } => (Some(session.clone()), None, *epoch, *current),
-        Error::Conflict {
-            session,
-            expected,
-            actual,
-        } => (Some(session.clone()), None, *expected, *actual),
-        Error::AlreadyRegistered {
-            session,
-            owner,
-            epoch,
-        } => (Some(session.clone()), Some(owner.clone()), *epoch, 0),
-        Error::NotOwner { session, node } => (Some(session.clone()), Some(node.clone()), 0, 0),
-        Error::InputTooLarge {
-            session,
-            size,
-            limit,
-        } => (Some(session.clone()), None, *size as u64, *limit as u64),
-        Error::MaxSteps { session, limit } => (Some(session.clone()), None, u64::from(*limit), 0),
-        Error::DurabilityNotMet {
-            session,
-            wanted,
-            acked,
-        } => (
-            Some(session.clone()),
-            None,
-            u64::from(*wanted),
-            u64::from(*acked),
-        ),
-        Error::NotFound { session }
-        | Error::AlreadyExists { session }
-        | Error::SessionClosed { session }
-        | Error::Busy { session }
-        | Error::Cancelled { session }
-        | Error::Overloaded { session, .. } => (Some(session.clone()), None, 0, 0),
-        Error::InvalidInput { session, .. } | Error::Timeout { session, .. } => {
-            (session.clone(), None, 0, 0)
-        }
-        _ => (None, None, 0, 0),
-    };
-    let wire = WireError {
-        kind: format!("{:?}", e.kind()),
-        message: match e {
-            Error::Overloaded { what, .. } | Error::Timeout { what, .. } => what.clone(),
-            Error::InvalidInput { reason, .. } => reason.clone(),
-            Error::Model { message, .. } => message.clone(),
-            Error::TemplateNotFound { template_id } => template_id.clone(),
-            _ => e.to_string(),
-        },
-        session,
-        owner,
-        a,
-        b,
-        retryable: e.is_retryable(),
-    };
-    let details = rmp_serde::to_vec_named(&wire).unwrap_or_default();
+    // Encoding an owned enum of strings and integers cannot fail; should it ever, the caller
+    // still gets the code and the message, read as a peer error below.
+    let details = rmp_serde::to_vec_named(e).unwrap_or_default();
     Status::with_details(code, e.to_string(), details.into())
 }
 
-/// Rebuilds the [`Error`] behind a [`Status`] from a peer (`peer` names it in messages). A status
-/// without our details — a transport failure, an interceptor's refusal — becomes `Unavailable`
-/// (retryable: the route is stale or the peer is gone) or, for refusals, a typed error.
+/// What [`from_status`] can still read of details it cannot decode: the `kind` tag, which both
+/// today's encoding and the hand-mapped one of earlier releases put first.
+#[derive(Deserialize)]
+struct KindOnly {
+    kind: String,
+}
+
+/// Rebuilds the [`Error`] behind a [`Status`] from a peer (`peer` names it in messages).
+///
+/// - Details this build decodes are the peer's error, unchanged.
+/// - Details it cannot decode come from a peer of another version (a newer error kind, or the
+///   hand mapping of earlier releases): a `Backend` error naming the peer, the kind and the
+///   peer's message, retryable only when the status code says the call can be made again.
+/// - A status without details comes from the transport or an interceptor: `Unavailable`
+///   (retryable: the route is stale or the peer is gone), or, for refusals, a typed error.
 pub(crate) fn from_status(peer: &str, status: &Status) -> Error {
-    let Some(w) = rmp_serde::from_slice::<WireError>(status.details()).ok() else {
+    if status.details().is_empty() {
         return match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => Error::Config(format!(
                 "node {peer} refused the call ({}): is the cluster secret the same on every node?",
@@ -485,98 +428,25 @@ pub(crate) fn from_status(peer: &str, status: &Status) -> Error {
                 message: format!("node {peer}: {:?}: {}", status.code(), status.message()),
             },
         };
-    };
-    let session = w.session.clone();
-    let need = |s: Option<SessionId>| s.ok_or(());
-    let rebuilt: Result<Error, ()> = (|| {
-        Ok(match w.kind.as_str() {
-            "NotFound" => Error::NotFound {
-                session: need(session.clone())?,
-            },
-            "AlreadyExists" => Error::AlreadyExists {
-                session: need(session.clone())?,
-            },
-            "SessionClosed" => Error::SessionClosed {
-                session: need(session.clone())?,
-            },
-            "Busy" => Error::Busy {
-                session: need(session.clone())?,
-            },
-            "Cancelled" => Error::Cancelled {
-                session: need(session.clone())?,
-            },
-            "Overloaded" => Error::Overloaded {
-                session: need(session.clone())?,
-                what: w.message.clone(),
-            },
-            "Timeout" => Error::Timeout {
-                session: session.clone(),
-                what: w.message.clone(),
-            },
-            "InvalidInput" => Error::InvalidInput {
-                session: session.clone(),
-                reason: w.message.clone(),
-            },
-            "Fenced" => Error::Fenced {
-                session: need(session.clone())?,
-                epoch: w.a,
-                current: w.b,
-            },
-            "Conflict" => Error::Conflict {
-                session: need(session.clone())?,
-                expected: w.a,
-                actual: w.b,
-            },
-            "AlreadyRegistered" => Error::AlreadyRegistered {
-                session: need(session.clone())?,
-                owner: w.owner.clone().ok_or(())?,
-                epoch: w.a,
-            },
-            "NotOwner" => Error::NotOwner {
-                session: need(session.clone())?,
-                node: w.owner.clone().ok_or(())?,
-            },
-            "InputTooLarge" => Error::InputTooLarge {
-                session: need(session.clone())?,
-                size: w.a as usize,
-                limit: w.b as usize,
-            },
-            "MaxSteps" => Error::MaxSteps {
-                session: need(session.clone())?,
-                limit: w.a as u32,
-            },
-            "DurabilityNotMet" => Error::DurabilityNotMet {
-                session: need(session.clone())?,
-                wanted: w.a as u32,
-                acked: w.b as u32,
-            },
-            "TemplateNotFound" => Error::TemplateNotFound {
-                template_id: w.message.clone(),
-            },
-            "Model" => Error::Model {
-                message: w.message.clone(),
-                retryable: w.retryable,
-            },
-            "Config" => Error::Config(format!("node {peer}: {}", w.message)),
-            "Credentials" => Error::Credentials {
-                reason: format!("node {peer}: {}", w.message),
-            },
-            "Unavailable" => Error::Unavailable {
-                backend: "cluster peer",
-                message: format!("node {peer}: {}", w.message),
-            },
-            _ => Error::Backend {
-                backend: "cluster peer",
-                message: format!("node {peer}: {}", w.message),
-                retryable: w.retryable,
-            },
-        })
-    })();
-    rebuilt.unwrap_or_else(|()| Error::Backend {
+    }
+    if let Ok(e) = rmp_serde::from_slice::<Error>(status.details()) {
+        return e;
+    }
+    let kind = rmp_serde::from_slice::<KindOnly>(status.details())
+        .map(|k| k.kind)
+        .unwrap_or_else(|_| "unreadable".into());
+    Error::Backend {
         backend: "cluster peer",
-        message: format!("node {peer}: {}", w.message),
-        retryable: w.retryable,
-    })
+        message: format!(
+            "node {peer} answered with an error of kind {kind:?} that this node cannot read \
+             (is it running another version?): {}",
+            status.message()
+        ),
+        retryable: matches!(
+            status.code(),
+            Code::Unavailable | Code::ResourceExhausted | Code::DeadlineExceeded | Code::Aborted
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +479,55 @@ mod tests {
             assert_eq!(back.kind(), e.kind(), "{e} came back as {back}");
             assert_eq!(back.to_string(), e.to_string());
         }
+    }
+
+    #[test]
+    fn an_error_kind_this_build_does_not_know_reads_as_a_peer_error_naming_it() {
+        // What a newer peer sends for a variant added after this build.
+        #[derive(Serialize)]
+        struct Newer {
+            kind: &'static str,
+            detail: (u32,),
+        }
+        let details = rmp_serde::to_vec_named(&Newer {
+            kind: "QuotaExceeded",
+            detail: (3,),
+        })
+        .unwrap();
+        let status = Status::with_details(Code::Unavailable, "quota exceeded", details.into());
+        let e = from_status("b:7100", &status);
+        assert_eq!(e.kind(), ErrorKind::Backend);
+        let text = e.to_string();
+        assert!(
+            text.contains("b:7100") && text.contains("QuotaExceeded"),
+            "{text}"
+        );
+        assert!(text.contains("quota exceeded"), "{text}");
+        assert!(e.is_retryable(), "an Unavailable status may be retried");
+    }
+
+    #[test]
+    fn an_error_from_a_peer_of_the_previous_release_names_its_kind() {
+        // The hand-mapped shape earlier releases sent: the kind as its `Debug` string.
+        #[derive(Serialize)]
+        struct Previous {
+            kind: &'static str,
+            message: &'static str,
+            a: u64,
+        }
+        let details = rmp_serde::to_vec_named(&Previous {
+            kind: "Fenced",
+            message: "fenced",
+            a: 3,
+        })
+        .unwrap();
+        let status = Status::with_details(Code::Aborted, "session s fenced", details.into());
+        let e = from_status("old-peer", &status);
+        let text = e.to_string();
+        assert!(
+            text.contains("\"Fenced\"") && text.contains("old-peer"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,17 +1,17 @@
 //! The library API in one process: two nodes over real Redis and real loopback RPC.
 
-mod common;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cleanup, drain_events, redis_url, unique_prefix, until_turn_end};
 use futures::StreamExt;
 use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
 use normandy_core::{
     CatalogEntry, ConfigTemplate, ErrorKind, FromClient, Member, Membership, NodeId,
     ScriptedClient, TemplateCatalog, TurnEvent,
 };
+use support::{cleanup, drain_events, redis_url, unique_prefix, until_turn_end};
 
 fn catalog() -> TemplateCatalog {
     TemplateCatalog::new()
@@ -185,7 +185,7 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
         );
     }
     for n in &nodes {
-        common::eventually(Duration::from_secs(5), "3 members", || async {
+        support::eventually(Duration::from_secs(5), "3 members", || async {
             n.members().len() == 3
         })
         .await;
@@ -197,7 +197,7 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
         let a2 = a.clone();
         turns.push(tokio::spawn(async move { a2.send(&id, "long turn").await }));
     }
-    common::eventually(Duration::from_secs(5), "6 live on a", || async {
+    support::eventually(Duration::from_secs(5), "6 live on a", || async {
         a.sessions().live_count() == 6
     })
     .await;
@@ -292,13 +292,13 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
 
     // a passivates the session (idle). That ends the stream under `follow`, which subscribes
     // again at once and so places the session anew; `b.send` goes wherever that is.
-    common::eventually(
+    support::eventually(
         Duration::from_secs(10),
         "a passivates the session",
         || async { a.sessions().live_count() == 0 },
     )
     .await;
-    common::eventually(
+    support::eventually(
         Duration::from_secs(10),
         "the follow re-placed it",
         || async { a.sessions().live_count() + b.sessions().live_count() == 1 },

@@ -1,11 +1,10 @@
 //! Mutual TLS on the node-to-node RPC, with certificates made at test time (rcgen), two nodes in
 //! one process over real Redis and real loopback TLS.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{cleanup, redis_url, unique_prefix};
 use normandy_cluster::{Cluster, ClusterTls, NodeClient};
 use normandy_core::{
     CatalogEntry, ConfigTemplate, ContentBlock, EntryPayload, ErrorKind, ScriptedClient,
@@ -15,6 +14,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+use support::{cleanup, redis_url, unique_prefix};
 
 const SECRET: &str = "tls-test-secret";
 

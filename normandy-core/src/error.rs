@@ -3,13 +3,20 @@
 //! Every backend maps its driver's errors into [`Error`] in one function, so a caller can match on
 //! [`Error::kind`] and ask [`Error::is_retryable`] without knowing which store or registry is in use.
 
+use serde::{Deserialize, Serialize};
+
 use crate::model::{Epoch, NodeId, Seq, SessionId};
+
+/// A `&'static str` field. Spelled through an alias because serde's derive borrows every field
+/// it sees written as `&str` from the input, which would make `Error` decodable only from
+/// `'static` bytes; these fields are read through `static_str` instead.
+pub type StaticStr = &'static str;
 
 /// Result alias used throughout Normandy.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// What went wrong, without the details. Stable for matching.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ErrorKind {
     /// An id (session, node, input, template) failed validation.
@@ -70,18 +77,26 @@ pub enum ErrorKind {
 ///
 /// Each variant names the session (where there is one) and what is wrong. Use [`Error::kind`] to
 /// match and [`Error::is_retryable`] to decide whether trying again can help.
-#[derive(Debug, Clone, thiserror::Error)]
+///
+/// Errors cross the wire between nodes with serde (adjacently tagged: `kind` names the variant,
+/// `detail` holds its fields), so a caller on another node gets the same variant back. A reader
+/// that meets a `kind` it does not know (a newer peer) fails to decode and should report the
+/// kind and the peer's message; see the cluster crate's `wire` module.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail")]
 #[non_exhaustive]
 pub enum Error {
     /// An id failed validation.
     #[error("invalid {what} {value:?}: {reason}")]
     InvalidId {
         /// Which kind of id ("session id", "node id", ...).
-        what: &'static str,
+        #[serde(with = "static_str")]
+        what: StaticStr,
         /// The offending value, truncated to 64 characters.
         value: String,
         /// Why it was rejected.
-        reason: &'static str,
+        #[serde(with = "static_str")]
+        reason: StaticStr,
     },
     /// A malformed request.
     #[error("invalid input{}: {reason}", for_session(.session))]
@@ -257,7 +272,8 @@ pub enum Error {
     #[error("{backend} unavailable: {message}")]
     Unavailable {
         /// Which backend.
-        backend: &'static str,
+        #[serde(with = "static_str")]
+        backend: StaticStr,
         /// The driver's message.
         message: String,
     },
@@ -265,7 +281,8 @@ pub enum Error {
     #[error("{backend} error: {message}")]
     Backend {
         /// Which backend.
-        backend: &'static str,
+        #[serde(with = "static_str")]
+        backend: StaticStr,
         /// The driver's message.
         message: String,
         /// Whether a retry may succeed.
@@ -355,5 +372,238 @@ impl Error {
             what: what.into(),
             reason: reason.to_string(),
         }
+    }
+}
+
+/// Serde for the `&'static str` fields (`backend`, an id's `what` and `reason`): written as
+/// strings; read back as the same static string.
+///
+/// Reading one back needs a `'static` string: names this build knows (every backend and id
+/// kind in the workspace) map to themselves; a name from another build (a peer running other
+/// backends) is interned once, leaked on purpose, up to [`MAX_INTERNED`](static_str::MAX_INTERNED)
+/// distinct names per process, past which it reads as `"remote"`. The bound keeps a peer that
+/// sends ever-new names from growing this process's memory without end.
+mod static_str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Distinct unknown names interned per process.
+    pub(super) const MAX_INTERNED: usize = 64;
+
+    /// Names this workspace uses, so the common case leaks nothing.
+    const KNOWN: &[&str] = &[
+        "session id",
+        "node id",
+        "input id",
+        "template id",
+        "redis store",
+        "redis registry",
+        "redis membership",
+        "postgres",
+        "postgres store",
+        "lmdb",
+        "lmdb store",
+        "session actor",
+        "node",
+        "cluster node",
+        "cluster routing",
+        "cluster peer",
+        "remote",
+    ];
+
+    pub(super) fn serialize<S: Serializer>(v: &&'static str, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<&'static str, D::Error> {
+        let s = String::deserialize(d)?;
+        Ok(intern(&s))
+    }
+
+    pub(super) fn intern(s: &str) -> &'static str {
+        if let Some(k) = KNOWN.iter().find(|k| **k == s) {
+            return k;
+        }
+        static TABLE: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let mut table = TABLE
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = table.get(s) {
+            return k;
+        }
+        if table.len() >= MAX_INTERNED {
+            return "remote";
+        }
+        let leaked: &'static str = Box::leak(s.to_owned().into_boxed_str());
+        table.insert(leaked);
+        leaked
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One error of every variant; the match in `variant_index` makes adding a variant without
+    /// adding it here a compile error.
+    fn one_of_each() -> Vec<Error> {
+        let s = SessionId::new("s-1").unwrap();
+        let n = NodeId::new("node-b", 7).unwrap();
+        vec![
+            Error::InvalidId {
+                what: "session id",
+                value: "bad id".into(),
+                reason: "contains whitespace",
+            },
+            Error::invalid_input(Some(&s), "empty batch"),
+            Error::InputTooLarge {
+                session: s.clone(),
+                size: 2_000_000,
+                limit: 1_048_576,
+            },
+            Error::NotFound { session: s.clone() },
+            Error::AlreadyExists { session: s.clone() },
+            Error::Fenced {
+                session: s.clone(),
+                epoch: 3,
+                current: 4,
+            },
+            Error::Conflict {
+                session: s.clone(),
+                expected: 5,
+                actual: 6,
+            },
+            Error::AlreadyRegistered {
+                session: s.clone(),
+                owner: n.clone(),
+                epoch: 9,
+            },
+            Error::NotOwner {
+                session: s.clone(),
+                node: n.clone(),
+            },
+            Error::SessionClosed { session: s.clone() },
+            Error::Busy { session: s.clone() },
+            Error::Overloaded {
+                session: s.clone(),
+                what: "mailbox full for 5s".into(),
+            },
+            Error::Timeout {
+                session: None,
+                what: "turn deadline".into(),
+            },
+            Error::Cancelled { session: s.clone() },
+            Error::MaxSteps {
+                session: s.clone(),
+                limit: 16,
+            },
+            Error::corrupt(Some(&s), "entry 12", "bad marker"),
+            Error::UnsupportedVersion {
+                session: Some(s.clone()),
+                what: "turn state".into(),
+                found: 9,
+                supported: 1,
+            },
+            Error::MissingMigration {
+                migration: "0002_template".into(),
+                hint: "run `cargo xtask migrate up`".into(),
+            },
+            Error::TemplateNotFound {
+                template_id: "support".into(),
+            },
+            Error::Credentials {
+                reason: "OPENAI_KEY is not set".into(),
+            },
+            Error::Model {
+                message: "429 rate limited".into(),
+                retryable: true,
+            },
+            Error::DurabilityNotMet {
+                session: s.clone(),
+                wanted: 1,
+                acked: 0,
+            },
+            Error::Unavailable {
+                backend: "redis store",
+                message: "connection refused".into(),
+            },
+            Error::Backend {
+                backend: "a backend this build has never heard of",
+                message: "boom".into(),
+                retryable: false,
+            },
+            Error::Config("bad TTL".into()),
+            Error::Internal("impossible".into()),
+        ]
+    }
+
+    fn variant_index(e: &Error) -> usize {
+        match e {
+            Error::InvalidId { .. } => 0,
+            Error::InvalidInput { .. } => 1,
+            Error::InputTooLarge { .. } => 2,
+            Error::NotFound { .. } => 3,
+            Error::AlreadyExists { .. } => 4,
+            Error::Fenced { .. } => 5,
+            Error::Conflict { .. } => 6,
+            Error::AlreadyRegistered { .. } => 7,
+            Error::NotOwner { .. } => 8,
+            Error::SessionClosed { .. } => 9,
+            Error::Busy { .. } => 10,
+            Error::Overloaded { .. } => 11,
+            Error::Timeout { .. } => 12,
+            Error::Cancelled { .. } => 13,
+            Error::MaxSteps { .. } => 14,
+            Error::Corrupt { .. } => 15,
+            Error::UnsupportedVersion { .. } => 16,
+            Error::MissingMigration { .. } => 17,
+            Error::TemplateNotFound { .. } => 18,
+            Error::Credentials { .. } => 19,
+            Error::Model { .. } => 20,
+            Error::DurabilityNotMet { .. } => 21,
+            Error::Unavailable { .. } => 22,
+            Error::Backend { .. } => 23,
+            Error::Config(_) => 24,
+            Error::Internal(_) => 25,
+        }
+    }
+
+    #[test]
+    fn every_variant_round_trips_through_messagepack() {
+        let all = one_of_each();
+        let mut seen: Vec<usize> = all.iter().map(variant_index).collect();
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(
+            seen,
+            (0..26).collect::<Vec<_>>(),
+            "one_of_each misses a variant"
+        );
+        for e in all {
+            let bytes = rmp_serde::to_vec_named(&e).unwrap();
+            let back: Error = rmp_serde::from_slice(&bytes)
+                .unwrap_or_else(|err| panic!("{e} did not decode: {err}"));
+            assert_eq!(back.kind(), e.kind());
+            assert_eq!(back.to_string(), e.to_string());
+            assert_eq!(back.is_retryable(), e.is_retryable(), "{e}");
+            assert_eq!(format!("{back:?}"), format!("{e:?}"));
+        }
+    }
+
+    #[test]
+    fn unknown_static_names_are_interned_within_a_bound() {
+        let first = static_str::intern("a peer's own backend");
+        let again = static_str::intern("a peer's own backend");
+        assert!(std::ptr::eq(first, again), "interned twice");
+        assert_eq!(static_str::intern("redis store"), "redis store");
+        for i in 0..static_str::MAX_INTERNED * 2 {
+            let name = format!("backend {i}");
+            let got = static_str::intern(&name);
+            assert!(got == name || got == "remote", "{got}");
+        }
+        assert_eq!(static_str::intern("yet another backend"), "remote");
     }
 }

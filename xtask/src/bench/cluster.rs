@@ -51,11 +51,7 @@ fn redis_url() -> String {
 /// Builds the node binary in release and returns its path.
 fn node_binary() -> Result<std::path::PathBuf> {
     let sh = xshell::Shell::new()?;
-    xshell::cmd!(
-        sh,
-        "cargo build --release -q -p normandy-cluster --bin normandy-node"
-    )
-    .run()?;
+    xshell::cmd!(sh, "cargo build --release -q -p normandy-node").run()?;
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         root.join("target").to_string_lossy().into_owned()

@@ -182,7 +182,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     if flags.switch("help") {
         println!(
             "{}",
-            include_str!("normandy-node.rs")
+            include_str!("main.rs")
                 .lines()
                 .take(12)
                 .map(|l| l.trim_start_matches("//! ").trim_start_matches("//!"))
