@@ -25,7 +25,6 @@ use tonic::server::NamedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use crate::cluster::ClusterInner;
 use crate::tls::ClusterTls;
 use crate::wire::{
     self, CancelReply, EchoMessage, Empty, HealthReply, HealthRequest, HistoryReply,
@@ -111,10 +110,32 @@ where
 type WireStream =
     Pin<Box<dyn futures::Stream<Item = std::result::Result<WireEvent, Status>> + Send>>;
 
-/// The gRPC service of one node.
+/// What a node serves over RPC: the server side of every call, implemented by the cluster
+/// (`cluster/serve.rs`) and adapted to gRPC by [`NodeService`]. The RPC layer holds no cluster
+/// logic and the cluster no gRPC, so each side can be read and tested without the other (the
+/// quickwit-cluster arrangement).
+#[async_trait::async_trait]
+pub(crate) trait NodeApi: Send + Sync + 'static {
+    /// Who this node is, whether it serves, what it sees.
+    fn health(&self) -> HealthReply;
+    /// Creates a session here.
+    async fn start(&self, r: StartRequest) -> Result<StartReply>;
+    /// Runs an input's turn.
+    async fn send(&self, r: SendRequest) -> Result<TurnOutcome>;
+    /// A page of committed history.
+    async fn history(&self, r: HistoryRequest) -> Result<Vec<Entry>>;
+    /// The session's events after a seq.
+    async fn subscribe(&self, r: SubscribeRequest) -> Result<EventStream>;
+    /// Closes the session.
+    async fn stop(&self, r: SessionRequest) -> Result<()>;
+    /// Cancels the running turn; whether one was running.
+    async fn cancel(&self, r: SessionRequest) -> Result<bool>;
+}
+
+/// The gRPC service of one node: decodes each call and hands it to the [`NodeApi`].
 #[derive(Clone)]
 pub(crate) struct NodeService {
-    pub(crate) cluster: Arc<ClusterInner>,
+    pub(crate) api: Arc<dyn NodeApi>,
 }
 
 impl NamedService for NodeService {
@@ -156,7 +177,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let cluster = self.cluster.clone();
+        let cluster = self.api.clone();
         match req.uri().path() {
             path::HEALTH => unary!(req, cluster, HealthRequest, HealthReply, |c, _r| Ok(
                 c.health()
@@ -169,26 +190,26 @@ where
                 Ok(r)
             }),
             path::START => unary!(req, cluster, StartRequest, StartReply, |c, r| c
-                .serve_start(r)
+                .start(r)
                 .await
                 .map_err(|e| wire::to_status(&e))),
             path::SEND => unary!(req, cluster, SendRequest, WireOutcome, |c, r| c
-                .serve_send(r)
+                .send(r)
                 .await
                 .map(WireOutcome::from)
                 .map_err(|e| wire::to_status(&e))),
             path::HISTORY => unary!(req, cluster, HistoryRequest, HistoryReply, |c, r| c
-                .serve_history(r)
+                .history(r)
                 .await
                 .map(|entries| HistoryReply { entries })
                 .map_err(|e| wire::to_status(&e))),
             path::STOP => unary!(req, cluster, SessionRequest, Empty, |c, r| c
-                .serve_stop(r)
+                .stop(r)
                 .await
                 .map(|()| Empty {})
                 .map_err(|e| wire::to_status(&e))),
             path::CANCEL => unary!(req, cluster, SessionRequest, CancelReply, |c, r| c
-                .serve_cancel(r)
+                .cancel(r)
                 .await
                 .map(|running| CancelReply { running })
                 .map_err(|e| wire::to_status(&e))),
@@ -202,7 +223,7 @@ where
                         async move {
                             let r = req.into_inner();
                             let stream = c
-                                .serve_subscribe(r)
+                                .subscribe(r)
                                 .await
                                 .map_err(|e| wire::to_status(&e))?;
                             let out: WireStream = Box::pin(stream.filter_map(|item| {

@@ -92,7 +92,7 @@ async fn membership_sees_nodes_come_and_go() {
         .await
         .unwrap()
         .unwrap();
-    assert!(matches!(up, MemberEvent::Up(m) if &m.node == b.node()));
+    assert!(matches!(up, MemberEvent::Up(m) if m.node == b.node()));
     assert_eq!(a.members().len(), 2);
     b.shutdown().await; // leaves: the lease is dropped at once
     let down = tokio::time::timeout(Duration::from_secs(5), events.recv())

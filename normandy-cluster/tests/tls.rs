@@ -108,7 +108,7 @@ async fn nodes_over_mutual_tls_route_sessions_to_each_other() {
     assert_eq!(b.sessions().live_count(), 0);
     let from_b = b.client(a.address()).unwrap();
     let h = from_b.health().await.unwrap();
-    assert_eq!(h.node, *a.node());
+    assert_eq!(h.node, a.node());
     let entries = b.history_all(&id).await.unwrap();
     let texts: Vec<String> = entries
         .iter()
@@ -150,7 +150,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
     };
 
     // The right CA, a certificate it signed, the right name: served.
-    assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, *a.node());
+    assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, a.node());
 
     // Plaintext HTTP/2 to a TLS port: no handler runs, and the error says what to check.
     let err = probe(None).await.unwrap_err();
@@ -178,7 +178,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
         .health()
         .await
         .unwrap();
-    assert_eq!(h.node, *lax.node());
+    assert_eq!(h.node, lax.node());
     lax.shutdown().await;
 
     // Expects another server name than the node's certificate carries.
@@ -189,7 +189,7 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
     assert!(err.to_string().contains("not valid for name"), "{err}");
 
     // The node kept serving through all of it.
-    assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, *a.node());
+    assert_eq!(probe(Some(pki.node_tls())).await.unwrap().node, a.node());
     a.shutdown().await;
     cleanup(&prefix).await;
 }

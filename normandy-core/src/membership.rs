@@ -22,15 +22,44 @@ pub struct Member {
     pub address: String,
 }
 
+/// What a refresh found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// The lease was there, held by this node, and now lives one more TTL.
+    Held,
+    /// The lease was gone (it lapsed, or was dropped) or held by someone else. Nothing was
+    /// written. The node must stop serving, fence its live actors and rejoin under a new
+    /// incarnation: other nodes may already have taken its sessions.
+    Lost,
+}
+
 /// Node leases in a coordination backend.
+///
+/// # Policy
+/// One lapse policy for every backend: a lease is claimed only if absent ([`join`]
+/// (Self::join)), refreshed only while it is present and this node's ([`refresh`]
+/// (Self::refresh)), and never silently re-created. A node whose refresh reports
+/// [`LeaseStatus::Lost`] stops serving and comes back as a new incarnation, so nothing it did
+/// before the loss can be mistaken for the new life's.
 #[async_trait]
 pub trait Membership: Send + Sync + 'static {
-    /// Creates or refreshes `me`'s lease for `ttl`, the expiry being set by the server.
+    /// Claims `me`'s lease for `ttl`, the expiry being set by the server.
     ///
     /// # Behavior
-    /// - After it returns `Ok`, `members` lists `me` until `ttl` passes without another refresh.
-    /// - A failure means the lease may lapse: the caller must stop serving before it can.
-    async fn refresh(&self, me: &Member, ttl: Duration) -> Result<()>;
+    /// - Only if no lease for `me.node` exists: otherwise nothing is written and the error
+    ///   (`AlreadyExists`-like `Config`) names the node and the address holding it.
+    /// - After it returns `Ok`, `members` lists `me` until `ttl` passes without a refresh.
+    async fn join(&self, me: &Member, ttl: Duration) -> Result<()>;
+
+    /// Extends `me`'s lease by `ttl`, if it is still there and still `me`'s.
+    ///
+    /// # Behavior
+    /// - `Held`: the lease lives `ttl` from the server's receipt of this call.
+    /// - `Lost`: the lease had lapsed, was dropped, or holds another node's address; nothing is
+    ///   written (the lease is never re-created here).
+    /// - An error means the outcome is unknown: the lease may lapse, and the caller must stop
+    ///   serving before it can.
+    async fn refresh(&self, me: &Member, ttl: Duration) -> Result<LeaseStatus>;
 
     /// Nodes whose lease is alive.
     async fn members(&self) -> Result<Vec<Member>>;

@@ -4,8 +4,13 @@
 //! # Layout
 //! - [`config`]: [`RedisRegistryConfig`] — its own URL or client (a connection separate from the
 //!   store's), key prefix, lease TTL, timeouts.
-//! - [`registry`]: [`RedisRegistry`] — `register` / `lookup` / `unregister` scripts, node leases
-//!   and the [`LeaseRefresher`] task.
+//! - [`registry`]: [`RedisRegistry`] — `register` / `lookup` / `unregister` scripts, the node
+//!   lease methods and the [`LeaseRefresher`] task.
+//! - `lease`: node leases — the one implementation and policy (claimed only if absent,
+//!   refreshed only while present, never re-created) behind the registry's lease methods,
+//!   [`LeaseRefresher`] and [`RedisMembership`].
+//! - [`membership`]: [`RedisMembership`], the cluster's
+//!   [`Membership`](normandy_core::Membership) on those leases.
 //! - `error`: the one function that maps Redis errors to [`normandy_core::Error`].
 //!
 //! # How placement works
@@ -41,7 +46,10 @@
 
 pub mod config;
 mod error;
+mod lease;
+pub mod membership;
 pub mod registry;
 
 pub use config::RedisRegistryConfig;
+pub use membership::RedisMembership;
 pub use registry::{LeaseRefresher, RedisRegistry};

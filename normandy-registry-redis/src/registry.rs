@@ -13,6 +13,7 @@ use tracing::{debug, error, warn};
 
 use crate::config::RedisRegistryConfig;
 use crate::error;
+use crate::lease::Leases;
 
 /// KEYS: placement. ARGV: owner, lease prefix, lease TTL in ms.
 ///
@@ -81,6 +82,7 @@ pub struct RedisRegistry {
     con: ConnectionManager,
     prefix: String,
     lease_prefix: String,
+    leases: Leases,
     lease_ttl: Duration,
     scripts: Arc<Scripts>,
 }
@@ -115,6 +117,7 @@ impl RedisRegistry {
             s.load_async(&mut con).await.map_err(error::map)?;
         }
         Ok(Self {
+            leases: Leases::new(con.clone(), &config.prefix),
             con,
             lease_prefix: format!("{}:lease:", config.prefix),
             prefix: config.prefix,
@@ -146,54 +149,30 @@ impl RedisRegistry {
         self.lease_ttl.as_millis().max(1) as u64
     }
 
-    /// Creates or renews `node`'s lease for one TTL (server-side expiry).
-    pub async fn acquire_lease(&self, node: &NodeId) -> Result<()> {
-        let mut con = self.con.clone();
-        redis::cmd("SET")
-            .arg(self.lease_key(node))
-            .arg("1")
-            .arg("PX")
-            .arg(self.ttl_ms())
-            .query_async::<Value>(&mut con)
-            .await
-            .map_err(error::map)?;
-        Ok(())
+    /// Claims `node`'s lease for one TTL (server-side expiry) if it has none; a lease already
+    /// there is left as it is (see the crate's lease policy: a lease is never overwritten).
+    /// Returns whether this call claimed it.
+    pub async fn acquire_lease(&self, node: &NodeId) -> Result<bool> {
+        let joined = self.leases.join(node, "1", self.lease_ttl, false).await?;
+        Ok(joined == crate::lease::Joined::Claimed)
     }
 
     /// Renews `node`'s lease for one TTL. `Ok(false)` if it had already lapsed: the lease is
     /// *not* recreated, because the node's placements may have been taken meanwhile; such a node
     /// should stop serving and rejoin with a new incarnation.
     pub async fn refresh_lease(&self, node: &NodeId) -> Result<bool> {
-        let mut con = self.con.clone();
-        let renewed: i64 = redis::cmd("PEXPIRE")
-            .arg(self.lease_key(node))
-            .arg(self.ttl_ms())
-            .query_async(&mut con)
-            .await
-            .map_err(error::map)?;
-        Ok(renewed == 1)
+        self.leases.refresh(node, None, self.lease_ttl, false).await
     }
 
     /// Deletes `node`'s lease (a graceful leave, or a test simulating death): its placements stop
     /// resolving at once. Returns whether a lease existed.
     pub async fn release_lease(&self, node: &NodeId) -> Result<bool> {
-        let mut con = self.con.clone();
-        let n: i64 = redis::cmd("DEL")
-            .arg(self.lease_key(node))
-            .query_async(&mut con)
-            .await
-            .map_err(error::map)?;
-        Ok(n == 1)
+        self.leases.leave(node).await
     }
 
     /// Whether `node`'s lease is alive.
     pub async fn lease_alive(&self, node: &NodeId) -> Result<bool> {
-        let mut con = self.con.clone();
-        redis::cmd("EXISTS")
-            .arg(self.lease_key(node))
-            .query_async(&mut con)
-            .await
-            .map_err(error::map)
+        self.leases.alive(node).await
     }
 
     /// Acquires `node`'s lease and starts a task that refreshes it every TTL/3. The lease stays
@@ -210,6 +189,7 @@ impl RedisRegistry {
             con: self.con.clone(),
             prefix: self.prefix.clone(),
             lease_prefix: self.lease_prefix.clone(),
+            leases: self.leases.clone(),
             lease_ttl: self.lease_ttl,
             scripts: self.scripts.clone(),
         };

@@ -1,0 +1,247 @@
+//! This node's own lease: who it is, the refresh loop, the watchdog that stops serving before
+//! the lease can lapse, and the one lapse policy of [`Membership`](normandy_core::Membership):
+//!
+//! - A refresh that fails (error, timeout) leaves the lease in doubt: the watchdog stops
+//!   serving before it can lapse, timed on the monotonic clock from the send of the last good
+//!   refresh, and the node never reaps meanwhile. A later refresh that finds the lease still
+//!   there ([`LeaseStatus::Held`]) proves it never lapsed: the node serves again as the same
+//!   incarnation.
+//! - A refresh that finds the lease gone ([`LeaseStatus::Lost`]) means other nodes may have
+//!   taken its sessions: the node stops serving, stops its live actors, and rejoins under a
+//!   **new incarnation** — a fresh lease claimed only if absent, a fresh local runtime — then
+//!   resumes whatever eager sessions of its previous incarnation nobody else took.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use normandy_core::{LeaseStatus, Member, NodeId, Result, Sessions};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use super::{Node, lock, read};
+
+/// This node's identity and the state of its lease.
+pub(super) struct Lease {
+    /// Who this node is now; replaced when it rejoins under a new incarnation.
+    me: RwLock<Arc<Member>>,
+    /// Until when the lease is surely alive: send time of the last good refresh + TTL, on this
+    /// process's monotonic clock.
+    valid_until: Mutex<Instant>,
+    /// Whether the last refresh succeeded. A node never reaps while its refresh fails.
+    refresh_ok: AtomicBool,
+    /// Whether the lease is trusted (cleared by the watchdog before it can lapse, and when a
+    /// refresh finds it lost).
+    trusted: AtomicBool,
+    /// The passivation a loss of trust started; serving resumes only once it is done, so it
+    /// cannot passivate sessions placed after the lease came back.
+    stopping: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Lease {
+    /// The lease of `me`, taken at `sent` for `ttl`.
+    pub(super) fn new(me: Member, sent: Instant, ttl: Duration) -> Self {
+        Self {
+            me: RwLock::new(Arc::new(me)),
+            valid_until: Mutex::new(sent + ttl),
+            refresh_ok: AtomicBool::new(true),
+            trusted: AtomicBool::new(true),
+            stopping: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn me(&self) -> Arc<Member> {
+        read(&self.me).clone()
+    }
+
+    pub(super) fn trusted(&self) -> bool {
+        self.trusted.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn refresh_ok(&self) -> bool {
+        self.refresh_ok.load(Ordering::SeqCst)
+    }
+
+    fn stopping(&self) -> bool {
+        lock(&self.stopping)
+            .as_ref()
+            .is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// The next incarnation of a node: the clock's, or one more than the last when the clock has
+/// not moved past it (a clock stepped back, two rejoins in one millisecond).
+fn next_incarnation(previous: &NodeId) -> Result<NodeId> {
+    let fresh = NodeId::with_fresh_incarnation(previous.name())?;
+    if fresh.incarnation() > previous.incarnation() {
+        Ok(fresh)
+    } else {
+        NodeId::new(previous.name(), previous.incarnation() + 1)
+    }
+}
+
+impl Node {
+    /// Refreshes the lease every TTL/3. Timed from each refresh's send: the server's TTL
+    /// started no earlier than that.
+    pub(super) async fn lease_loop(self: Arc<Self>) {
+        let period = self.config.lease_ttl / 3;
+        let mut stop = self.life.stop.subscribe();
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // immediate; the lease was just taken
+        let mut lost = false;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if self.life.left.load(Ordering::SeqCst) {
+                return;
+            }
+            if lost {
+                lost = !self.clone().rejoin().await;
+                continue;
+            }
+            let me = self.me();
+            let sent = Instant::now();
+            let refreshed = tokio::time::timeout(
+                period,
+                self.membership.refresh(&me, self.config.lease_ttl),
+            )
+            .await;
+            match refreshed {
+                Ok(Ok(LeaseStatus::Held)) => {
+                    *lock(&self.lease.valid_until) = sent + self.config.lease_ttl;
+                    self.lease.refresh_ok.store(true, Ordering::SeqCst);
+                    if !self.lease.trusted() {
+                        self.clone().regain();
+                    }
+                }
+                Ok(Ok(LeaseStatus::Lost)) => {
+                    self.lease.refresh_ok.store(false, Ordering::SeqCst);
+                    error!(node = %me.node, "lease lost (it lapsed or was dropped); \
+                        stopping this incarnation and rejoining under a new one");
+                    self.distrust();
+                    lost = !self.clone().rejoin().await;
+                }
+                Ok(Err(e)) => {
+                    self.lease.refresh_ok.store(false, Ordering::SeqCst);
+                    warn!(node = %me.node, error = %e, "lease refresh failed");
+                }
+                Err(_) => {
+                    self.lease.refresh_ok.store(false, Ordering::SeqCst);
+                    warn!(node = %me.node, "lease refresh timed out");
+                }
+            }
+        }
+    }
+
+    /// Stops serving before the lease can lapse when refreshes fail (or the process was paused).
+    pub(super) async fn watchdog(self: Arc<Self>) {
+        let step = (self.config.lease_ttl / 30).max(Duration::from_millis(5));
+        let margin = self.config.stop_margin();
+        while !self.stopped() {
+            tokio::time::sleep(step).await;
+            let until = *lock(&self.lease.valid_until);
+            if self.life.draining.load(Ordering::SeqCst) {
+                continue;
+            }
+            if self.lease.trusted() && Instant::now() + margin >= until {
+                error!(node = %self.me().node, "lease in doubt: stopped serving, passivating live sessions");
+                self.distrust();
+            }
+        }
+    }
+
+    /// Stops serving and passivates every live session (once per loss of trust).
+    fn distrust(&self) {
+        if !self.lease.trusted.swap(false, Ordering::SeqCst) {
+            return;
+        }
+        self.stats.lease_losses.fetch_add(1, Ordering::Relaxed);
+        let sessions = self.sessions();
+        sessions.set_accepting(false);
+        *lock(&self.lease.stopping) = Some(tokio::spawn(async move { sessions.shutdown().await }));
+    }
+
+    /// After a refresh that found the lease still held, following a loss of trust: serve again
+    /// as the same incarnation, and take back our own interrupted eager sessions that nobody
+    /// else resumed meanwhile.
+    fn regain(self: Arc<Self>) {
+        if self.life.draining.load(Ordering::SeqCst) || self.lease.stopping() {
+            // Still passivating what it had; the next good refresh tries again.
+            return;
+        }
+        info!(node = %self.me().node, "lease refreshed again: serving");
+        self.sessions().set_accepting(true);
+        self.lease.trusted.store(true, Ordering::SeqCst);
+        if self.reaper.enabled {
+            let me = self.me().node.clone();
+            tokio::spawn(async move { self.reap_node(&me, true).await });
+        }
+    }
+
+    /// Rejoins under a new incarnation after the lease was lost: waits for the old runtime to
+    /// stop, builds a new one for the new node id, claims its lease, and serves. Returns false
+    /// when it must be tried again at the next tick.
+    async fn rejoin(self: Arc<Self>) -> bool {
+        if self.life.draining.load(Ordering::SeqCst) || self.lease.stopping() {
+            return false;
+        }
+        let old = self.me();
+        let node = match next_incarnation(&old.node) {
+            Ok(n) => n,
+            Err(e) => {
+                error!(error = %e, "cannot name a new incarnation");
+                return false;
+            }
+        };
+        let sessions: Sessions = match self.recipe.build(node.clone()) {
+            Ok(s) => s,
+            Err(e) => {
+                error!(error = %e, "cannot rebuild the local runtime to rejoin");
+                return false;
+            }
+        };
+        let me = Member {
+            node: node.clone(),
+            address: old.address.clone(),
+        };
+        let sent = Instant::now();
+        if let Err(e) = self.membership.join(&me, self.config.lease_ttl).await {
+            warn!(node = %node, error = %e, "could not claim a new lease; retrying");
+            return false;
+        }
+        *self.sessions.write().unwrap_or_else(|p| p.into_inner()) = sessions;
+        *self.lease.me.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(me.clone());
+        self.view.insert(&me);
+        *lock(&self.lease.valid_until) = sent + self.config.lease_ttl;
+        self.lease.refresh_ok.store(true, Ordering::SeqCst);
+        self.lease.trusted.store(true, Ordering::SeqCst);
+        self.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        info!(old = %old.node, new = %node, "rejoined under a new incarnation");
+        if self.reaper.enabled {
+            // The previous incarnation's interrupted eager sessions, unless taken meanwhile.
+            let previous = old.node.clone();
+            tokio::spawn(async move { self.reap_node(&previous, true).await });
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_incarnation_is_always_greater_than_the_last() {
+        let now = NodeId::with_fresh_incarnation("a").unwrap();
+        let next = next_incarnation(&now).unwrap();
+        assert_eq!(next.name(), "a");
+        assert!(next.incarnation() > now.incarnation());
+        // A previous incarnation from a clock that ran ahead.
+        let ahead = NodeId::new("a", u64::MAX - 1).unwrap();
+        assert_eq!(next_incarnation(&ahead).unwrap().incarnation(), u64::MAX);
+    }
+}

@@ -1,0 +1,98 @@
+//! [`RedisMembership`]: the [`Membership`] of a Redis cluster — node leases (`lease.rs`), the
+//! very keys [`RedisRegistry`](crate::RedisRegistry) checks to decide whether a placement
+//! still resolves, so one refresh keeps both the member entry and the node's placements alive.
+
+use std::time::Duration;
+
+use normandy_core::{Error, LeaseStatus, Member, Membership, NodeId, Result, async_trait};
+use redis::aio::ConnectionManagerConfig;
+
+use crate::error;
+use crate::lease::{Joined, Leases, taken};
+
+/// Node leases in Redis, with the policy of [`Membership`]: claimed only if absent, refreshed
+/// only while present and holding this node's address, never re-created. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisMembership {
+    leases: Leases,
+}
+
+impl std::fmt::Debug for RedisMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisMembership").finish_non_exhaustive()
+    }
+}
+
+impl RedisMembership {
+    /// Connects to `client` with its own connection, under the registry key prefix `prefix`
+    /// (the same prefix as the [`RedisRegistry`](crate::RedisRegistry)'s, so the leases are
+    /// shared). Commands time out after `timeout`: a lease refresh that hangs must fail in time
+    /// for the node to stop serving before its lease can lapse.
+    pub async fn connect(client: redis::Client, prefix: &str, timeout: Duration) -> Result<Self> {
+        if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
+            return Err(Error::Config(format!(
+                "membership key prefix {prefix:?} must be non-empty and without whitespace"
+            )));
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(timeout))
+            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))));
+        let con = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(error::map)?;
+        Ok(Self {
+            leases: Leases::new(con, prefix),
+        })
+    }
+
+    /// The lease key of `node` (the registry's lease key for it).
+    pub fn lease_key(&self, node: &NodeId) -> String {
+        self.leases.key(node)
+    }
+}
+
+#[async_trait]
+impl Membership for RedisMembership {
+    async fn join(&self, me: &Member, ttl: Duration) -> Result<()> {
+        match self.leases.join(&me.node, &me.address, ttl, true).await? {
+            Joined::Claimed => Ok(()),
+            Joined::Held(holder) => Err(taken(&me.node, &holder)),
+        }
+    }
+
+    async fn refresh(&self, me: &Member, ttl: Duration) -> Result<LeaseStatus> {
+        let held = self
+            .leases
+            .refresh(&me.node, Some(&me.address), ttl, true)
+            .await?;
+        Ok(if held {
+            LeaseStatus::Held
+        } else {
+            LeaseStatus::Lost
+        })
+    }
+
+    async fn members(&self) -> Result<Vec<Member>> {
+        let mut out = Vec::new();
+        for (node, value) in self.leases.members().await? {
+            // A lease the registry created on a node's behalf holds no address ("1").
+            if !value.contains(':') {
+                continue;
+            }
+            match node.parse::<NodeId>() {
+                Ok(node) => out.push(Member {
+                    node,
+                    address: value,
+                }),
+                Err(e) => tracing::warn!(entry = %node, error = %e, "ignoring bad member entry"),
+            }
+        }
+        out.sort_by(|a, b| a.node.cmp(&b.node));
+        Ok(out)
+    }
+
+    async fn leave(&self, node: &NodeId) -> Result<()> {
+        self.leases.leave(node).await.map(|_| ())
+    }
+}
