@@ -13,13 +13,17 @@
 //!
 //! # Layout
 //! - [`config`]: [`LmdbConfig`] (path, map size and its ceiling, durability, batch size).
-//! - `store`: [`LmdbStore`], the [`SessionStore`](normandy_core::SessionStore) implementation:
-//!   reads on tokio's blocking pool, writes through the writer thread.
-//! - `writer`: the group-commit thread: writes queued together share one LMDB write
-//!   transaction, each with its own checks and outcome.
-//! - `env`: opening the environment (format marker, databases), the key layout, the session
-//!   header, growing the map when it is full.
 //! - `error`: the one function that maps heed/LMDB errors to [`normandy_core::Error`].
+//! - `conn`: the environment (LMDB's counterpart of a connection pool): opening it, read
+//!   transactions, growing the map when it is full.
+//! - `schema`: the on-disk layout — named databases, key layout, format marker and its check.
+//! - `record`: a session's stored form (the header blob) and reading it back as a
+//!   [`SessionRecord`](normandy_core::SessionRecord).
+//! - `store`: [`LmdbStore`], the [`SessionStore`](normandy_core::SessionStore) implementation:
+//!   reads on tokio's blocking pool, writes through the group-commit thread.
+//! - `group`: group commit — the one writer thread: writes queued together share one LMDB write
+//!   transaction, each with its own checks and outcome.
+//! - `raw`: test support below the store contract — raw bytes, overwriting blobs.
 //!
 //! # On disk
 //! Named databases `meta` (layout version), `sessions` (header blob), `states` (turn-state
@@ -28,10 +32,13 @@
 //! so `list_resumable` is a range read. Every blob is a versioned `normandy_core::codec` blob.
 
 pub mod config;
-mod env;
+mod conn;
 mod error;
+mod group;
+mod raw;
+mod record;
+mod schema;
 mod store;
-mod writer;
 
 pub use config::{Durability, LmdbConfig};
 pub use store::{LmdbStore, WriteStats};

@@ -17,9 +17,11 @@ use normandy_core::{
 use tokio::sync::oneshot;
 
 use crate::config::LmdbConfig;
-use crate::env::{Dbs, EnvCore, be_u64, keys, page_size, read_record};
+use crate::conn::{EnvCore, page_size};
 use crate::error::from_heed;
-use crate::writer::{EncodedEntry, Op, RawDb, Reply, Writer};
+use crate::group::{EncodedEntry, Op, Reply, Writer};
+use crate::record::read_record;
+use crate::schema::{Dbs, be_u64, keys};
 
 /// Environments open in this process, by canonical path. LMDB must not be opened twice by one
 /// process (heed refuses it), so a second [`LmdbStore::open`] of a path shares the first's
@@ -167,7 +169,7 @@ impl LmdbStore {
         }
     }
 
-    async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+    pub(crate) async fn write<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.shared.writer.submit(op(tx))?;
         rx.await.map_err(|_| {
@@ -175,7 +177,7 @@ impl LmdbStore {
         })?
     }
 
-    async fn read<T, F>(&self, session: Option<&SessionId>, f: F) -> Result<T>
+    pub(crate) async fn read<T, F>(&self, session: Option<&SessionId>, f: F) -> Result<T>
     where
         T: Send + 'static,
         F: Fn(&RoTxn<'_, WithoutTls>, &Dbs, &Path) -> Result<T> + Send + 'static,
@@ -188,53 +190,6 @@ impl LmdbStore {
         })
         .await
         .map_err(|e| Error::Internal(format!("LMDB read task failed: {e}")))?
-    }
-
-    /// Test support: every key and value of every database, concatenated (for canary scans).
-    pub async fn raw_bytes(&self) -> Result<Vec<u8>> {
-        self.read(None, |txn, dbs, path| {
-            let mut out = Vec::new();
-            for db in dbs.all() {
-                for item in db.iter(txn).map_err(|e| from_heed(e, path, None))? {
-                    let (k, v) = item.map_err(|e| from_heed(e, path, None))?;
-                    out.extend_from_slice(k);
-                    out.extend_from_slice(v);
-                }
-            }
-            Ok(out)
-        })
-        .await
-    }
-
-    /// Test support: overwrites the stored turn-state bytes of `id`; `false` if it has none.
-    pub async fn overwrite_state_bytes(&self, id: &SessionId, bytes: &[u8]) -> Result<bool> {
-        let key = keys::session(id).to_vec();
-        let value = bytes.to_vec();
-        self.write(|reply| Op::Overwrite {
-            db: RawDb::States,
-            key,
-            value,
-            reply,
-        })
-        .await
-    }
-
-    /// Test support: overwrites the stored bytes of entry `seq` of `id`; `false` if absent.
-    pub async fn overwrite_entry_bytes(
-        &self,
-        id: &SessionId,
-        seq: Seq,
-        bytes: &[u8],
-    ) -> Result<bool> {
-        let key = keys::entry(id, seq);
-        let value = bytes.to_vec();
-        self.write(|reply| Op::Overwrite {
-            db: RawDb::Entries,
-            key,
-            value,
-            reply,
-        })
-        .await
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use normandy_core::{Error, Result};
 use sqlx::postgres::PgConnectOptions;
 
-use crate::store::SchemaLevel;
+use crate::schema::SchemaLevel;
 
 /// How to open a [`PgStore`](crate::PgStore).
 ///
@@ -166,17 +166,5 @@ impl PgStoreConfig {
     pub fn migrate_on_open(mut self, yes: bool) -> Self {
         self.migrate_on_open = yes;
         self
-    }
-
-    /// The connect options with the schema and application name applied.
-    pub(crate) fn connect_options(&self) -> PgConnectOptions {
-        let mut opts = self
-            .connect
-            .clone()
-            .application_name(self.application_name.as_deref().unwrap_or("normandy"));
-        if let Some(schema) = &self.schema {
-            opts = opts.options([("search_path", schema.as_str())]);
-        }
-        opts
     }
 }

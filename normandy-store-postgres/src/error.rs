@@ -2,11 +2,10 @@
 
 use normandy_core::Error;
 
+use crate::schema::MIGRATION_NAMES;
+
 /// Backend name carried by [`Error::Unavailable`] and [`Error::Backend`].
 pub(crate) const BACKEND: &str = "postgres";
-
-/// The staged migrations, oldest first, by the name their files carry.
-pub(crate) const MIGRATION_NAMES: [&str; 3] = ["0001_base", "0002_template", "0003_resume_policy"];
 
 /// What a user runs to bring a database up to date; every `MissingMigration` carries it.
 pub(crate) const MIGRATE_HINT: &str = "apply the Normandy migrations with \

@@ -15,9 +15,16 @@
 //!
 //! # Layout
 //! - `config`: [`PgStoreConfig`], where to connect and how to batch commits.
-//! - `store`: [`PgStore`], the [`SessionStore`](normandy_core::SessionStore) implementation, and
-//!   [`SchemaLevel`], which staged migrations a database has.
 //! - `error`: the one function that maps sqlx errors to [`normandy_core::Error`].
+//! - `conn`: the connection pool (size, timeouts, `search_path`, `application_name`).
+//! - `schema`: [`migrator`], [`SchemaLevel`] (which staged migrations a database has, read from
+//!   the catalog) and the check a store makes when it opens.
+//! - `sql`: every statement the store runs, with the variants for older schemas.
+//! - `record`: a session row's columns to a [`SessionRecord`](normandy_core::SessionRecord).
+//! - `store`: [`PgStore`], the [`SessionStore`](normandy_core::SessionStore) implementation:
+//!   reads, creation, activation, the resumable index; commits are handed to `group`.
+//! - `group`: group commit: the gatherer task, the fenced single and group commit statements,
+//!   and finding out why a commit was refused; [`WriteStats`].
 //! - `migrations/` (in the crate directory): the staged schema as plain up/down SQL files,
 //!   `0001_base`, `0002_template`, `0003_resume_policy`, embedded here by [`migrator`] and meant
 //!   to be copied into an application's own migrations if it prefers.
@@ -30,22 +37,15 @@
 //! and creating a session that needs more fails with `MissingMigration` naming the migration.
 
 mod config;
+mod conn;
 mod error;
+mod group;
+mod record;
+mod schema;
+mod sql;
 mod store;
 
 pub use config::PgStoreConfig;
-pub use store::{PgStore, SchemaLevel, WriteStats};
-
-/// The table in which [`migrator`] records applied migrations.
-pub const MIGRATIONS_TABLE: &str = "normandy_migrations";
-
-/// The staged migrations, embedded at build time, recording into [`MIGRATIONS_TABLE`].
-///
-/// Versions are 1 (`base`), 2 (`template`) and 3 (`resume_policy`); run all with
-/// `migrator().run(&pool)`, only the base with `migrator().run_to(1, &pool)`, and revert with
-/// `migrator().undo(&pool, target)`. Tables are created in the connection's `search_path`.
-pub fn migrator() -> sqlx::migrate::Migrator {
-    let mut m = sqlx::migrate!("./migrations");
-    m.dangerous_set_table_name(MIGRATIONS_TABLE);
-    m
-}
+pub use group::WriteStats;
+pub use schema::{MIGRATIONS_TABLE, SchemaLevel, migrator};
+pub use store::PgStore;

@@ -15,8 +15,9 @@ use redis::Value;
 use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
+use crate::conn::{WaitPool, eval_on, run_with_wait};
 use crate::error::{self, Ctx};
-use crate::store::{Reply, WaitPool, eval_on, parse_u64, run_with_wait};
+use crate::scripts::{Reply, parse_u64};
 
 /// Batches in flight at once. Without `WAIT`, two keep the connection busy (one running on the
 /// server, one on the wire), and more only shrink the batches: the server runs scripts one at a

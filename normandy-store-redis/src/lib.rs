@@ -4,12 +4,21 @@
 //!
 //! # Layout
 //! - [`config`]: [`RedisStoreConfig`] — URL or client, key prefix, `WAIT` policy, timeouts.
-//! - [`store`]: [`RedisStore`] — the key layout, the commit path, reads, the resumable index.
-//! - `group`: group commit — concurrent commits of different sessions share one script call
-//!   (and one `WAIT`), each keeping its own outcome; a lone commit goes out at once.
-//! - `scripts`: the Lua scripts (create, activate, commit_many, confirm, mark_terminal, delete).
 //! - `error`: the one function that maps Redis errors (and our scripts' codes) to
 //!   [`normandy_core::Error`].
+//! - `conn`: the shared multiplexed connection, the pool of dedicated `WAIT` connections, and
+//!   sending a script on either.
+//! - `schema`: the key layout — a session's keys under one hash tag, the resumable index sets.
+//! - `scripts`: the Lua scripts (create, activate, commit_many, confirm, mark_terminal, delete)
+//!   and the reading of a commit script's reply.
+//! - `record`: a session's state hash to a [`SessionRecord`](normandy_core::SessionRecord).
+//! - [`store`]: [`RedisStore`] — creation, activation, the commit path, reads, the resumable
+//!   index.
+//! - `group`: group commit — concurrent commits of different sessions share one script call
+//!   (and one `WAIT`), each keeping its own outcome; a lone commit goes out at once.
+//! - `unacked`: commits whose fate this process does not know, confirmed when retried.
+//! - `raw`: test support below the store contract — raw bytes, overwriting blobs, purging a
+//!   prefix.
 //!
 //! # A commit
 //! [`CommitBatch::validate`](normandy_core::CommitBatch::validate) runs first; then one
@@ -87,10 +96,15 @@
 //! ```
 
 pub mod config;
+mod conn;
 mod error;
 mod group;
+mod raw;
+mod record;
+mod schema;
 mod scripts;
 pub mod store;
+mod unacked;
 
 pub use config::{RedisStoreConfig, Wait};
 pub use store::RedisStore;

@@ -10,6 +10,14 @@
 //! Errors are `redis.error_reply` with our own codes (`NMNOTFOUND`, `NMCLOSED`, `NMFENCED <cur>`,
 //! `NMCONFLICT <actual>`, `NMEXISTS`), mapped in `error::map`. Numbers that the client compares
 //! (epoch, seq) are kept as their decimal strings, so Lua's doubles never round a u64.
+//!
+//! Also here: the scripts hashed once for `EVALSHA` ([`Scripts`]) and the reading of a commit
+//! script's reply ([`Reply`]).
+
+use normandy_core::{InputId, Result, Seq};
+use redis::{Script, Value};
+
+use crate::error::{self, Ctx};
 
 /// Moves a session between the resumable index sets when its flag or owner changed.
 const REINDEX: &str = r"
@@ -190,4 +198,88 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 "
     )
+}
+
+/// Test support script. KEYS: stream. ARGV: stream id, new bytes.
+const OVERWRITE_ENTRY: &str = r"
+local all = redis.call('XRANGE', KEYS[1], '-', '+')
+local found = 0
+for _, e in ipairs(all) do if e[1] == ARGV[1] then found = 1 end end
+if found == 0 then return 0 end
+redis.call('DEL', KEYS[1])
+for _, e in ipairs(all) do
+  local v = e[2][2]
+  if e[1] == ARGV[1] then v = ARGV[2] end
+  redis.call('XADD', KEYS[1], e[1], 'e', v)
+end
+return 1
+";
+
+/// The scripts, hashed once (`EVALSHA` sends the hash; the body is loaded on `NOSCRIPT`).
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) create: Script,
+    pub(crate) activate: Script,
+    pub(crate) confirm: Script,
+    pub(crate) mark_terminal: Script,
+    pub(crate) delete: Script,
+    pub(crate) overwrite_entry: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            create: Script::new(CREATE),
+            activate: Script::new(&activate()),
+            confirm: Script::new(CONFIRM),
+            mark_terminal: Script::new(&mark_terminal()),
+            delete: Script::new(&delete()),
+            overwrite_entry: Script::new(OVERWRITE_ENTRY),
+        }
+    }
+}
+
+/// What a commit script answered.
+pub(crate) enum Reply {
+    Applied(Seq),
+    Duplicate(InputId, Seq),
+    /// `CONFIRM` only: the record moved on; run the ordinary commit.
+    Miss,
+}
+
+/// Reads a commit or confirm script's reply.
+pub(crate) fn parse_commit_reply(value: &Value, ctx: Ctx<'_>) -> Result<Reply> {
+    let items = as_items(value);
+    let bad = || error::unexpected(ctx, "commit", value);
+    match items.as_slice() {
+        [Some(b"applied"), Some(seq)] => Ok(Reply::Applied(parse_u64(seq).ok_or_else(bad)?)),
+        [Some(b"dup"), Some(input), Some(seq)] => {
+            let input = std::str::from_utf8(input)
+                .ok()
+                .and_then(|s| InputId::new(s).ok())
+                .ok_or_else(bad)?;
+            Ok(Reply::Duplicate(input, parse_u64(seq).ok_or_else(bad)?))
+        }
+        [Some(b"miss")] => Ok(Reply::Miss),
+        _ => Err(bad()),
+    }
+}
+
+/// The items of a script's array reply as byte strings (`None` for other shapes).
+pub(crate) fn as_items(value: &Value) -> Vec<Option<&[u8]>> {
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::BulkString(b) => Some(b.as_slice()),
+                Value::SimpleString(s) => Some(s.as_bytes()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+pub(crate) fn parse_u64(b: &[u8]) -> Option<u64> {
+    std::str::from_utf8(b).ok()?.parse().ok()
 }

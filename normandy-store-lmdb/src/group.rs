@@ -25,8 +25,10 @@ use normandy_core::{
 };
 use tokio::sync::oneshot;
 
-use crate::env::{Dbs, EnvCore, Header, be_u64, keys, read_record};
+use crate::conn::EnvCore;
 use crate::error::from_heed;
+use crate::record::{Header, read_record};
+use crate::schema::{Dbs, be_u64, keys};
 
 /// Where a write's outcome goes.
 pub(crate) type Reply<T> = oneshot::Sender<Result<T>>;

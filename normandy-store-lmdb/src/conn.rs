@@ -1,0 +1,161 @@
+//! The environment, LMDB's counterpart of a connection pool: opening it, running read
+//! transactions, and growing the memory map (or adopting the size another process grew it to).
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use heed::{Env, EnvFlags, EnvOpenOptions, MdbError, RoTxn, WithoutTls};
+use normandy_core::{Error, Result, SessionId};
+
+use crate::config::{Durability, LmdbConfig, round_down};
+use crate::error::from_heed;
+use crate::schema::{Dbs, MAX_DBS, check_format, create_dbs};
+
+/// An open environment, shared by the writer thread and the readers of one process.
+pub(crate) struct EnvCore {
+    pub(crate) env: Env<WithoutTls>,
+    pub(crate) dbs: Dbs,
+    /// The canonical directory, for error messages.
+    pub(crate) path: PathBuf,
+    pub(crate) max_map_size: usize,
+    /// Held shared by every transaction this process opens, and exclusively while the map is
+    /// resized: LMDB allows `mdb_env_set_mapsize` only while the process has no transaction
+    /// open, and it does not check.
+    gate: RwLock<()>,
+    /// Write transactions committed by this process's writer thread.
+    pub(crate) txns: AtomicU64,
+    /// Writes (create, activate, commit, ...) applied in them.
+    pub(crate) writes: AtomicU64,
+}
+
+impl std::fmt::Debug for EnvCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvCore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EnvCore {
+    /// Opens (creating if needed) the environment in `config.path`, which must be canonical.
+    pub(crate) fn open(config: &LmdbConfig) -> Result<Self> {
+        let path = config.path.clone();
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options
+            .map_size(config.map_size)
+            .max_dbs(MAX_DBS)
+            .max_readers(config.max_readers);
+        let flags = match config.durability {
+            Durability::Full => EnvFlags::empty(),
+            Durability::NoMetaSync => EnvFlags::NO_META_SYNC,
+            Durability::NoSync => EnvFlags::NO_SYNC,
+        };
+        // SAFETY: NO_SYNC / NO_META_SYNC trade durability on power loss, not memory safety;
+        // the user chose them through `Durability`.
+        #[allow(unsafe_code)]
+        unsafe {
+            options.flags(flags);
+        }
+        // SAFETY: the environment is opened once per process (the store keeps a registry of open
+        // paths), never with NO_LOCK, and its files are only modified through LMDB.
+        #[allow(unsafe_code)]
+        let env = unsafe { options.open(&path) }.map_err(|e| from_heed(e, &path, None))?;
+        // A process killed while reading leaves its reader slot behind, pinning old pages;
+        // clear such slots now (LMDB checks the pids).
+        let _ = env.clear_stale_readers();
+
+        check_format(&env, &path)?;
+        let dbs = create_dbs(&env).map_err(|e| from_heed(e, &path, None))?;
+        Ok(Self {
+            env,
+            dbs,
+            path,
+            max_map_size: config.max_map_size,
+            gate: RwLock::new(()),
+            txns: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+        })
+    }
+
+    /// Shared hold for the duration of one transaction.
+    pub(crate) fn hold(&self) -> RwLockReadGuard<'_, ()> {
+        // The guarded value is `()`: a poisoned lock protects nothing that could be half-updated.
+        self.gate.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn exclusive(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs a read transaction, adopting a map another process grew (`MDB_MAP_RESIZED`).
+    pub(crate) fn read<T>(
+        &self,
+        session: Option<&SessionId>,
+        f: impl Fn(&RoTxn<'_, WithoutTls>, &Dbs) -> Result<T>,
+    ) -> Result<T> {
+        let mut attempts = 0;
+        loop {
+            let held = self.hold();
+            match self.env.read_txn() {
+                Ok(txn) => {
+                    let out = f(&txn, &self.dbs);
+                    drop(txn);
+                    return out;
+                }
+                Err(heed::Error::Mdb(MdbError::MapResized)) if attempts < 8 => {
+                    drop(held);
+                    attempts += 1;
+                    self.adopt_resized(session)?;
+                }
+                Err(e) => return Err(from_heed(e, &self.path, session)),
+            }
+        }
+    }
+
+    /// Another process grew the map: take the size it wrote (`mdb_env_set_mapsize(0)`).
+    pub(crate) fn adopt_resized(&self, session: Option<&SessionId>) -> Result<()> {
+        let _excl = self.exclusive();
+        // SAFETY: `_excl` guarantees no transaction of this process is open.
+        #[allow(unsafe_code)]
+        unsafe { self.env.resize(0) }.map_err(|e| from_heed(e, &self.path, session))
+    }
+
+    /// Doubles the map (up to `max_map_size`) after `MDB_MAP_FULL`. Errors when already at the
+    /// ceiling, naming the setting to raise.
+    pub(crate) fn grow(&self) -> Result<usize> {
+        let _excl = self.exclusive();
+        let current = self.env.info().map_size;
+        let page = page_size();
+        let target = round_down(current.saturating_mul(2).min(self.max_map_size), page);
+        if target <= current {
+            return Err(Error::Backend {
+                backend: crate::error::BACKEND,
+                message: format!(
+                    "LMDB environment at {}: the memory map is full at {current} bytes, which is \
+                     max_map_size; raise LmdbConfig::max_map_size (nothing acknowledged was lost)",
+                    self.path.display()
+                ),
+                retryable: false,
+            });
+        }
+        // SAFETY: `_excl` guarantees no transaction of this process is open.
+        #[allow(unsafe_code)]
+        unsafe { self.env.resize(target) }.map_err(|e| from_heed(e, &self.path, None))?;
+        tracing::info!(path = %self.path.display(), from = current, to = target, "grew LMDB map");
+        Ok(target)
+    }
+
+    /// Current map size in bytes.
+    pub(crate) fn map_size(&self) -> usize {
+        self.env.info().map_size
+    }
+}
+
+/// The OS page size (LMDB map sizes are whole pages).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    #[allow(unsafe_code)]
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 { n as usize } else { 4096 }
+}

@@ -1,0 +1,158 @@
+//! The connections: one reconnecting multiplexed connection for reads and plain writes, a pool
+//! of dedicated connections for writes that `WAIT`, and sending a script on either (loading it
+//! again when the server has lost it).
+
+use std::sync::Mutex;
+
+use normandy_core::{Error, Result};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::{AsyncConnectionConfig, Cmd, RedisError, Script, ServerErrorKind, Value};
+use tokio::sync::Semaphore;
+
+use crate::config::{RedisStoreConfig, Wait};
+use crate::error::{self, Ctx};
+
+/// Opens the shared connection; a server that does not answer is `Unavailable`.
+pub(crate) async fn connect_shared(config: &RedisStoreConfig) -> Result<ConnectionManager> {
+    let manager_config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(config.response_timeout))
+        .set_connection_timeout(Some(config.connect_timeout));
+    config
+        .client
+        .get_connection_manager_with_config(manager_config)
+        .await
+        .map_err(|e| error::map(e, Ctx::default()))
+}
+
+/// Dedicated connections for commits that `WAIT`: each carries one commit at a time, so a
+/// `WAIT` blocks nobody else, and its `WAIT` always follows its own script on the same socket
+/// (a reconnected multiplexed connection could otherwise acknowledge an offset it never wrote).
+pub(crate) struct WaitPool {
+    client: redis::Client,
+    config: AsyncConnectionConfig,
+    pub(crate) wait: Wait,
+    // std Mutex: push/pop only, never held across an await.
+    idle: Mutex<Vec<MultiplexedConnection>>,
+    permits: Semaphore,
+}
+
+impl WaitPool {
+    /// The pool for `wait`, or `None` when the config asks for no replica acknowledgement.
+    pub(crate) fn new(config: &RedisStoreConfig) -> Option<Self> {
+        config.wait.map(|wait| WaitPool {
+            client: config.client.clone(),
+            // The response timeout must outlast the WAIT itself, or a healthy but slow WAIT
+            // would surface as a broken connection instead of a count of acknowledgements.
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.response_timeout + wait.timeout)),
+            wait,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(config.wait_connections),
+        })
+    }
+
+    async fn acquire(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, MultiplexedConnection)> {
+        let permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| Error::Internal("redis store wait pool closed".into()))?;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let con = match idle {
+            Some(con) => con,
+            None => self
+                .client
+                .get_multiplexed_async_connection_with_config(&self.config)
+                .await
+                .map_err(|e| error::map(e, Ctx::default()))?,
+        };
+        Ok((permit, con))
+    }
+
+    fn release(&self, con: MultiplexedConnection) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(con);
+    }
+}
+
+/// Sends `cmd` (an `EVALSHA`) and `WAIT` in one pipeline on a dedicated connection; returns the
+/// script's reply and how many replicas acknowledged. Loads the script once on `NOSCRIPT`.
+pub(crate) async fn run_with_wait(
+    pool: &WaitPool,
+    script: &Script,
+    cmd: &Cmd,
+    ctx: Ctx<'_>,
+) -> Result<(Value, u32)> {
+    let (_permit, mut con) = pool.acquire().await?;
+    let mut loaded = false;
+    loop {
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd.clone())
+            .cmd("WAIT")
+            .arg(pool.wait.replicas)
+            .arg(pool.wait.timeout.as_millis() as u64)
+            .ignore_errors();
+        // On an I/O error the connection is dropped (not released), so a fresh one replaces
+        // it: nothing after a broken socket is trusted.
+        let mut replies: Vec<redis::RedisResult<Value>> = pipe
+            .query_async(&mut con)
+            .await
+            .map_err(|e| error::map(e, ctx))?;
+        if replies.len() != 2 {
+            return Err(error::unexpected(ctx, "EVALSHA + WAIT", &Value::Nil));
+        }
+        let acks = replies.pop().and_then(|r| r.ok());
+        let script_reply = replies.pop().unwrap_or(Ok(Value::Nil));
+        match script_reply {
+            Err(e) if is_noscript(&e) && !loaded => {
+                loaded = true;
+                script
+                    .load_async(&mut con)
+                    .await
+                    .map_err(|e| error::map(e, ctx))?;
+            }
+            Err(e) => {
+                pool.release(con);
+                return Err(error::map(e, ctx));
+            }
+            Ok(value) => {
+                pool.release(con);
+                let acked = match acks {
+                    Some(Value::Int(n)) => u32::try_from(n.max(0)).unwrap_or(u32::MAX),
+                    Some(other) => return Err(error::unexpected(ctx, "WAIT", &other)),
+                    None => 0,
+                };
+                return Ok((value, acked));
+            }
+        }
+    }
+}
+
+/// Sends an `EVALSHA` command, loading the script and resending once on `NOSCRIPT` (after a
+/// server restart or `SCRIPT FLUSH`).
+pub(crate) async fn eval_on(
+    con: &mut impl ConnectionLike,
+    script: &Script,
+    cmd: &Cmd,
+    ctx: Ctx<'_>,
+) -> Result<Value> {
+    match cmd.query_async::<Value>(con).await {
+        Err(e) if is_noscript(&e) => {
+            script
+                .load_async(con)
+                .await
+                .map_err(|e| error::map(e, ctx))?;
+            cmd.query_async(con).await.map_err(|e| error::map(e, ctx))
+        }
+        other => other.map_err(|e| error::map(e, ctx)),
+    }
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(ServerErrorKind::NoScript)
+}
