@@ -5,31 +5,30 @@
 //! `resume`) registers it, activates it in the store (bumping its epoch), rebuilds its
 //! configuration and spawns its actor, which continues any interrupted turn. An actor idle for
 //! `idle_timeout` passivates: it releases its placement and its task ends.
+//!
+//! This file holds the handle and its calls; `slots` holds the whole lifecycle of a session's
+//! slot on this node — activation, the live map, and the release when an actor ends.
 
-use std::collections::HashMap;
+mod slots;
+
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use std::panic::AssertUnwindSafe;
-
-use futures::{FutureExt, Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use futures::{Stream, StreamExt};
+use tokio::sync::oneshot;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::catalog::TemplateCatalog;
 use crate::credentials::{CredentialProvider, Credentials, EnvCredentials, FromClient};
-use crate::engine::{
-    ActorHandle, ActorParams, Command, InputRequest, TurnEvent, TurnOutcome, read_entries,
-    spawn_actor,
-};
+use crate::engine::{ActorHandle, Command, InputRequest, TurnEvent, TurnOutcome, read_entries};
 use crate::error::{Error, Result};
 use crate::model::{ContentBlock, Entry, InputId, NodeId, Seq, SessionId};
 use crate::registry::{LocalRegistry, SessionRegistry};
 use crate::store::{InMemoryStore, NewSession, OwnerFilter, SessionStore};
+use slots::LiveSessions;
 
 /// A user input: content plus an optional client-chosen [`InputId`] that makes resubmission
 /// idempotent. Without one, the runtime generates an id (so its own retries stay idempotent).
@@ -83,96 +82,6 @@ pub struct StartOptions {
 /// It ends when the session's actor stops (passivation, close); subscribe again with the last seq
 /// seen to continue.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<TurnEvent>> + Send>>;
-
-enum Slot {
-    Live(ActorHandle),
-    /// An activation is under way; waiters watch for it to finish.
-    Starting(watch::Receiver<()>),
-    /// The actor stopped taking commands and is releasing its placement; a new activation waits
-    /// for that, so the old release can never undo the new registration.
-    Retiring {
-        generation: u64,
-        done: watch::Receiver<()>,
-    },
-}
-
-/// The live actors of one node.
-pub(crate) struct LiveSessions {
-    // std Mutex: map operations only, never held across an await.
-    map: Mutex<HashMap<SessionId, Slot>>,
-    next_generation: AtomicU64,
-}
-
-impl LiveSessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SessionId, Slot>> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Stops the actor of `generation` taking commands: closes its mailbox under the map's lock
-    /// and marks its slot retiring until [`finish`](Self::finish). Unless `force`, refuses
-    /// (returns false) while commands wait in the mailbox.
-    pub(crate) fn retire<T>(
-        &self,
-        id: &SessionId,
-        generation: u64,
-        rx: &mut mpsc::Receiver<T>,
-        force: bool,
-        done: &mut Option<watch::Sender<()>>,
-    ) -> bool {
-        let mut map = self.lock();
-        if !force && !rx.is_empty() {
-            return false;
-        }
-        if let Some(Slot::Live(h)) = map.get(id)
-            && h.generation == generation
-        {
-            let (tx, rx) = watch::channel(());
-            map.insert(
-                id.clone(),
-                Slot::Retiring {
-                    generation,
-                    done: rx,
-                },
-            );
-            *done = Some(tx);
-        }
-        rx.close();
-        true
-    }
-
-    /// Removes whatever slot the actor of `generation` still holds (called when it has fully
-    /// stopped, also on panic or abort).
-    pub(crate) fn finish(&self, id: &SessionId, generation: u64) {
-        let mut map = self.lock();
-        let ours = match map.get(id) {
-            Some(Slot::Live(h)) => h.generation == generation,
-            Some(Slot::Retiring { generation: g, .. }) => *g == generation,
-            _ => false,
-        };
-        if ours {
-            map.remove(id);
-        }
-    }
-
-    fn remove_stale(&self, id: &SessionId, generation: u64) {
-        let mut map = self.lock();
-        if let Some(Slot::Live(h)) = map.get(id)
-            && h.generation == generation
-        {
-            map.remove(id);
-        }
-    }
-
-    fn live_handles(&self) -> Vec<(SessionId, ActorHandle)> {
-        self.lock()
-            .iter()
-            .filter_map(|(id, s)| match s {
-                Slot::Live(h) => Some((id.clone(), h.clone())),
-                Slot::Starting(_) | Slot::Retiring { .. } => None,
-            })
-            .collect()
-    }
-}
 
 struct Inner {
     node: NodeId,
@@ -282,34 +191,13 @@ impl SessionsBuilder {
                     .credentials
                     .unwrap_or_else(|| Arc::new(EnvCredentials::new())),
                 from_client: self.from_client,
-                live: Arc::new(LiveSessions {
-                    map: Mutex::new(HashMap::new()),
-                    next_generation: AtomicU64::new(1),
-                }),
+                live: Arc::new(LiveSessions::new()),
                 idle_timeout: self.idle_timeout,
                 mailbox: self.mailbox,
                 send_timeout: self.send_timeout,
                 accepting: AtomicBool::new(true),
             }),
         })
-    }
-}
-
-/// Frees a `Starting` slot left by an activation that did not finish (dropped or panicked).
-struct StartGuard<'a> {
-    live: &'a LiveSessions,
-    id: &'a SessionId,
-    armed: bool,
-}
-
-impl Drop for StartGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let mut map = self.live.lock();
-            if matches!(map.get(self.id), Some(Slot::Starting(_))) {
-                map.remove(self.id);
-            }
-        }
     }
 }
 
@@ -378,17 +266,12 @@ impl Sessions {
     /// Whether `id` has a live actor on this node (a cluster routes to it without a registry
     /// lookup; if another node took the session meanwhile, the actor's next commit is fenced).
     pub fn is_live(&self, id: &SessionId) -> bool {
-        matches!(self.inner.live.lock().get(id), Some(Slot::Live(_)))
+        self.inner.live.is_live(id)
     }
 
     /// Number of live (activated, not passivated) sessions on this node.
     pub fn live_count(&self) -> usize {
-        self.inner
-            .live
-            .lock()
-            .values()
-            .filter(|s| matches!(s, Slot::Live(_)))
-            .count()
+        self.inner.live.live_count()
     }
 
     /// Creates a session from the catalog's template `template_id`, with a generated id.
@@ -440,6 +323,7 @@ impl Sessions {
         let input = input.into();
         let input_id = input.id.unwrap_or_else(InputId::generate);
         let mut content = Some(input.content);
+        let mut reason = None;
         for _ in 0..SEND_ATTEMPTS {
             let handle = self.live_handle(id).await?;
             let (reply, rx) = oneshot::channel();
@@ -456,6 +340,7 @@ impl Sessions {
             };
             content = Some(body);
             if !self.deliver(id, &handle, cmd).await? {
+                self.gone(id, &handle, &mut reason)?;
                 continue;
             }
             match rx.await {
@@ -466,26 +351,37 @@ impl Sessions {
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     // The actor stopped before answering; a fresh one will know the input's fate.
-                    self.inner.live.remove_stale(id, handle.generation);
+                    self.gone(id, &handle, &mut reason)?;
                     tokio::task::yield_now().await;
                 }
             }
         }
-        Err(Error::Unavailable {
-            backend: "session actor",
-            message: format!("session {id}: its actor stopped {SEND_ATTEMPTS} times in a row"),
-        })
+        Err(gave_up(id, reason))
     }
 
-    /// Puts `cmd` in the actor's mailbox. `Ok(false)`: the actor is gone, start over.
+    /// Called when `handle`'s actor went away without answering. A fenced actor's reason is the
+    /// answer: the session has a new owner, a retry here would take it back from it, and a
+    /// cluster re-routes on `Fenced`. Any other reason is kept in `reason`, to report if every
+    /// retry fails too; with none (a passivation raced the call) the caller just retries.
+    fn gone(&self, id: &SessionId, handle: &ActorHandle, reason: &mut Option<Error>) -> Result<()> {
+        self.inner.live.remove_stale(id, handle.generation);
+        match handle.exit_reason() {
+            Some(e @ Error::Fenced { .. }) => Err(e.clone()),
+            Some(e) => {
+                *reason = Some(e.clone());
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Puts `cmd` in the actor's mailbox. `Ok(false)`: the actor is gone (see
+    /// [`gone`](Self::gone)).
     async fn deliver(&self, id: &SessionId, handle: &ActorHandle, cmd: Command) -> Result<bool> {
         use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
         let cmd = match handle.tx.try_send(cmd) {
             Ok(()) => return Ok(true),
-            Err(TrySendError::Closed(_)) => {
-                self.inner.live.remove_stale(id, handle.generation);
-                return Ok(false);
-            }
+            Err(TrySendError::Closed(_)) => return Ok(false),
             Err(TrySendError::Full(cmd)) => cmd,
         };
         match handle.tx.send_timeout(cmd, self.inner.send_timeout).await {
@@ -497,10 +393,7 @@ impl Sessions {
                     self.inner.mailbox, self.inner.send_timeout
                 ),
             }),
-            Err(SendTimeoutError::Closed(_)) => {
-                self.inner.live.remove_stale(id, handle.generation);
-                Ok(false)
-            }
+            Err(SendTimeoutError::Closed(_)) => Ok(false),
         }
     }
 
@@ -510,21 +403,20 @@ impl Sessions {
         id: &SessionId,
         make: impl Fn(oneshot::Sender<T>) -> Command,
     ) -> Result<T> {
+        let mut reason = None;
         for _ in 0..SEND_ATTEMPTS {
             let handle = self.live_handle(id).await?;
             let (reply, rx) = oneshot::channel();
             if !self.deliver(id, &handle, make(reply)).await? {
+                self.gone(id, &handle, &mut reason)?;
                 continue;
             }
             match rx.await {
                 Ok(v) => return Ok(v),
-                Err(_) => self.inner.live.remove_stale(id, handle.generation),
+                Err(_) => self.gone(id, &handle, &mut reason)?,
             }
         }
-        Err(Error::Unavailable {
-            backend: "session actor",
-            message: format!("session {id}: its actor stopped {SEND_ATTEMPTS} times in a row"),
-        })
+        Err(gave_up(id, reason))
     }
 
     /// Committed entries with seq greater than `after`, at most `limit`. Reads the store alone:
@@ -574,15 +466,19 @@ impl Sessions {
     /// A session not live on this node has no running turn here: the answer is `false`, and
     /// nothing is activated (activating would fence a live owner elsewhere).
     pub async fn cancel(&self, id: &SessionId) -> Result<bool> {
-        let handle = match self.inner.live.lock().get(id) {
-            Some(Slot::Live(h)) => h.clone(),
-            _ => return Ok(false),
+        let Some(handle) = self.inner.live.live(id) else {
+            return Ok(false);
         };
         let (reply, rx) = oneshot::channel();
-        if !self.deliver(id, &handle, Command::Cancel { reply }).await? {
-            return Ok(false);
+        let running = match self.deliver(id, &handle, Command::Cancel { reply }).await? {
+            true => rx.await.ok(),
+            false => None,
+        };
+        match running {
+            Some(running) => Ok(running),
+            // Its turn went with it; but a fenced actor's turn runs on the new owner.
+            None => self.gone(id, &handle, &mut None).map(|()| false),
         }
-        Ok(rx.await.unwrap_or(false))
     }
 
     /// Closes the session for good: the running turn and queued inputs end as cancelled, the store
@@ -638,9 +534,8 @@ impl Sessions {
     /// Passivates a live session now (it keeps everything committed; the next request rebuilds
     /// it). Returns whether it was live.
     pub async fn passivate(&self, id: &SessionId) -> bool {
-        let handle = match self.inner.live.lock().get(id) {
-            Some(Slot::Live(h)) => h.clone(),
-            _ => return false,
+        let Some(handle) = self.inner.live.live(id) else {
+            return false;
         };
         let (reply, rx) = oneshot::channel();
         if handle.tx.send(Command::Passivate { reply }).await.is_err() {
@@ -660,22 +555,11 @@ impl Sessions {
     pub async fn shutdown(&self) {
         self.inner.accepting.store(false, Ordering::SeqCst);
         loop {
-            let (handles, starting) = {
-                let map = self.inner.live.lock();
-                let starting: Vec<watch::Receiver<()>> = map
-                    .values()
-                    .filter_map(|s| match s {
-                        Slot::Starting(rx) | Slot::Retiring { done: rx, .. } => Some(rx.clone()),
-                        Slot::Live(_) => None,
-                    })
-                    .collect();
-                drop(map);
-                (self.inner.live.live_handles(), starting)
-            };
+            let (handles, starting) = self.inner.live.snapshot();
             if handles.is_empty() && starting.is_empty() {
                 return;
             }
-            let waits = handles.into_iter().map(|(_, h)| async move {
+            let waits = handles.into_iter().map(|h| async move {
                 let (reply, rx) = oneshot::channel();
                 if h.tx.send(Command::Passivate { reply }).await.is_ok() {
                     let _ = rx.await;
@@ -691,146 +575,15 @@ impl Sessions {
     /// Aborts a live session's task at once, as a crash would: no cleanup, no release. For fault
     /// tests; a real service wants [`passivate`](Self::passivate).
     pub fn kill(&self, id: &SessionId) -> bool {
-        let slot = self.inner.live.lock().remove(id);
-        match slot {
-            Some(Slot::Live(h)) => {
-                h.abort.abort();
-                true
-            }
-            Some(other) => {
-                self.inner.live.lock().insert(id.clone(), other);
-                false
-            }
-            None => false,
-        }
+        self.inner.live.kill(id)
     }
+}
 
-    /// The live actor of `id`, activating the session if there is none.
-    async fn live_handle(&self, id: &SessionId) -> Result<ActorHandle> {
-        loop {
-            let (tx, mut wait) = {
-                let mut map = self.inner.live.lock();
-                match map.get(id) {
-                    Some(Slot::Live(h)) => return Ok(h.clone()),
-                    Some(Slot::Starting(rx)) | Some(Slot::Retiring { done: rx, .. }) => {
-                        (None, Some(rx.clone()))
-                    }
-                    None => {
-                        let (tx, rx) = watch::channel(());
-                        map.insert(id.clone(), Slot::Starting(rx));
-                        (Some(tx), None)
-                    }
-                }
-            };
-            if let Some(rx) = wait.as_mut() {
-                // Woken when the starter finishes, successfully or not, or is dropped; then
-                // look again.
-                let _ = rx.changed().await;
-                continue;
-            }
-            // If this future is dropped (caller timed out) or activation panics, the guard
-            // frees the `Starting` slot, so the session is never wedged.
-            let guard = StartGuard {
-                live: &self.inner.live,
-                id,
-                armed: true,
-            };
-            let result = AssertUnwindSafe(self.activate(id)).catch_unwind().await;
-            let mut guard = guard;
-            guard.armed = false;
-            {
-                let mut map = self.inner.live.lock();
-                match &result {
-                    Ok(Ok(handle)) => {
-                        map.insert(id.clone(), Slot::Live(handle.clone()));
-                    }
-                    _ => {
-                        map.remove(id);
-                    }
-                }
-            }
-            // Waiters wake now and find the slot settled.
-            drop(tx);
-            return match result {
-                Ok(r) => r,
-                Err(_panic) => {
-                    let _ = self.inner.registry.unregister(id, &self.inner.node).await;
-                    Err(Error::Internal(format!(
-                        "session {id}: activation panicked (a client builder, credential \
-                         provider or store panicked); see the log"
-                    )))
-                }
-            };
-        }
-    }
-
-    /// Registers, activates and rebuilds the session, then spawns its actor.
-    async fn activate(&self, id: &SessionId) -> Result<ActorHandle> {
-        let inner = &self.inner;
-        if !inner.accepting.load(Ordering::SeqCst) {
-            return Err(Error::Unavailable {
-                backend: "node",
-                message: format!(
-                    "node {} is not taking sessions now (draining or lease in doubt); \
-                     session {id} must be served elsewhere",
-                    inner.node
-                ),
-            });
-        }
-        inner.registry.register(id, &inner.node).await?;
-        let result = async {
-            // Rebuild the configuration before taking the session over in the store: a node
-            // that cannot run it must not bump its epoch (fencing the live owner for nothing) or
-            // file it under its own name.
-            let loaded = inner.store.load(id).await?.ok_or_else(|| Error::NotFound {
-                session: id.clone(),
-            })?;
-            if loaded.status == crate::store::SessionStatus::Terminal {
-                return Err(Error::SessionClosed {
-                    session: id.clone(),
-                });
-            }
-            let template = loaded.template.clone().ok_or_else(|| {
-                Error::Config(format!(
-                    "session {id} was stored without a template, so no node can rebuild it \
-                     (its history is still readable); is the template migration applied?"
-                ))
-            })?;
-            // The catalog first: a node without the template should say so, not that a
-            // credential is missing.
-            inner.catalog.template(&template.template_id)?;
-            let creds = inner.credentials.resolve(id, &template.credentials).await?;
-            let config = inner.catalog.build(template, &creds)?;
-            let record = inner.store.activate(id, &inner.node).await?;
-            let entries = read_entries(&*inner.store, id, 0, record.seq).await?;
-            if entries.len() as u64 != record.seq {
-                return Err(Error::corrupt(
-                    Some(id),
-                    "history",
-                    format!(
-                        "record says {} entries, the store returned {}",
-                        record.seq,
-                        entries.len()
-                    ),
-                ));
-            }
-            Ok(spawn_actor(ActorParams {
-                node: inner.node.clone(),
-                record,
-                entries,
-                config,
-                store: inner.store.clone(),
-                registry: inner.registry.clone(),
-                live: inner.live.clone(),
-                generation: inner.live.next_generation.fetch_add(1, Ordering::Relaxed),
-                idle_timeout: inner.idle_timeout,
-                mailbox: inner.mailbox,
-            }))
-        }
-        .await;
-        if result.is_err() {
-            let _ = inner.registry.unregister(id, &inner.node).await;
-        }
-        result
-    }
+/// The error of a call whose every attempt found the actor gone: the last reason an actor gave,
+/// or, when passivations alone raced it, that the actor kept stopping.
+fn gave_up(id: &SessionId, reason: Option<Error>) -> Error {
+    reason.unwrap_or_else(|| Error::Unavailable {
+        backend: "session actor",
+        message: format!("session {id}: its actor stopped {SEND_ATTEMPTS} times in a row"),
+    })
 }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use normandy_core::codec::{self, BlobKind};
 use normandy_core::*;
 use serde_json::json;
+use tokio::sync::Notify;
 use tokio::time::timeout;
 
 mod support;
@@ -923,6 +924,63 @@ async fn a_superseded_actor_refuses_to_serve_a_subscription() {
     };
     assert_eq!(err.kind(), ErrorKind::Fenced, "{err}");
     assert_eq!(a.live_count(), 0);
+}
+
+/// A caller whose input waited in the mailbox of an actor that was then fenced lost its reply
+/// with the actor, and its retry activated the session here again — taking it back from the
+/// node that owned it — instead of hearing that the actor was fenced.
+#[tokio::test]
+async fn a_caller_racing_a_fenced_exit_hears_the_fence() {
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(ScriptedClient::echo()),
+    );
+    let inner = Arc::new(InMemoryStore::new());
+    let hold_next = Arc::new(AtomicBool::new(false));
+    let (entered, gate) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let store = FaultStore::new(inner.clone()).on_commit({
+        let (hold_next, entered, gate) = (hold_next.clone(), entered.clone(), gate.clone());
+        move |_| {
+            let hold = hold_next.swap(false, Ordering::SeqCst);
+            let (entered, gate) = (entered.clone(), gate.clone());
+            async move {
+                if hold {
+                    entered.notify_one();
+                    gate.notified().await;
+                }
+                Fault::Pass
+            }
+        }
+    });
+    let a = runtime(&catalog, Arc::new(store), "a");
+    let b = runtime(&catalog, inner.clone(), "b");
+    let id = start(&a, "t", "s").await;
+    a.send(&id, "one").await.unwrap();
+    // B takes the session over; A's idle actor does not know yet.
+    b.resume(&id).await.unwrap();
+    hold_next.store(true, Ordering::SeqCst);
+    let send = |text: &'static str| {
+        let (a, id) = (a.clone(), id.clone());
+        tokio::spawn(async move { a.send(&id, text).await })
+    };
+    let first = send("two");
+    entered.notified().await;
+    // A's actor is held in the commit of "two"; "three" waits in its mailbox meanwhile.
+    let second = send("three");
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    gate.notify_one();
+    let first = first.await.unwrap().unwrap_err();
+    assert_eq!(first.kind(), ErrorKind::Fenced, "{first}");
+    let second = match second.await.unwrap() {
+        Ok(outcome) => panic!("the racing input ran on the fenced node: {outcome:?}"),
+        Err(e) => e,
+    };
+    assert_eq!(second.kind(), ErrorKind::Fenced, "{second}");
+    assert_eq!(second.to_string(), first.to_string());
+    let record = inner.load(&id).await.unwrap().unwrap();
+    assert_eq!(record.owner.unwrap().name(), "b", "A took the session back");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,12 +1,24 @@
 //! The turn engine: [`TurnState`] (what is stored about a turn in flight), the events and outcomes
 //! callers see, and the per-session actor that runs turns.
 //!
+//! # Layout
+//! - this file: the stored turn state, outcomes and events — the engine's words.
+//! - `actor`: the actor loop — mailbox, commands, idle passivation, exit.
+//! - `input`: accepting an input — validation, limits, idempotent resubmission, input modes.
+//! - `turn`: the steps of a turn — model and tool calls, hooks, boundary commits, cancellation,
+//!   deadline, max steps.
+//! - `view`: reading committed entries and folding them into the in-memory [`Conversation`] and
+//!   input indexes.
+//!
 //! # States
 //! `Idle → CallingModel → (RunningTools → CallingModel)* → Idle`; a closed session is terminal
 //! (kept in the store's status). Every transition is committed with the entries it produced:
 //! input accepted; model response received; each tool result recorded; turn finished.
 
 mod actor;
+mod input;
+mod turn;
+mod view;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -14,13 +26,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{
-    ContentBlock, Entry, EntryPayload, InputId, Message, Role, Seq, SessionId, TurnStatus, Usage,
-};
+use crate::model::{Entry, InputId, Message, Seq, SessionId, TurnStatus, Usage};
 
-pub(crate) use actor::{
-    ActorHandle, ActorParams, Command, InputRequest, read_entries, spawn_actor,
-};
+pub(crate) use actor::{Actor, ActorHandle, ActorParams, Command, Exit, Exited, InputRequest};
+pub use view::Conversation;
+pub(crate) use view::read_entries;
 
 /// Where a session's turn stood at its last committed boundary.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -178,176 +188,5 @@ impl TurnEvent {
             TurnEvent::Entry(e) => Some(e.seq),
             _ => None,
         }
-    }
-}
-
-/// Builds the model's view of the conversation incrementally, one committed entry at a time.
-///
-/// An input accepted while another turn ran is placed after that turn's end, so the model never
-/// sees a user message between a tool call and its result. Messages sit behind an `Arc` so a model
-/// request takes them in O(1); appending after the call copies nothing once the request is gone.
-#[derive(Debug, Clone, Default)]
-pub struct Conversation {
-    messages: Arc<Vec<Message>>,
-    turn_open: bool,
-    queued: VecDeque<Vec<ContentBlock>>,
-}
-
-impl Conversation {
-    /// Builds the conversation of `entries` (in seq order).
-    pub fn from_entries<'a>(entries: impl IntoIterator<Item = &'a Entry>) -> Self {
-        let mut c = Self::default();
-        for e in entries {
-            c.push(e);
-        }
-        c
-    }
-
-    /// The messages so far.
-    pub fn messages(&self) -> &Arc<Vec<Message>> {
-        &self.messages
-    }
-
-    /// Applies one committed entry.
-    pub fn push(&mut self, entry: &Entry) {
-        match &entry.payload {
-            EntryPayload::Input { content, .. } => {
-                if self.turn_open {
-                    self.queued.push_back(content.clone());
-                } else {
-                    self.turn_open = true;
-                    self.append(Role::User, content.clone());
-                }
-            }
-            EntryPayload::Assistant { message, .. } => {
-                self.append(Role::Assistant, message.content.clone())
-            }
-            EntryPayload::ToolResult {
-                call_id,
-                content,
-                is_error,
-            } => self.append(
-                Role::User,
-                vec![ContentBlock::ToolResult {
-                    tool_use_id: call_id.clone(),
-                    content: content.clone(),
-                    is_error: *is_error,
-                }],
-            ),
-            EntryPayload::ToolStarted { .. } => {}
-            EntryPayload::TurnEnd { .. } => {
-                self.turn_open = false;
-                if let Some(next) = self.queued.pop_front() {
-                    self.turn_open = true;
-                    self.append(Role::User, next);
-                }
-            }
-        }
-    }
-
-    fn append(&mut self, role: Role, blocks: Vec<ContentBlock>) {
-        let messages = Arc::make_mut(&mut self.messages);
-        let is_results = |b: &[ContentBlock]| {
-            b.iter()
-                .all(|b| matches!(b, ContentBlock::ToolResult { .. }))
-        };
-        // The tool results of one step travel in one user message.
-        if role == Role::User
-            && is_results(&blocks)
-            && let Some(last) = messages.last_mut()
-            && last.role == Role::User
-            && is_results(&last.content)
-        {
-            last.content.extend(blocks);
-            return;
-        }
-        messages.push(Message {
-            role,
-            content: blocks,
-        });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::StopReason;
-
-    fn entry(seq: Seq, payload: EntryPayload) -> Entry {
-        Entry {
-            seq,
-            parent: seq.checked_sub(1).filter(|p| *p > 0),
-            at_ms: 0,
-            payload,
-        }
-    }
-
-    #[test]
-    fn queued_input_waits_for_turn_end() {
-        let input = |seq, id: &str, text: &str| {
-            entry(
-                seq,
-                EntryPayload::Input {
-                    input_id: InputId::new(id).unwrap(),
-                    content: vec![ContentBlock::text(text)],
-                },
-            )
-        };
-        let entries = vec![
-            input(1, "a", "first"),
-            entry(
-                2,
-                EntryPayload::Assistant {
-                    message: Message {
-                        role: Role::Assistant,
-                        content: vec![ContentBlock::ToolUse {
-                            id: "c1".into(),
-                            name: "t".into(),
-                            input: serde_json::json!({}),
-                        }],
-                    },
-                    stop_reason: StopReason::ToolUse,
-                    usage: Usage::default(),
-                },
-            ),
-            input(3, "b", "second"),
-            entry(
-                4,
-                EntryPayload::ToolResult {
-                    call_id: "c1".into(),
-                    content: "ok".into(),
-                    is_error: false,
-                },
-            ),
-            entry(
-                5,
-                EntryPayload::Assistant {
-                    message: Message::assistant("done"),
-                    stop_reason: StopReason::EndTurn,
-                    usage: Usage::default(),
-                },
-            ),
-            entry(
-                6,
-                EntryPayload::TurnEnd {
-                    input_id: InputId::new("a").unwrap(),
-                    status: TurnStatus::Completed,
-                    answer_seq: Some(5),
-                    usage: Usage::default(),
-                },
-            ),
-        ];
-        let c = Conversation::from_entries(&entries);
-        let roles: Vec<_> = c.messages().iter().map(|m| (m.role, m.text())).collect();
-        assert_eq!(
-            roles,
-            vec![
-                (Role::User, "first".to_string()),
-                (Role::Assistant, String::new()),
-                (Role::User, String::new()),
-                (Role::Assistant, "done".to_string()),
-                (Role::User, "second".to_string()),
-            ]
-        );
     }
 }

@@ -1,0 +1,168 @@
+//! Accepting a user input: it must be non-empty text within the size limit; a resubmitted input
+//! id gets its original outcome and is never appended twice; while a turn runs, the template's
+//! input mode queues, refuses or interrupts. An accepted input is committed before it is answered.
+
+use tokio::sync::oneshot;
+
+use super::actor::{Actor, Flow, InputRequest};
+use super::turn::new_turn;
+use super::{Phase, QueuedInput, TurnOutcome};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::{ContentBlock, EntryPayload, InputId, TurnStatus};
+use crate::store::CommitAck;
+use crate::template::InputMode;
+
+impl Actor {
+    pub(super) async fn accept(
+        &mut self,
+        input: InputRequest,
+        reply: oneshot::Sender<Result<TurnOutcome>>,
+    ) -> Result<Flow> {
+        let limits = self.config.template.limits;
+        // An input is user text: tool blocks are the engine's to write, and an empty input would
+        // sit in every later model request.
+        let valid = !input.content.is_empty()
+            && input
+                .content
+                .iter()
+                .all(|b| matches!(b, ContentBlock::Text { text } if !text.is_empty()));
+        if !valid {
+            let _ = reply.send(Err(Error::invalid_input(
+                Some(&self.id),
+                "an input must be one or more non-empty text blocks",
+            )));
+            return Ok(Flow::Continue);
+        }
+        let size: usize = input.content.iter().map(content_size).sum();
+        if size > limits.max_input_bytes {
+            let _ = reply.send(Err(Error::InputTooLarge {
+                session: self.id.clone(),
+                size,
+                limit: limits.max_input_bytes,
+            }));
+            return Ok(Flow::Continue);
+        }
+        if self.view.inputs.contains_key(&input.input_id) {
+            // Resubmission: the original outcome, never a second append.
+            match self.original_outcome(&input.input_id).await {
+                Ok(Some(outcome)) => {
+                    let _ = reply.send(outcome.into_result());
+                }
+                Ok(None) => self.waiters.entry(input.input_id).or_default().push(reply),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+            return Ok(Flow::Continue);
+        }
+        let busy = self.state.has_work();
+        let mode = self.config.template.input_mode;
+        if busy && mode == InputMode::Reject {
+            let _ = reply.send(Err(Error::Busy {
+                session: self.id.clone(),
+            }));
+            return Ok(Flow::Continue);
+        }
+        if busy && self.state.queued.len() >= limits.max_queued_inputs as usize {
+            let _ = reply.send(Err(Error::Overloaded {
+                session: self.id.clone(),
+                what: format!(
+                    "{} inputs already wait behind the running turn",
+                    self.state.queued.len()
+                ),
+            }));
+            return Ok(Flow::Continue);
+        }
+        let seq = self.seq + 1;
+        let mut state = self.state.clone();
+        let queued = QueuedInput {
+            input_id: input.input_id.clone(),
+            seq,
+        };
+        if busy {
+            state.queued.push_back(queued);
+            // An interrupt is committed with the input, so it survives a crash.
+            state.cancel_requested |= mode == InputMode::Interrupt;
+        } else {
+            state.turn = Some(new_turn(&queued));
+            state.phase = Phase::CallingModel;
+        }
+        let payload = EntryPayload::Input {
+            input_id: input.input_id.clone(),
+            content: input.content,
+        };
+        let input_id = input.input_id;
+        match self.commit(vec![payload], state).await {
+            Ok(CommitAck::Applied { .. }) => {
+                self.waiters.entry(input_id).or_default().push(reply);
+            }
+            Ok(CommitAck::DuplicateInput { .. }) => {
+                // The store knows this input but our memory does not: our view is stale.
+                // Drop the reply (the caller retries) and let a fresh actor reload.
+                return Err(Error::Internal(format!(
+                    "session {}: store holds input {input_id} this actor did not load",
+                    self.id
+                )));
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e.clone()));
+                // Only a lost session (fenced, diverged, store unreachable) ends the actor;
+                // an input the store refuses concerns its sender alone.
+                let fatal = matches!(e, Error::Fenced { .. } | Error::Conflict { .. })
+                    || e.is_retryable()
+                    || matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Internal);
+                return if fatal { Err(e) } else { Ok(Flow::Continue) };
+            }
+        }
+        if busy && mode == InputMode::Interrupt {
+            self.cancel = Some(TurnStatus::Cancelled);
+            return Ok(Flow::DropModelStep);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The stored outcome of `input_id`'s turn, or `None` while it is queued or running.
+    async fn original_outcome(&self, input_id: &InputId) -> Result<Option<TurnOutcome>> {
+        let Some(ended) = self.view.ended.get(input_id) else {
+            return Ok(None);
+        };
+        let message = match (ended.status == TurnStatus::Completed, ended.answer_seq) {
+            (true, Some(seq)) => self
+                .store
+                .entries(
+                    &self.id,
+                    seq.checked_sub(1).ok_or_else(|| {
+                        Error::corrupt(
+                            Some(&self.id),
+                            format!("turn end of input {input_id}"),
+                            "answer seq 0",
+                        )
+                    })?,
+                    1,
+                )
+                .await?
+                .into_iter()
+                .find_map(|e| match e.payload {
+                    EntryPayload::Assistant { message, .. } if e.seq == seq => Some(message),
+                    _ => None,
+                }),
+            _ => None,
+        };
+        Ok(Some(TurnOutcome {
+            session: self.id.clone(),
+            input_id: input_id.clone(),
+            status: ended.status.clone(),
+            message,
+            usage: ended.usage,
+            end_seq: ended.end_seq,
+        }))
+    }
+}
+
+fn content_size(block: &ContentBlock) -> usize {
+    // Inputs are text only (checked before the size), so only text counts.
+    match block {
+        ContentBlock::Text { text } => text.len(),
+        _ => 0,
+    }
+}

@@ -1,0 +1,513 @@
+//! The steps of a turn: deciding the next one, the model call and tool calls with the hooks
+//! around them, and the commit at each boundary (model response received, tool started, tool
+//! result recorded, turn finished). Cancellation, the turn deadline and the max-steps guard end a
+//! turn here; every commit is fenced by the epoch the actor got from `activate`.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::actor::Actor;
+use super::{ActiveTurn, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState};
+use crate::error::{Error, Result};
+use crate::hooks::{HookDecision, ToolCall};
+use crate::llm::{ModelRequest, ModelResponse};
+use crate::model::{Entry, EntryPayload, InputId, Message, Role, TurnStatus, Usage};
+use crate::store::{CommitAck, CommitBatch, now_ms};
+use crate::tools::{ToolContext, ToolOutput};
+
+/// How long a retryable commit failure is retried before the actor gives the session up.
+const COMMIT_RETRIES: u32 = 5;
+/// Retries of a retryable model error within one step.
+const MODEL_RETRIES: u32 = 3;
+
+/// The step in flight: it owns what it needs, so the actor keeps serving commands while it runs.
+pub(super) type StepFuture = Pin<Box<dyn Future<Output = StepResult> + Send>>;
+
+/// What a step produced, committed by [`Actor::finish_step`].
+pub(super) enum StepResult {
+    Model(Result<ModelResponse>),
+    Tool { call_id: String, output: ToolOutput },
+}
+
+/// Which kind of step is in flight (a model call may be dropped at once; a tool call may not).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum StepKind {
+    Model,
+    Tool,
+}
+
+impl Actor {
+    /// Decides the next step of the turn, committing whatever the decision needs first. Returns
+    /// `None` when there is nothing to do.
+    pub(super) async fn next_step(&mut self) -> Result<Option<(StepKind, StepFuture)>> {
+        loop {
+            let Some(turn) = self.state.turn.clone() else {
+                let Some(next) = self.state.queued.front().cloned() else {
+                    return Ok(None);
+                };
+                // Start the oldest queued input's turn.
+                let mut state = self.state.clone();
+                state.queued.pop_front();
+                state.turn = Some(new_turn(&next));
+                state.phase = Phase::CallingModel;
+                self.commit(Vec::new(), state).await?;
+                continue;
+            };
+            let requested = self.state.cancel_requested.then_some(TurnStatus::Cancelled);
+            if let Some(status) = self.cancel.take().or(requested) {
+                self.end_turn(status, Vec::new(), None).await?;
+                continue;
+            }
+            if self.deadline.is_some_and(|d| d <= Instant::now()) {
+                self.end_turn(TurnStatus::TimedOut, Vec::new(), None)
+                    .await?;
+                continue;
+            }
+            match &self.state.phase {
+                Phase::Idle => {
+                    // A turn without a phase cannot be produced by this engine; repair it.
+                    let mut state = self.state.clone();
+                    state.phase = Phase::CallingModel;
+                    self.commit(Vec::new(), state).await?;
+                }
+                Phase::CallingModel => {
+                    let limit = self.config.template.limits.max_steps;
+                    if turn.steps >= limit {
+                        self.end_turn(TurnStatus::MaxSteps { limit }, Vec::new(), None)
+                            .await?;
+                        continue;
+                    }
+                    self.emit(TurnEvent::ModelCallStarted {
+                        step: turn.steps + 1,
+                    });
+                    let span = info_span!("model_call", input = %turn.input_id, step = turn.steps + 1, seq = self.seq);
+                    return Ok(Some((
+                        StepKind::Model,
+                        Box::pin(self.model_step().instrument(span)),
+                    )));
+                }
+                Phase::RunningTools { calls } => {
+                    let Some(call) = calls.first().cloned() else {
+                        let mut state = self.state.clone();
+                        state.phase = Phase::CallingModel;
+                        self.commit(Vec::new(), state).await?;
+                        continue;
+                    };
+                    let idempotent = self
+                        .config
+                        .tools
+                        .get(&call.name)
+                        .is_none_or(|t| t.idempotent());
+                    if !idempotent && call.started {
+                        // In doubt: it may have run. Never run it again; tell the model.
+                        warn!(call_id = %call.id, tool = %call.name, "tool call in doubt after resume; not re-run");
+                        let output = ToolOutput::error(format!(
+                            "The outcome of tool call {} ({}) is unknown: the session was \
+                             interrupted while it ran. It will not be repeated.",
+                            call.id, call.name
+                        ));
+                        self.record_tool_result(call.id.clone(), output).await?;
+                        continue;
+                    }
+                    if !idempotent {
+                        let mut state = self.state.clone();
+                        if let Phase::RunningTools { calls } = &mut state.phase {
+                            calls[0].started = true;
+                        }
+                        let payload = EntryPayload::ToolStarted {
+                            call_id: call.id.clone(),
+                            tool: call.name.clone(),
+                        };
+                        self.commit(vec![payload], state).await?;
+                    }
+                    self.in_flight = Some(call.id.clone());
+                    self.emit(TurnEvent::ToolCallStarted {
+                        call_id: call.id.clone(),
+                        tool: call.name.clone(),
+                    });
+                    let span = info_span!("tool_call", input = %turn.input_id, call_id = %call.id, tool = %call.name, seq = self.seq);
+                    return Ok(Some((
+                        StepKind::Tool,
+                        Box::pin(self.tool_step(call).instrument(span)),
+                    )));
+                }
+            }
+        }
+    }
+
+    fn model_step(&self) -> StepFuture {
+        let template = &self.config.template;
+        let mut request = ModelRequest {
+            session: self.id.clone(),
+            model: template.model.clone(),
+            system: template.system_prompt.clone(),
+            messages: self.view.conv.messages().clone(),
+            tools: self.config.tool_specs.clone(),
+            params: self.config.params.clone(),
+        };
+        let hooks = self.config.hooks.clone();
+        let client = self.config.client.clone();
+        let timeout = Duration::from_millis(template.limits.model_call_timeout_ms);
+        let session = self.id.clone();
+        Box::pin(async move {
+            for hook in hooks.iter() {
+                if let HookDecision::Veto(reason) = hook.before_model(&mut request).await {
+                    return StepResult::Model(Err(Error::Model {
+                        message: format!("model call vetoed by a hook: {reason}"),
+                        retryable: false,
+                    }));
+                }
+            }
+            let mut attempt = 0;
+            let result = loop {
+                // A panicking client fails the turn instead of killing the session's task.
+                let call = AssertUnwindSafe(client.complete(request.clone())).catch_unwind();
+                let err = match tokio::time::timeout(timeout, call).await {
+                    Ok(Ok(Ok(response))) => break Ok(response),
+                    Ok(Ok(Err(e))) => e,
+                    Ok(Err(_panic)) => Error::Model {
+                        message: "the model client panicked".into(),
+                        retryable: false,
+                    },
+                    Err(_) => Error::Timeout {
+                        session: Some(session.clone()),
+                        what: format!("model call after {timeout:?}"),
+                    },
+                };
+                if !err.is_retryable() || attempt >= MODEL_RETRIES {
+                    break Err(err);
+                }
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            };
+            let result = match result {
+                Ok(mut response) => {
+                    for hook in hooks.iter() {
+                        hook.after_model(&mut response).await;
+                    }
+                    Ok(response)
+                }
+                Err(e) => Err(e),
+            };
+            StepResult::Model(result)
+        })
+    }
+
+    fn tool_step(&self, call: PendingCall) -> StepFuture {
+        let hooks = self.config.hooks.clone();
+        let tool = self.config.tools.get(&call.name).cloned();
+        let timeout = Duration::from_millis(self.config.template.limits.tool_call_timeout_ms);
+        let ctx = ToolContext {
+            session: self.id.clone(),
+            call_id: call.id.clone(),
+            idempotency_key: if call.key.is_empty() {
+                format!("{}:{}", self.id, call.id)
+            } else {
+                call.key.clone()
+            },
+        };
+        Box::pin(async move {
+            let mut tc = ToolCall {
+                id: call.id,
+                name: call.name,
+                input: call.input,
+            };
+            for hook in hooks.iter() {
+                if let HookDecision::Veto(reason) = hook.before_tool(&mut tc).await {
+                    return StepResult::Tool {
+                        call_id: tc.id,
+                        output: ToolOutput::error(format!("tool call refused: {reason}")),
+                    };
+                }
+            }
+            let mut output = match tool {
+                None => ToolOutput::error(format!("no tool named {:?}", tc.name)),
+                Some(tool) => {
+                    let call = AssertUnwindSafe(tool.call(tc.input.clone(), ctx)).catch_unwind();
+                    match tokio::time::timeout(timeout, call).await {
+                        Ok(Ok(output)) => output,
+                        // A panicking tool is an error result, not a dead session.
+                        Ok(Err(_panic)) => ToolOutput::error(format!(
+                            "tool {} panicked; its outcome is unknown",
+                            tc.name
+                        )),
+                        Err(_) => ToolOutput::error(format!(
+                            "tool {} timed out after {timeout:?}; its outcome is unknown",
+                            tc.name
+                        )),
+                    }
+                }
+            };
+            for hook in hooks.iter() {
+                hook.after_tool(&tc, &mut output).await;
+            }
+            StepResult::Tool {
+                call_id: tc.id,
+                output,
+            }
+        })
+    }
+
+    pub(super) async fn finish_step(&mut self, result: StepResult) -> Result<()> {
+        match result {
+            StepResult::Model(Ok(response)) => {
+                let message = Message {
+                    role: Role::Assistant,
+                    content: response.content,
+                };
+                let answer_seq = self.seq + 1;
+                let mut state = self.state.clone();
+                let turn = state
+                    .turn
+                    .as_mut()
+                    .ok_or_else(|| Error::Internal("model step finished outside a turn".into()))?;
+                turn.steps += 1;
+                turn.usage.add(response.usage);
+                turn.answer_seq = Some(answer_seq);
+                let calls: Vec<PendingCall> = message
+                    .tool_uses()
+                    .enumerate()
+                    .map(|(i, (id, name, input))| PendingCall {
+                        id: id.to_string(),
+                        name: name.to_string(),
+                        input: input.clone(),
+                        started: false,
+                        // Unique in the session and stable across resumes, whatever ids the
+                        // model chose (providers often restart their numbering every response).
+                        key: format!("{}:{answer_seq}:{i}", self.id),
+                    })
+                    .collect();
+                let assistant = EntryPayload::Assistant {
+                    message: message.clone(),
+                    stop_reason: response.stop_reason,
+                    usage: response.usage,
+                };
+                if calls.is_empty() {
+                    self.state.turn = state.turn;
+                    self.end_turn(TurnStatus::Completed, vec![assistant], Some(message))
+                        .await
+                } else {
+                    state.phase = Phase::RunningTools { calls };
+                    self.commit(vec![assistant], state).await?;
+                    Ok(())
+                }
+            }
+            StepResult::Model(Err(e)) => {
+                warn!(error = %e, "model call failed; ending turn");
+                self.end_turn(
+                    TurnStatus::Failed {
+                        message: e.to_string(),
+                    },
+                    Vec::new(),
+                    None,
+                )
+                .await
+            }
+            StepResult::Tool { call_id, output } => {
+                self.in_flight = None;
+                self.record_tool_result(call_id, output).await
+            }
+        }
+    }
+
+    async fn record_tool_result(&mut self, call_id: String, output: ToolOutput) -> Result<()> {
+        let mut state = self.state.clone();
+        if let Phase::RunningTools { calls } = &mut state.phase {
+            // Only the first call with this id: a model may repeat an id within one response,
+            // and each of its calls needs its own result.
+            if let Some(i) = calls.iter().position(|c| c.id == call_id) {
+                calls.remove(i);
+            }
+            if calls.is_empty() {
+                state.phase = Phase::CallingModel;
+            }
+        }
+        let payload = EntryPayload::ToolResult {
+            call_id,
+            content: output.content,
+            is_error: output.is_error,
+        };
+        self.commit(vec![payload], state).await?;
+        Ok(())
+    }
+
+    /// Ends the current turn with `status`, after `entries`: pending tool calls get error
+    /// results (so every tool call has one), then the `TurnEnd`. The oldest queued input's turn
+    /// starts in the same commit.
+    pub(super) async fn end_turn(
+        &mut self,
+        status: TurnStatus,
+        mut entries: Vec<EntryPayload>,
+        message: Option<Message>,
+    ) -> Result<()> {
+        let Some(turn) = self.state.turn.clone() else {
+            return Ok(());
+        };
+        let pending: Vec<PendingCall> = match &self.state.phase {
+            Phase::RunningTools { calls } => calls.clone(),
+            _ => Vec::new(),
+        };
+        let in_flight = self.in_flight.take();
+        for call in pending {
+            let maybe_ran = call.started || in_flight.as_deref() == Some(call.id.as_str());
+            let content = if maybe_ran {
+                format!(
+                    "The outcome of tool call {} ({}) is unknown: the turn ended ({}) while it \
+                     ran. It will not be repeated.",
+                    call.id,
+                    call.name,
+                    status_name(&status)
+                )
+            } else {
+                format!("not run: the turn ended ({})", status_name(&status))
+            };
+            entries.push(EntryPayload::ToolResult {
+                call_id: call.id,
+                content,
+                is_error: true,
+            });
+        }
+        entries.push(EntryPayload::TurnEnd {
+            input_id: turn.input_id.clone(),
+            status: status.clone(),
+            answer_seq: turn.answer_seq,
+            usage: turn.usage,
+        });
+        let end_seq = self.seq + entries.len() as u64;
+        let outcome_completed = status == TurnStatus::Completed;
+        // A cancellation belongs to the turn it was made for, never the next one.
+        self.cancel = None;
+        let mut state = self.state.clone();
+        state.turn = None;
+        state.phase = Phase::Idle;
+        state.cancel_requested = false;
+        if let Some(next) = state.queued.pop_front() {
+            state.turn = Some(new_turn(&next));
+            state.phase = Phase::CallingModel;
+        }
+        self.commit(entries, state).await?;
+        let outcome = TurnOutcome {
+            session: self.id.clone(),
+            input_id: turn.input_id.clone(),
+            status,
+            message: message.filter(|_| outcome_completed),
+            usage: turn.usage,
+            end_seq,
+        };
+        debug!(input = %turn.input_id, status = status_name(&outcome.status), end_seq, "turn ended");
+        self.emit(TurnEvent::TurnFinished(outcome.clone()));
+        self.reply(&turn.input_id, outcome);
+        Ok(())
+    }
+
+    fn reply(&mut self, input_id: &InputId, outcome: TurnOutcome) {
+        if let Some(waiters) = self.waiters.remove(input_id) {
+            for w in waiters {
+                let _ = w.send(outcome.clone().into_result());
+            }
+        }
+    }
+
+    /// Commits `payloads` (as the next entries) with `state`, fenced by this actor's epoch.
+    /// Retryable failures are retried with backoff; anything else ends the actor.
+    pub(super) async fn commit(
+        &mut self,
+        payloads: Vec<EntryPayload>,
+        state: TurnState,
+    ) -> Result<CommitAck> {
+        let at_ms = if payloads.is_empty() { 0 } else { now_ms() };
+        let entries: Vec<Entry> = payloads
+            .into_iter()
+            .enumerate()
+            .map(|(i, payload)| {
+                let seq = self.seq + 1 + i as u64;
+                Entry {
+                    seq,
+                    parent: (seq > 1).then(|| seq - 1),
+                    at_ms,
+                    payload,
+                }
+            })
+            .collect();
+        let batch = CommitBatch { entries, state };
+        let mut attempt = 0;
+        let ack = loop {
+            match self
+                .store
+                .commit(&self.id, self.epoch, self.seq, &batch)
+                .await
+            {
+                Ok(ack) => break ack,
+                Err(e)
+                    if e.is_retryable()
+                        && !matches!(e, Error::Conflict { .. })
+                        && attempt < COMMIT_RETRIES =>
+                {
+                    attempt += 1;
+                    warn!(error = %e, attempt, "commit failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if let CommitAck::Applied { seq } = ack {
+            debug!(seq, entries = batch.entries.len(), "committed");
+            let CommitBatch { entries, state } = batch;
+            let new_turn = state.turn.as_ref().map(|t| &t.input_id)
+                != self.state.turn.as_ref().map(|t| &t.input_id);
+            self.seq = seq;
+            self.state = state;
+            if new_turn {
+                self.deadline = self.state.turn.as_ref().map(|t| self.deadline_for(t));
+            }
+            for entry in entries {
+                self.view.apply(&entry);
+                self.emit_entry(entry);
+            }
+        }
+        Ok(ack)
+    }
+
+    pub(super) fn deadline_for(&self, turn: &ActiveTurn) -> Instant {
+        let limit = self.config.template.limits.turn_deadline_ms;
+        let elapsed = now_ms().saturating_sub(turn.started_at_ms);
+        Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+    }
+
+    /// Closes the session: the running turn and queued inputs end as cancelled, then the store
+    /// marks it terminal.
+    pub(super) async fn close(&mut self) -> Result<()> {
+        while self.state.turn.is_some() {
+            self.end_turn(TurnStatus::Cancelled, Vec::new(), None)
+                .await?;
+        }
+        self.store.mark_terminal(&self.id, self.epoch).await
+    }
+}
+
+pub(super) fn new_turn(q: &QueuedInput) -> ActiveTurn {
+    ActiveTurn {
+        input_id: q.input_id.clone(),
+        input_seq: q.seq,
+        steps: 0,
+        usage: Usage::default(),
+        started_at_ms: now_ms(),
+        answer_seq: None,
+    }
+}
+
+fn status_name(status: &TurnStatus) -> &'static str {
+    match status {
+        TurnStatus::Completed => "completed",
+        TurnStatus::Cancelled => "cancelled",
+        TurnStatus::TimedOut => "timed out",
+        TurnStatus::MaxSteps { .. } => "max steps",
+        TurnStatus::Failed { .. } => "failed",
+    }
+}
