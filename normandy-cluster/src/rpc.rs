@@ -222,10 +222,7 @@ where
                         let c = cluster.clone();
                         async move {
                             let r = req.into_inner();
-                            let stream = c
-                                .subscribe(r)
-                                .await
-                                .map_err(|e| wire::to_status(&e))?;
+                            let stream = c.subscribe(r).await.map_err(|e| wire::to_status(&e))?;
                             let out: WireStream = Box::pin(stream.filter_map(|item| {
                                 futures::future::ready(match item {
                                     Ok(ev) => WireEvent::from_event(ev).map(Ok),

@@ -66,7 +66,7 @@ pub use model::{
     StopReason, TurnStatus, Usage,
 };
 pub use registry::{LocalRegistry, Placement, SessionRegistry};
-pub use runtime::{EventStream, Input, Sessions, SessionsBuilder, StartOptions};
+pub use runtime::{CommitGate, EventStream, Input, Sessions, SessionsBuilder, StartOptions};
 pub use store::{
     Capabilities, CommitAck, CommitBatch, InMemoryStore, NewSession, OwnerFilter, ResumablePage,
     ResumableSession, SessionRecord, SessionStatus, SessionStore, now_ms,

@@ -97,7 +97,14 @@ struct Inner {
     /// Whether new activations are allowed. A cluster node clears it while it drains or while
     /// its lease is in doubt, so that no retry inside `send` places a session here again.
     accepting: AtomicBool,
+    /// Asked before every commit; see [`SessionsBuilder::commit_gate`].
+    gate: Option<CommitGate>,
 }
+
+/// A check every actor of a runtime makes before each commit: `Err` and the commit is not
+/// sent (the actor retries a few times, then exits with that error). See
+/// [`SessionsBuilder::commit_gate`].
+pub type CommitGate = Arc<dyn Fn() -> Result<()> + Send + Sync>;
 
 /// Builds a [`Sessions`] runtime.
 pub struct SessionsBuilder {
@@ -110,6 +117,7 @@ pub struct SessionsBuilder {
     idle_timeout: Duration,
     mailbox: usize,
     send_timeout: Duration,
+    gate: Option<CommitGate>,
 }
 
 impl std::fmt::Debug for SessionsBuilder {
@@ -173,6 +181,16 @@ impl SessionsBuilder {
         self
     }
 
+    /// A check made before every commit of every actor of this runtime (default: none).
+    ///
+    /// A cluster node passes "my lease is surely alive and this is still my incarnation", so
+    /// that an actor that wakes from a pause (a stopped process, a long GC-like stall) after
+    /// its node lost its lease commits nothing, even before the store's epochs would fence it.
+    pub fn commit_gate(mut self, gate: CommitGate) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Result<Sessions> {
         let node = match self.node {
@@ -196,6 +214,7 @@ impl SessionsBuilder {
                 mailbox: self.mailbox,
                 send_timeout: self.send_timeout,
                 accepting: AtomicBool::new(true),
+                gate: self.gate,
             }),
         })
     }
@@ -232,6 +251,7 @@ impl Sessions {
             idle_timeout: Duration::from_secs(300),
             mailbox: 64,
             send_timeout: Duration::from_secs(5),
+            gate: None,
         }
     }
 
@@ -576,6 +596,17 @@ impl Sessions {
     /// tests; a real service wants [`passivate`](Self::passivate).
     pub fn kill(&self, id: &SessionId) -> bool {
         self.inner.live.kill(id)
+    }
+
+    /// Stops taking activations and aborts every live actor at once, as a crash would: no
+    /// actor takes another step, none releases its placement. Returns how many it aborted.
+    ///
+    /// This is how a cluster node fences itself when it finds its lease lost: other nodes may
+    /// already run its sessions, so nothing of this runtime may commit again. A store call an
+    /// actor had already sent may still land; the store's epochs fence whatever comes later.
+    pub fn kill_all(&self) -> usize {
+        self.inner.accepting.store(false, Ordering::SeqCst);
+        self.inner.live.kill_all()
     }
 }
 

@@ -372,6 +372,86 @@ async fn eager_sessions_resume_on_survivors_after_owner_sigkill_mid_turn() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_actors_commit_nothing()
+ {
+    let prefix = unique_prefix("rejoin");
+    let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(2000)).await;
+    let (a, b) = (&ns[0], &ns[1]);
+    let old: NodeId = a.node_id.parse().unwrap();
+    let id = a.client.start("demo", None).await.unwrap(); // lazy: no reaper takes it over
+    a.send(&id, "warm up").await.unwrap(); // placed on a
+    let first = InputId::generate();
+    let c = a.client.clone();
+    let (id2, first2) = (id.clone(), first.clone());
+    let pending = tokio::spawn(async move {
+        c.send(
+            &id2,
+            first2,
+            vec![normandy_core::ContentBlock::text("slow one")],
+        )
+        .await
+    });
+    eventually(Duration::from_secs(5), "input committed on a", || {
+        let b = b.client.clone();
+        let id = id.clone();
+        let first = first.clone();
+        async move {
+            summarize(&b.history(&id, 0, 100).await.unwrap())
+                .inputs
+                .contains_key(&first)
+        }
+    })
+    .await;
+    // The caller goes away; a's actor runs the turn on (a caller still waiting would have a
+    // retry the new incarnation serves, which may rightly commit).
+    pending.abort();
+    let _ = pending.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = b.client.history(&id, 0, 1000).await.unwrap();
+    // Past a's lease (1.5 s), with the model call in flight; nobody else touches the session,
+    // so its epoch stays a's: only a's own fencing keeps the woken actor from committing.
+    a.signal(Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    a.signal(Signal::SIGCONT);
+    eventually(Duration::from_secs(10), "a rejoined", || {
+        let a = a.client.clone();
+        let old = old.clone();
+        async move {
+            matches!(a.health().await, Ok(h) if h.serving && h.node != old
+                && h.node.name() == old.name() && h.node.incarnation() > old.incarnation())
+        }
+    })
+    .await;
+    assert!(a.client.health().await.unwrap().lease_losses >= 1);
+    // The woken model call finished long ago: had the old actor committed, it would show.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        b.client.history(&id, 0, 1000).await.unwrap(),
+        before,
+        "an actor of a's old incarnation committed after its lease was lost"
+    );
+    let reg = registry(&prefix).await;
+    assert_ne!(
+        reg.lookup(&id).await.unwrap().map(|p| p.owner),
+        Some(old.clone()),
+        "the old incarnation's placement resolves"
+    );
+    // The next request continues the interrupted turn, once, wherever it is placed.
+    let out = a.send(&id, "after pause").await.unwrap();
+    assert_eq!(out.text(), "echo: after pause");
+    let s = summarize(&b.client.history(&id, 0, 1000).await.unwrap());
+    assert_eq!(s.inputs.len(), 3);
+    assert!(s.inputs.values().all(|n| *n == 1), "{:?}", s.inputs);
+    assert_eq!(
+        s.ended.get(&first),
+        Some(&1),
+        "the interrupted turn ended once"
+    );
+    drop(ns);
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     let prefix = unique_prefix("pause");
     let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(2000)).await;

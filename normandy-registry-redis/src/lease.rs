@@ -121,7 +121,11 @@ impl Leases {
             .key(&self.members_key)
             .arg(value)
             .arg(ttl_ms(ttl))
-            .arg(if member { node.to_string() } else { String::new() })
+            .arg(if member {
+                node.to_string()
+            } else {
+                String::new()
+            })
             .invoke_async(&mut con)
             .await
             .map_err(error::map)?;
@@ -150,7 +154,11 @@ impl Leases {
             .key(&self.members_key)
             .arg(ttl_ms(ttl))
             .arg(expect.unwrap_or(""))
-            .arg(if member { node.to_string() } else { String::new() })
+            .arg(if member {
+                node.to_string()
+            } else {
+                String::new()
+            })
             .invoke_async(&mut con)
             .await
             .map_err(error::map)?;

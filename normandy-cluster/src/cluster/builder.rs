@@ -92,9 +92,11 @@ pub(super) struct Recipe {
 }
 
 impl Recipe {
-    /// A runtime whose sessions are registered and activated as `node`.
-    pub(super) fn build(&self, node: NodeId) -> Result<Sessions> {
+    /// A runtime whose sessions are registered and activated as `node`, committing only while
+    /// `clock` says `node`'s lease is surely alive.
+    pub(super) fn build(&self, node: NodeId, clock: &Arc<lease::Clock>) -> Result<Sessions> {
         let mut sessions = Sessions::builder(self.catalog.clone())
+            .commit_gate(clock.gate(&node))
             .node(node)
             .store(self.store.clone())
             .registry(self.registry.clone())
@@ -245,12 +247,13 @@ impl ClusterBuilder {
             credentials,
             idle_timeout: self.idle_timeout,
         };
-        let sessions = recipe.build(node.clone())?;
+        let sent = Instant::now();
+        let clock = lease::Clock::new(&node, sent + self.config.lease_ttl);
+        let sessions = recipe.build(node.clone(), &clock)?;
         let me = Member {
             node: node.clone(),
             address: address.clone(),
         };
-        let sent = Instant::now();
         membership.join(&me, self.config.lease_ttl).await?;
         let (stop, _) = watch::channel(false);
         let node = Arc::new(Node {
@@ -261,7 +264,7 @@ impl ClusterBuilder {
             registry,
             store,
             membership,
-            lease: lease::Lease::new(me.clone(), sent, self.config.lease_ttl),
+            lease: lease::Lease::new(me.clone(), clock),
             peers: route::Peers::new(Secret::new(&secret), self.tls),
             view: members::View::new(&me),
             reaper: reaper::Reaper::new(self.reaper, self.config.reap_concurrency),
@@ -421,4 +424,3 @@ impl RedisClusterBuilder {
         inner.build().await
     }
 }
-

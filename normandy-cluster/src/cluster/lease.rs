@@ -11,24 +11,70 @@
 //!   **new incarnation** — a fresh lease claimed only if absent, a fresh local runtime — then
 //!   resumes whatever eager sessions of its previous incarnation nobody else took.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use normandy_core::{LeaseStatus, Member, NodeId, Result, Sessions};
+use normandy_core::{CommitGate, Error, LeaseStatus, Member, NodeId, Result, Sessions};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::{Node, lock, read};
 
+/// What every commit of this node checks (the runtime's [`CommitGate`]): which incarnation
+/// may commit, and until when its lease is surely alive.
+pub(super) struct Clock {
+    /// Send time of the last good refresh + TTL, on this process's monotonic clock.
+    valid_until: Mutex<Instant>,
+    /// The incarnation whose actors may commit; 0 once its lease was found lost.
+    incarnation: AtomicU64,
+}
+
+impl Clock {
+    pub(super) fn new(node: &NodeId, valid_until: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            valid_until: Mutex::new(valid_until),
+            incarnation: AtomicU64::new(node.incarnation()),
+        })
+    }
+
+    /// The gate of the runtime of `node`: its actors commit only while `node` is the current
+    /// incarnation and its lease is surely alive. Until-instant without a margin: the server
+    /// started the TTL no earlier than the refresh was sent.
+    pub(super) fn gate(self: &Arc<Self>, node: &NodeId) -> CommitGate {
+        let clock = self.clone();
+        let node = node.clone();
+        Arc::new(move || {
+            let why = if clock.incarnation.load(Ordering::SeqCst) != node.incarnation() {
+                "its lease was lost, so this incarnation is fenced"
+            } else if Instant::now() >= *lock(&clock.valid_until) {
+                "its lease is not surely alive (no good refresh for a TTL)"
+            } else {
+                return Ok(());
+            };
+            Err(Error::Unavailable {
+                backend: "cluster node",
+                message: format!("node {node} commits nothing: {why}"),
+            })
+        })
+    }
+
+    fn renew(&self, until: Instant) {
+        *lock(&self.valid_until) = until;
+    }
+
+    fn until(&self) -> Instant {
+        *lock(&self.valid_until)
+    }
+}
+
 /// This node's identity and the state of its lease.
 pub(super) struct Lease {
     /// Who this node is now; replaced when it rejoins under a new incarnation.
     me: RwLock<Arc<Member>>,
-    /// Until when the lease is surely alive: send time of the last good refresh + TTL, on this
-    /// process's monotonic clock.
-    valid_until: Mutex<Instant>,
+    /// Until when the lease is surely alive, and which incarnation may commit.
+    pub(super) clock: Arc<Clock>,
     /// Whether the last refresh succeeded. A node never reaps while its refresh fails.
     refresh_ok: AtomicBool,
     /// Whether the lease is trusted (cleared by the watchdog before it can lapse, and when a
@@ -40,11 +86,11 @@ pub(super) struct Lease {
 }
 
 impl Lease {
-    /// The lease of `me`, taken at `sent` for `ttl`.
-    pub(super) fn new(me: Member, sent: Instant, ttl: Duration) -> Self {
+    /// The lease of `me`, whose commits `clock` gates.
+    pub(super) fn new(me: Member, clock: Arc<Clock>) -> Self {
         Self {
             me: RwLock::new(Arc::new(me)),
-            valid_until: Mutex::new(sent + ttl),
+            clock,
             refresh_ok: AtomicBool::new(true),
             trusted: AtomicBool::new(true),
             stopping: Mutex::new(None),
@@ -105,14 +151,12 @@ impl Node {
             }
             let me = self.me();
             let sent = Instant::now();
-            let refreshed = tokio::time::timeout(
-                period,
-                self.membership.refresh(&me, self.config.lease_ttl),
-            )
-            .await;
+            let refreshed =
+                tokio::time::timeout(period, self.membership.refresh(&me, self.config.lease_ttl))
+                    .await;
             match refreshed {
                 Ok(Ok(LeaseStatus::Held)) => {
-                    *lock(&self.lease.valid_until) = sent + self.config.lease_ttl;
+                    self.lease.clock.renew(sent + self.config.lease_ttl);
                     self.lease.refresh_ok.store(true, Ordering::SeqCst);
                     if !self.lease.trusted() {
                         self.clone().regain();
@@ -122,7 +166,7 @@ impl Node {
                     self.lease.refresh_ok.store(false, Ordering::SeqCst);
                     error!(node = %me.node, "lease lost (it lapsed or was dropped); \
                         stopping this incarnation and rejoining under a new one");
-                    self.distrust();
+                    self.fence();
                     lost = !self.clone().rejoin().await;
                 }
                 Ok(Err(e)) => {
@@ -143,7 +187,7 @@ impl Node {
         let margin = self.config.stop_margin();
         while !self.stopped() {
             tokio::time::sleep(step).await;
-            let until = *lock(&self.lease.valid_until);
+            let until = self.lease.clock.until();
             if self.life.draining.load(Ordering::SeqCst) {
                 continue;
             }
@@ -165,6 +209,22 @@ impl Node {
         *lock(&self.lease.stopping) = Some(tokio::spawn(async move { sessions.shutdown().await }));
     }
 
+    /// Stops serving and aborts every live actor: the lease is gone, so other nodes may run
+    /// this node's sessions already, and nothing of this incarnation may commit again.
+    fn fence(&self) {
+        // First, so that no actor of this incarnation commits from here on.
+        self.lease.clock.incarnation.store(0, Ordering::SeqCst);
+        if self.lease.trusted.swap(false, Ordering::SeqCst) {
+            self.stats.lease_losses.fetch_add(1, Ordering::Relaxed);
+        }
+        // A passivation the watchdog started would only let actors reach their next commit.
+        if let Some(t) = lock(&self.lease.stopping).take() {
+            t.abort();
+        }
+        let killed = self.sessions().kill_all();
+        warn!(node = %self.me().node, killed, "fenced this incarnation's live actors");
+    }
+
     /// After a refresh that found the lease still held, following a loss of trust: serve again
     /// as the same incarnation, and take back our own interrupted eager sessions that nobody
     /// else resumed meanwhile.
@@ -182,11 +242,11 @@ impl Node {
         }
     }
 
-    /// Rejoins under a new incarnation after the lease was lost: waits for the old runtime to
-    /// stop, builds a new one for the new node id, claims its lease, and serves. Returns false
+    /// Rejoins under a new incarnation after the lease was lost (and the old runtime fenced):
+    /// builds a new runtime for the new node id, claims its lease, and serves. Returns false
     /// when it must be tried again at the next tick.
     async fn rejoin(self: Arc<Self>) -> bool {
-        if self.life.draining.load(Ordering::SeqCst) || self.lease.stopping() {
+        if self.life.draining.load(Ordering::SeqCst) {
             return false;
         }
         let old = self.me();
@@ -197,7 +257,7 @@ impl Node {
                 return false;
             }
         };
-        let sessions: Sessions = match self.recipe.build(node.clone()) {
+        let sessions: Sessions = match self.recipe.build(node.clone(), &self.lease.clock) {
             Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "cannot rebuild the local runtime to rejoin");
@@ -213,10 +273,14 @@ impl Node {
             warn!(node = %node, error = %e, "could not claim a new lease; retrying");
             return false;
         }
+        self.lease.clock.renew(sent + self.config.lease_ttl);
+        self.lease
+            .clock
+            .incarnation
+            .store(node.incarnation(), Ordering::SeqCst);
         *self.sessions.write().unwrap_or_else(|p| p.into_inner()) = sessions;
         *self.lease.me.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(me.clone());
         self.view.insert(&me);
-        *lock(&self.lease.valid_until) = sent + self.config.lease_ttl;
         self.lease.refresh_ok.store(true, Ordering::SeqCst);
         self.lease.trusted.store(true, Ordering::SeqCst);
         self.stats.rejoins.fetch_add(1, Ordering::Relaxed);

@@ -27,8 +27,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use normandy_core::{
-    Entry, Error, EventStream, Input, InputId, Member, Membership, NodeId, Result, Seq,
-    SessionId, SessionRegistry, SessionStore, Sessions, TurnOutcome,
+    Entry, Error, EventStream, Input, InputId, Member, Membership, NodeId, Result, Seq, SessionId,
+    SessionRegistry, SessionStore, Sessions, TurnOutcome,
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -332,7 +332,8 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(1), node.sessions().shutdown()).await;
         node.life.left.store(true, Ordering::SeqCst);
         // Stop the lease loop before dropping the lease, so no late refresh touches it.
-        if let Some(t) = lock(&self.tasks).lease.take() {
+        let lease_task = lock(&self.tasks).lease.take();
+        if let Some(t) = lease_task {
             t.abort();
             let _ = t.await;
         }

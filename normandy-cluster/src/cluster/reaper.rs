@@ -264,7 +264,13 @@ mod tests {
                 mine,
                 "never activated: an orphan"
             );
-            assert!(!takes(Pass::MineIfOrphan, &id, Some(&live[1]), &live, &live[0]));
+            assert!(!takes(
+                Pass::MineIfOrphan,
+                &id,
+                Some(&live[1]),
+                &live,
+                &live[0]
+            ));
         }
     }
 

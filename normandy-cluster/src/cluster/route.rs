@@ -8,8 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use normandy_core::{
-    ContentBlock, Error, EventStream, Input, InputId, NodeId, Result, Seq, SessionId,
-    TurnOutcome,
+    ContentBlock, Error, EventStream, Input, InputId, NodeId, Result, Seq, SessionId, TurnOutcome,
 };
 use tokio::time::Instant;
 use tracing::debug;
@@ -294,21 +293,27 @@ impl OpResult {
     pub(super) fn outcome(self) -> Result<TurnOutcome> {
         match self {
             OpResult::Outcome(o) => Ok(o),
-            _ => Err(Error::Internal("send answered with a non-send result".into())),
+            _ => Err(Error::Internal(
+                "send answered with a non-send result".into(),
+            )),
         }
     }
 
     pub(super) fn stream(self) -> Result<EventStream> {
         match self {
             OpResult::Stream(s) => Ok(s),
-            _ => Err(Error::Internal("subscribe answered with a non-stream result".into())),
+            _ => Err(Error::Internal(
+                "subscribe answered with a non-stream result".into(),
+            )),
         }
     }
 
     pub(super) fn bool(self) -> Result<bool> {
         match self {
             OpResult::Bool(b) => Ok(b),
-            _ => Err(Error::Internal("cancel answered with a non-bool result".into())),
+            _ => Err(Error::Internal(
+                "cancel answered with a non-bool result".into(),
+            )),
         }
     }
 }

@@ -79,6 +79,7 @@ pub(crate) struct ActorParams {
     pub(crate) config: SessionConfig,
     pub(crate) store: Arc<dyn SessionStore>,
     pub(crate) idle_timeout: Duration,
+    pub(crate) gate: Option<crate::runtime::CommitGate>,
 }
 
 /// Capacity of the event channel (created on first subscription).
@@ -115,6 +116,8 @@ pub(crate) struct Actor {
     pub(super) config: SessionConfig,
     pub(super) store: Arc<dyn SessionStore>,
     idle_timeout: Duration,
+    /// Asked before every commit (a cluster node's lease check).
+    pub(super) gate: Option<crate::runtime::CommitGate>,
     /// The tool call whose step is in flight (so an abandoned one is reported in doubt).
     pub(super) in_flight: Option<String>,
     /// Passivation requests waiting for the step in flight to reach its boundary.
@@ -150,6 +153,7 @@ impl Actor {
             config: params.config,
             store: params.store,
             idle_timeout: params.idle_timeout,
+            gate: params.gate,
             in_flight: None,
             draining: Vec::new(),
             waiters: HashMap::new(),

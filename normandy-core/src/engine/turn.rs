@@ -438,11 +438,16 @@ impl Actor {
         let batch = CommitBatch { entries, state };
         let mut attempt = 0;
         let ack = loop {
-            match self
-                .store
-                .commit(&self.id, self.epoch, self.seq, &batch)
-                .await
-            {
+            // The gate is asked at every attempt: a retry after a pause must ask again.
+            let sent = match self.gate.as_ref().map_or(Ok(()), |gate| gate()) {
+                Ok(()) => {
+                    self.store
+                        .commit(&self.id, self.epoch, self.seq, &batch)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            match sent {
                 Ok(ack) => break ack,
                 Err(e)
                     if e.is_retryable()

@@ -104,6 +104,22 @@ impl LiveSessions {
         }
     }
 
+    /// Aborts every live actor at once, as [`kill`](Self::kill) does one; returns how many.
+    pub(super) fn kill_all(&self) -> usize {
+        let mut map = self.lock();
+        let live: Vec<SessionId> = map
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Live(_)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &live {
+            if let Some(Slot::Live(h)) = map.remove(id) {
+                h.abort.abort();
+            }
+        }
+        live.len()
+    }
+
     /// Stops the actor of `generation` taking commands: closes its mailbox under the map's lock
     /// and marks its slot retiring until [`finish`](Self::finish). Unless `force`, refuses
     /// (returns false) while commands wait in the mailbox.
@@ -417,6 +433,7 @@ impl Sessions {
                     config,
                     store: inner.store.clone(),
                     idle_timeout: inner.idle_timeout,
+                    gate: inner.gate.clone(),
                 },
                 inner.mailbox,
             ))
