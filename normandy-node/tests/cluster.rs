@@ -380,28 +380,7 @@ async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_a
     let old: NodeId = a.node_id.parse().unwrap();
     let id = a.client.start("demo", None).await.unwrap(); // lazy: no reaper takes it over
     a.send(&id, "warm up").await.unwrap(); // placed on a
-    let first = InputId::generate();
-    let c = a.client.clone();
-    let (id2, first2) = (id.clone(), first.clone());
-    let pending = tokio::spawn(async move {
-        c.send(
-            &id2,
-            first2,
-            vec![normandy_core::ContentBlock::text("slow one")],
-        )
-        .await
-    });
-    eventually(Duration::from_secs(5), "input committed on a", || {
-        let b = b.client.clone();
-        let id = id.clone();
-        let first = first.clone();
-        async move {
-            summarize(&b.history(&id, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&first)
-        }
-    })
-    .await;
+    let (first, pending) = slow_input_committed(a, b, &id).await;
     // The caller goes away; a's actor runs the turn on (a caller still waiting would have a
     // retry the new incarnation serves, which may rightly commit).
     pending.abort();
@@ -458,28 +437,7 @@ async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     let (a, b) = (&ns[0], &ns[1]);
     let id = a.client.start("demo", None).await.unwrap();
     a.send(&id, "warm up").await.unwrap(); // placed on a
-    let first = InputId::generate();
-    let c = a.client.clone();
-    let (id2, first2) = (id.clone(), first.clone());
-    let pending = tokio::spawn(async move {
-        c.send(
-            &id2,
-            first2,
-            vec![normandy_core::ContentBlock::text("slow one")],
-        )
-        .await
-    });
-    eventually(Duration::from_secs(5), "input committed on a", || {
-        let b = b.client.clone();
-        let id = id.clone();
-        let first = first.clone();
-        async move {
-            summarize(&b.history(&id, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&first)
-        }
-    })
-    .await;
+    let (first, pending) = slow_input_committed(a, b, &id).await;
     a.signal(Signal::SIGSTOP);
     // Past a's lease: b takes the session over (epoch bump), continues the interrupted turn,
     // then runs the new input.
@@ -528,6 +486,41 @@ async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     );
     drop(ns);
     cleanup(&prefix).await;
+}
+
+/// Sends "slow one" to `id` through `a` in the background; returns once `b` reads the input
+/// committed, with the input's id and the pending call.
+async fn slow_input_committed(
+    a: &Node,
+    b: &Node,
+    id: &SessionId,
+) -> (
+    InputId,
+    tokio::task::JoinHandle<normandy_core::Result<normandy_core::TurnOutcome>>,
+) {
+    let first = InputId::generate();
+    let c = a.client.clone();
+    let (id2, first2) = (id.clone(), first.clone());
+    let pending = tokio::spawn(async move {
+        c.send(
+            &id2,
+            first2,
+            vec![normandy_core::ContentBlock::text("slow one")],
+        )
+        .await
+    });
+    eventually(Duration::from_secs(5), "input committed on a", || {
+        let b = b.client.clone();
+        let id = id.clone();
+        let first = first.clone();
+        async move {
+            summarize(&b.history(&id, 0, 100).await.unwrap())
+                .inputs
+                .contains_key(&first)
+        }
+    })
+    .await;
+    (first, pending)
 }
 
 async fn wait_serving(n: &Node) {
