@@ -375,7 +375,8 @@ async fn eager_sessions_resume_on_survivors_after_owner_sigkill_mid_turn() {
 async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_actors_commit_nothing()
  {
     let prefix = unique_prefix("rejoin");
-    let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(2000)).await;
+    // A 3 s model call: still in flight when the pause starts (~1 s in), done when it ends.
+    let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(3000)).await;
     let (a, b) = (&ns[0], &ns[1]);
     let old: NodeId = a.node_id.parse().unwrap();
     let id = a.client.start("demo", None).await.unwrap(); // lazy: no reaper takes it over
@@ -385,7 +386,9 @@ async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_a
     // retry the new incarnation serves, which may rightly commit).
     pending.abort();
     let _ = pending.await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Time for a to see the stream reset and drop the call's route loop (loopback: well under
+    // this on a loaded machine).
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let before = b.client.history(&id, 0, 1000).await.unwrap();
     // Past a's lease (1.5 s), with the model call in flight; nobody else touches the session,
     // so its epoch stays a's: only a's own fencing keeps the woken actor from committing.
