@@ -392,19 +392,21 @@ mod static_str {
     /// Distinct unknown names interned per process.
     pub(super) const MAX_INTERNED: usize = 64;
 
-    /// Names this workspace uses, so the common case leaks nothing.
+    /// Names this workspace uses (id kinds, id rejection reasons in `model.rs`, each crate's
+    /// backend name), so the common case leaks nothing.
     const KNOWN: &[&str] = &[
         "session id",
-        "node id",
         "input id",
-        "template id",
+        "node id",
+        "must not be empty",
+        "longer than 200 bytes",
+        "must be printable with no whitespace",
+        "contains a reserved character",
+        "incarnation after '#' must be a number",
         "redis store",
         "redis registry",
-        "redis membership",
         "postgres",
-        "postgres store",
         "lmdb",
-        "lmdb store",
         "session actor",
         "node",
         "cluster node",

@@ -46,8 +46,8 @@ pub trait Membership: Send + Sync + 'static {
     /// Claims `me`'s lease for `ttl`, the expiry being set by the server.
     ///
     /// # Behavior
-    /// - Only if no lease for `me.node` exists: otherwise nothing is written and the error
-    ///   (`AlreadyExists`-like `Config`) names the node and the address holding it.
+    /// - Only if no lease for `me.node` exists: otherwise nothing is written and a `Config`
+    ///   error names the node and the address holding its lease.
     /// - After it returns `Ok`, `members` lists `me` until `ttl` passes without a refresh.
     async fn join(&self, me: &Member, ttl: Duration) -> Result<()>;
 

@@ -138,7 +138,7 @@ impl RedisRegistry {
 
     /// The lease key of `node`.
     pub fn lease_key(&self, node: &NodeId) -> String {
-        format!("{}{node}", self.lease_prefix)
+        self.leases.key(node)
     }
 
     fn placement_key(&self, id: &SessionId) -> String {

@@ -82,24 +82,29 @@ impl Cluster {
     }
 }
 
-/// What a node needs to build its local runtime again, for a new incarnation.
+/// What a node needs, beside its store and registry, to build its local runtime again for a
+/// new incarnation.
 pub(super) struct Recipe {
     catalog: TemplateCatalog,
-    store: Arc<dyn SessionStore>,
-    registry: Arc<dyn SessionRegistry>,
     credentials: Arc<dyn CredentialProvider>,
     idle_timeout: Option<Duration>,
 }
 
 impl Recipe {
-    /// A runtime whose sessions are registered and activated as `node`, committing only while
-    /// `clock` says `node`'s lease is surely alive.
-    pub(super) fn build(&self, node: NodeId, clock: &Arc<lease::Clock>) -> Result<Sessions> {
+    /// A runtime over `store` and `registry` whose sessions are registered and activated as
+    /// `node`, committing only while `clock` says `node`'s lease is surely alive.
+    pub(super) fn build(
+        &self,
+        node: NodeId,
+        clock: &Arc<lease::Clock>,
+        store: &Arc<dyn SessionStore>,
+        registry: &Arc<dyn SessionRegistry>,
+    ) -> Result<Sessions> {
         let mut sessions = Sessions::builder(self.catalog.clone())
             .commit_gate(clock.gate(&node))
             .node(node)
-            .store(self.store.clone())
-            .registry(self.registry.clone())
+            .store(store.clone())
+            .registry(registry.clone())
             .credentials(self.credentials.clone());
         if let Some(t) = self.idle_timeout {
             sessions = sessions.idle_timeout(t);
@@ -242,14 +247,12 @@ impl ClusterBuilder {
         let address = self.advertise.unwrap_or_else(|| local.to_string());
         let recipe = Recipe {
             catalog: self.catalog,
-            store: store.clone(),
-            registry: registry.clone(),
             credentials,
             idle_timeout: self.idle_timeout,
         };
         let sent = Instant::now();
         let clock = lease::Clock::new(&node, sent + self.config.lease_ttl);
-        let sessions = recipe.build(node.clone(), &clock)?;
+        let sessions = recipe.build(node.clone(), &clock, &store, &registry)?;
         let me = Member {
             node: node.clone(),
             address: address.clone(),

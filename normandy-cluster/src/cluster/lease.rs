@@ -257,7 +257,10 @@ impl Node {
                 return false;
             }
         };
-        let sessions: Sessions = match self.recipe.build(node.clone(), &self.lease.clock) {
+        let built = self
+            .recipe
+            .build(node.clone(), &self.lease.clock, &self.store, &self.registry);
+        let sessions: Sessions = match built {
             Ok(s) => s,
             Err(e) => {
                 error!(error = %e, "cannot rebuild the local runtime to rejoin");

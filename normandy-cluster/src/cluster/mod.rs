@@ -337,7 +337,7 @@ impl Cluster {
             t.abort();
             let _ = t.await;
         }
-        let me = node.me().node.clone();
+        // The same id as at the start: a draining node does not rejoin.
         if let Err(e) = node.membership.leave(&me).await {
             warn!(error = %e, "could not drop the lease; it lapses after its TTL");
         }

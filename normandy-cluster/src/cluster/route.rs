@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use normandy_core::{
-    ContentBlock, Error, EventStream, Input, InputId, NodeId, Result, Seq, SessionId, TurnOutcome,
+    ContentBlock, Error, EventStream, Input, InputId, NodeId, Result, Seq, SessionId, Sessions,
+    TurnOutcome,
 };
 use tokio::time::Instant;
 use tracing::debug;
@@ -137,9 +138,10 @@ pub(super) fn choose(me: &NodeId, owner: Option<&NodeId>, serving: bool) -> Choi
     }
 }
 
-/// Where one attempt of a request goes, resolved to a client.
+/// Where one attempt of a request goes: the local runtime (read once per attempt: it is
+/// replaced when the node rejoins) or a peer's client.
 enum Route {
-    Local,
+    Local(Sessions),
     Remote(NodeClient),
 }
 
@@ -164,10 +166,11 @@ impl Node {
     async fn pick_route(&self, id: &SessionId, hint: Option<NodeId>) -> Result<Route> {
         let me = self.me();
         let serving = self.serving();
-        if hint.is_none() && serving && self.sessions().is_live(id) {
+        let sessions = self.sessions();
+        if hint.is_none() && serving && sessions.is_live(id) {
             // Live here: no lookup on the hot path. Should another node have taken the session
             // meanwhile, the actor's next commit is fenced and the request re-routed.
-            return Ok(Route::Local);
+            return Ok(Route::Local(sessions));
         }
         let owner = match hint.or_else(|| self.peers.cached(id)) {
             Some(o) => Some(o),
@@ -180,7 +183,7 @@ impl Node {
             }
         };
         match choose(&me.node, owner.as_ref(), serving) {
-            Choice::Local => Ok(Route::Local),
+            Choice::Local => Ok(Route::Local(sessions)),
             Choice::Owner(o) => {
                 let Some(addr) = self.view.address_of(&o, &*self.membership).await else {
                     return Err(Error::Unavailable {
@@ -221,7 +224,7 @@ impl Node {
         let mut hint = None;
         loop {
             let result = match self.pick_route(id, hint.take()).await {
-                Ok(Route::Local) => self.run_local(id, op).await,
+                Ok(Route::Local(sessions)) => run_local(&sessions, id, op).await,
                 Ok(Route::Remote(peer)) => {
                     self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                     run_remote(&peer, id, op).await
@@ -244,27 +247,28 @@ impl Node {
             }
         }
     }
+}
 
-    /// Runs `op` on this node's own actor.
-    pub(super) async fn run_local(&self, id: &SessionId, op: &Op) -> Result<OpResult> {
-        let sessions = self.sessions();
-        Ok(match op {
-            Op::Send { input_id, content } => {
-                let input = Input {
-                    id: Some(input_id.clone()),
-                    content: content.clone(),
-                };
-                OpResult::Outcome(sessions.send(id, input).await?)
-            }
-            Op::Subscribe { after } => OpResult::Stream(sessions.subscribe(id, *after).await?),
-            Op::Cancel => OpResult::Bool(sessions.cancel(id).await?),
-            Op::Stop => {
-                sessions.stop(id).await?;
-                OpResult::Unit
-            }
-        })
-    }
+/// Runs `op` on this node's own actor, in `sessions`.
+pub(super) async fn run_local(sessions: &Sessions, id: &SessionId, op: &Op) -> Result<OpResult> {
+    Ok(match op {
+        Op::Send { input_id, content } => {
+            let input = Input {
+                id: Some(input_id.clone()),
+                content: content.clone(),
+            };
+            OpResult::Outcome(sessions.send(id, input).await?)
+        }
+        Op::Subscribe { after } => OpResult::Stream(sessions.subscribe(id, *after).await?),
+        Op::Cancel => OpResult::Bool(sessions.cancel(id).await?),
+        Op::Stop => {
+            sessions.stop(id).await?;
+            OpResult::Unit
+        }
+    })
+}
 
+impl Node {
     pub(super) async fn route_send(
         &self,
         id: &SessionId,

@@ -4,11 +4,12 @@
 //! handled like a [`Cluster`](super::Cluster) method on this node, routing included.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use normandy_core::{Entry, Error, EventStream, Result, SessionId, TurnOutcome, async_trait};
 use tracing::error;
 
-use super::route::{Op, OpResult};
+use super::route::{Op, OpResult, run_local};
 use super::{InFlight, Node};
 use crate::rpc::{NodeApi, NodeService, auth_interceptor};
 use crate::wire::{
@@ -57,7 +58,8 @@ impl Node {
         if !self.serving() {
             return Err(self.not_serving());
         }
-        if !self.sessions().is_live(id) {
+        let sessions = self.sessions();
+        if !sessions.is_live(id) {
             let me = self.me().node.clone();
             if let Some(p) = self.registry.lookup(id).await?
                 && p.owner != me
@@ -68,7 +70,7 @@ impl Node {
                 });
             }
         }
-        self.run_local(id, op).await
+        run_local(&sessions, id, op).await
     }
 
     /// A forwarded request is served here; a client's is routed like a local call.
@@ -103,11 +105,8 @@ impl NodeApi for Node {
             serving: self.serving(),
             live: self.sessions().live_count() as u64,
             members: self.view.nodes(),
-            reaped: self.stats.reaped.load(std::sync::atomic::Ordering::Relaxed),
-            lease_losses: self
-                .stats
-                .lease_losses
-                .load(std::sync::atomic::Ordering::Relaxed),
+            reaped: self.stats.reaped.load(Ordering::Relaxed),
+            lease_losses: self.stats.lease_losses.load(Ordering::Relaxed),
         }
     }
 
