@@ -107,15 +107,63 @@ mod tests {
             .collect()
     }
 
+    /// Every file of the `store_cases/` folder, by name, with its source: case names are
+    /// collected from all of them, so a case counts in whichever file it is.
+    const STORE_CASE_FILES: &[(&str, &str)] = &[
+        ("mod.rs", include_str!("store_cases/mod.rs")),
+        ("create.rs", include_str!("store_cases/create.rs")),
+        ("activate.rs", include_str!("store_cases/activate.rs")),
+        ("commit.rs", include_str!("store_cases/commit.rs")),
+        ("atomic.rs", include_str!("store_cases/atomic.rs")),
+        ("entries.rs", include_str!("store_cases/entries.rs")),
+        ("resumable.rs", include_str!("store_cases/resumable.rs")),
+        ("lifecycle.rs", include_str!("store_cases/lifecycle.rs")),
+        ("corrupt.rs", include_str!("store_cases/corrupt.rs")),
+        ("canary.rs", include_str!("store_cases/canary.rs")),
+        (
+            "single_writer.rs",
+            include_str!("store_cases/single_writer.rs"),
+        ),
+    ];
+
+    /// The `.rs` files of the `store_cases/` folder on disk, by name.
+    fn store_case_files_on_disk() -> BTreeSet<String> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/store_cases");
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {dir}: {e}"))
+            .map(|entry| entry.expect("a directory entry").file_name())
+            .filter_map(|name| name.into_string().ok())
+            .filter(|name| name.ends_with(".rs"))
+            .collect()
+    }
+
     #[test]
     fn every_case_is_stamped() {
+        let scanned: BTreeSet<String> = STORE_CASE_FILES
+            .iter()
+            .map(|(name, _)| name.to_string())
+            .collect();
+        assert_eq!(
+            scanned.len(),
+            STORE_CASE_FILES.len(),
+            "a store cases file is listed twice"
+        );
+        assert_eq!(
+            scanned,
+            store_case_files_on_disk(),
+            "STORE_CASE_FILES must name every file of src/store_cases/"
+        );
         let listed: BTreeSet<String> = super::STORE_CASES.iter().map(|s| s.to_string()).collect();
         assert_eq!(
             listed.len(),
             super::STORE_CASES.len(),
             "a store case is listed twice"
         );
-        assert_eq!(listed, case_fns(include_str!("store_cases.rs")));
+        let defined: BTreeSet<String> = STORE_CASE_FILES
+            .iter()
+            .flat_map(|(_, source)| case_fns(source))
+            .collect();
+        assert_eq!(listed, defined);
         let listed: BTreeSet<String> = super::REGISTRY_CASES
             .iter()
             .map(|s| s.to_string())

@@ -1,8 +1,9 @@
 //! [`store_conformance!`](crate::store_conformance) and
 //! [`registry_conformance!`](crate::registry_conformance): one test per case per backend.
 //!
-//! The case lists live here, once: adding a case is a `pub async fn` in `store_cases.rs` or
-//! `registry_cases.rs` plus its name in the list below (a unit test checks the two agree).
+//! The case lists live here, once: adding a case is a `pub async fn` in a file of
+//! `store_cases/` (listed in the unit test's `STORE_CASE_FILES`) or in `registry_cases.rs`, plus
+//! its name in the list below (a unit test checks the two agree).
 
 /// Stamps the store conformance suite for one backend: one test named `<name>_<case>` per case
 /// of [`store_cases`](crate::store_cases).

@@ -1,0 +1,107 @@
+//! No secret at rest (invariant 4): a credential resolved for a real session appears neither
+//! in the stored bytes nor in the logs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use normandy_core::{
+    CatalogEntry, ConfigTemplate, Credentials, Error, LlmClient, LocalRegistry, ResumePolicy,
+    ScriptedClient, Sessions, StaticCredentials, TemplateCatalog,
+};
+
+use super::{all_entries, load, node, ok, token};
+use crate::harness::StoreHarness;
+use crate::logs;
+
+/// Precondition: the test binary has no other global tracing subscriber. A real session runs
+/// through `Sessions` on this store, with a template naming a credential that a
+/// `StaticCredentials` provider resolves to a fresh `sk-canary-<uuid>` and the client builder
+/// reads. The canary (nor its uuid) appears neither in `raw_bytes()` nor in the DEBUG logs
+/// captured meanwhile — while the input text does appear in the raw bytes and the session id
+/// in the logs, proving both scans see real data.
+pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
+    let logs = logs::capture().unwrap_or_else(|e| panic!("{e}"));
+    let secret_token = token();
+    let canary = format!("sk-canary-{secret_token}");
+    let marker = format!("probe-{}", token());
+    let template_id = format!("canary-template-{}", token());
+    let template = ConfigTemplate::new(template_id.clone(), "scripted-model")
+        .system_prompt("You are the canary test.")
+        .resume_policy(ResumePolicy::Eager)
+        .credential("api-key");
+
+    let read_secret = Arc::new(AtomicBool::new(false));
+    let entry = {
+        let (canary, read_secret) = (canary.clone(), read_secret.clone());
+        CatalogEntry::new(move |_template, creds: &Credentials| {
+            let secret = creds.expose("api-key")?;
+            if secret != canary {
+                return Err(Error::Credentials {
+                    reason: "api-key resolved to something other than the canary".into(),
+                });
+            }
+            read_secret.store(true, Ordering::SeqCst);
+            Ok(Arc::new(ScriptedClient::echo()) as Arc<dyn LlmClient>)
+        })
+    };
+    let catalog = TemplateCatalog::new()
+        .with(template, entry)
+        .expect("valid template");
+    let sessions = Sessions::builder(catalog)
+        .node(node("canary-node"))
+        .store(h.store())
+        .registry(Arc::new(LocalRegistry::new()))
+        .credentials(Arc::new(StaticCredentials::new(
+            Credentials::new().with("api-key", canary.clone()),
+        )))
+        .build()
+        .expect("build Sessions");
+
+    let id = ok(sessions.start(&template_id).await, "start");
+    let out = ok(sessions.send(&id, format!("hello {marker}")).await, "send");
+    assert_eq!(out.text(), format!("echo: hello {marker}"));
+    let out = ok(sessions.send(&id, "second input").await, "send again");
+    assert_eq!(out.text(), "echo: second input");
+    sessions.shutdown().await;
+    assert!(
+        read_secret.load(Ordering::SeqCst),
+        "the client builder never read the credential: the case tested nothing"
+    );
+
+    let store = h.store();
+    let rec = load(&*store, &id).await;
+    let stored_template = rec.template.expect("the session's template is stored");
+    assert_eq!(
+        stored_template.credentials,
+        vec!["api-key".to_string()],
+        "the stored template names its credential"
+    );
+    assert!(
+        all_entries(&*store, &id).await.len() >= 4,
+        "two turns must have committed entries"
+    );
+
+    let raw = h.raw_bytes().await;
+    assert!(
+        logs::find(&raw, marker.as_bytes()),
+        "raw_bytes() does not contain the input text just committed: the canary scan would \
+         prove nothing ({} bytes scanned)",
+        raw.len()
+    );
+    assert!(
+        !logs::find(&raw, canary.as_bytes()),
+        "the canary credential is stored in the backend's raw bytes"
+    );
+    assert!(
+        !logs::find(&raw, secret_token.as_bytes()),
+        "the canary's random part is stored in the backend's raw bytes"
+    );
+    assert!(
+        logs.contains(id.as_str().as_bytes()),
+        "the captured logs never mention the session: log capture is not working"
+    );
+    assert!(
+        !logs.contains(canary.as_bytes()) && !logs.contains(secret_token.as_bytes()),
+        "the canary credential appears in the logs"
+    );
+}
