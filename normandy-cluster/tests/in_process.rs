@@ -8,8 +8,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
 use normandy_core::{
-    CatalogEntry, ConfigTemplate, ErrorKind, FromClient, LeaseStatus, Member, Membership, NodeId,
-    ScriptedClient, TemplateCatalog, TurnEvent,
+    CatalogEntry, ConfigTemplate, ErrorKind, FromClient, JoinOutcome, LeaseStatus, Member,
+    Membership, NodeId, ScriptedClient, TemplateCatalog, TurnEvent,
 };
 use support::{cleanup, drain_events, redis_url, unique_prefix, until_turn_end};
 
@@ -115,7 +115,10 @@ async fn redis_membership_leases_lapse_on_the_server_clock() {
         node: NodeId::new("x", 1).unwrap(),
         address: "127.0.0.1:1".into(),
     };
-    m.join(&me, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(
+        m.join(&me, Duration::from_millis(300)).await.unwrap(),
+        JoinOutcome::Joined
+    );
     assert_eq!(m.members().await.unwrap(), vec![me.clone()]);
     let again = m.join(&me, Duration::from_secs(5)).await.unwrap_err();
     assert!(
@@ -458,5 +461,44 @@ async fn a_cluster_refuses_a_store_that_is_not_durable_unless_told_it_is_a_test(
     let id = node.start("echo").await.unwrap();
     assert_eq!(node.send(&id, "hi").await.unwrap().text(), "echo: hi");
     node.shutdown().await;
+    cleanup(&prefix).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_a_live_node_name_is_refused_naming_both() {
+    let prefix = unique_prefix("dup-name");
+    let ttl = Duration::from_millis(600);
+    let node = |name: &'static str| {
+        let prefix = prefix.clone();
+        async move {
+            Cluster::redis(catalog(), &redis_url())
+                .prefix(&prefix)
+                .node_name(name)
+                .secret("in-process-secret")
+                .config(ClusterConfig::default().with_lease_ttl(ttl))
+                .build()
+                .await
+        }
+    };
+    let a = node("same").await.unwrap();
+    let started = tokio::time::Instant::now();
+    let err = node("same").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let text = err.to_string();
+    assert!(
+        text.contains(&a.node().to_string()) && text.contains("same name"),
+        "the error names the live holder: {text}"
+    );
+    assert!(
+        started.elapsed() >= ttl,
+        "it waited a lease TTL for a previous life to lapse first"
+    );
+    // Once the holder has left, the name is free at once.
+    let waiting = tokio::spawn(node("same"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.shutdown().await;
+    let b = waiting.await.unwrap().expect("joins once the name is free");
+    assert_ne!(b.node(), a.node());
+    b.shutdown().await;
     cleanup(&prefix).await;
 }

@@ -60,7 +60,7 @@ pub use engine::{
 pub use error::{Error, ErrorKind, Result};
 pub use hooks::{Hook, HookDecision, ToolCall};
 pub use llm::{LlmClient, ModelRequest, ModelResponse, ScriptedClient, ToolSpec};
-pub use membership::{LeaseStatus, Member, Membership};
+pub use membership::{JoinOutcome, LeaseStatus, Member, Membership};
 pub use model::{
     ContentBlock, Entry, EntryPayload, Epoch, InputId, Message, NodeId, Role, Seq, SessionId,
     StopReason, TurnStatus, Usage,

@@ -33,6 +33,16 @@ pub enum LeaseStatus {
     Lost,
 }
 
+/// What a [`Membership::join`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinOutcome {
+    /// The lease was absent and is now this node's.
+    Joined,
+    /// Another incarnation of the same node name holds a live lease (another process runs
+    /// under this name, or this node's previous life has not lapsed yet); nothing was written.
+    NameInUse(Member),
+}
+
 /// Node leases in a coordination backend.
 ///
 /// # Policy
@@ -46,10 +56,12 @@ pub trait Membership: Send + Sync + 'static {
     /// Claims `me`'s lease for `ttl`, the expiry being set by the server.
     ///
     /// # Behavior
+    /// - `NameInUse(other)`, writing nothing, while another incarnation of `me.node`'s name
+    ///   holds a live lease: two processes never run under one node name.
     /// - Only if no lease for `me.node` exists: otherwise nothing is written and a `Config`
     ///   error names the node and the address holding its lease.
-    /// - After it returns `Ok`, `members` lists `me` until `ttl` passes without a refresh.
-    async fn join(&self, me: &Member, ttl: Duration) -> Result<()>;
+    /// - After it returns `Joined`, `members` lists `me` until `ttl` passes without a refresh.
+    async fn join(&self, me: &Member, ttl: Duration) -> Result<JoinOutcome>;
 
     /// Extends `me`'s lease by `ttl`, if it is still there and still `me`'s.
     ///

@@ -160,9 +160,12 @@ impl NodeId {
         })
     }
 
-    /// A node id whose incarnation is the current time in milliseconds since the Unix epoch.
+    /// A node id with a fresh incarnation: the current time in milliseconds since the Unix
+    /// epoch in the high 44 bits (so a later start has a greater incarnation, until the year
+    /// 2527) and 20 random bits below, so two processes started in the same millisecond — two
+    /// containers of one deployment — still get different incarnations.
     pub fn with_fresh_incarnation(name: impl AsRef<str>) -> Result<Self> {
-        Self::new(name, crate::now_ms())
+        Self::new(name, fresh_incarnation(crate::now_ms()))
     }
 
     /// The stable name.
@@ -174,6 +177,15 @@ impl NodeId {
     pub fn incarnation(&self) -> u64 {
         self.incarnation
     }
+}
+
+/// Random bits below the milliseconds in an incarnation.
+const INCARNATION_RANDOM_BITS: u32 = 20;
+
+fn fresh_incarnation(now_ms: u64) -> u64 {
+    // The random part of a v7 UUID (uuid's fast RNG: no syscall per id).
+    let random = uuid::Uuid::now_v7().as_u128() as u64 & ((1 << INCARNATION_RANDOM_BITS) - 1);
+    (now_ms << INCARNATION_RANDOM_BITS) | random
 }
 
 impl fmt::Display for NodeId {
@@ -482,6 +494,19 @@ mod tests {
         assert_eq!("node-a#7".parse::<NodeId>().unwrap(), n);
         assert!("node-a#x".parse::<NodeId>().is_err());
         assert!(NodeId::new("a#b", 1).is_err());
+    }
+
+    #[test]
+    fn fresh_incarnations_differ_within_a_millisecond_and_grow_with_time() {
+        let same_ms: std::collections::HashSet<u64> = (0..64)
+            .map(|_| fresh_incarnation(1_700_000_000_000))
+            .collect();
+        assert!(same_ms.len() > 60, "{} distinct of 64", same_ms.len());
+        let later = fresh_incarnation(1_700_000_000_001);
+        assert!(same_ms.iter().all(|i| *i < later));
+        // Milliseconds of the year 2500 still fit above the random bits.
+        let y2500 = 16_725_225_600_000u64;
+        assert_eq!(fresh_incarnation(y2500) >> INCARNATION_RANDOM_BITS, y2500);
     }
 
     #[test]

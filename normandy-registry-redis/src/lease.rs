@@ -24,14 +24,24 @@ use redis::{Script, Value};
 
 use crate::error;
 
-/// KEYS: lease, members set. ARGV: value, TTL ms, node (empty: not a member).
-/// Returns 1 when claimed, else the value of the lease already there.
+/// KEYS: lease, members set. ARGV: value, TTL ms, node (empty: not a member), the node's
+/// name followed by `#` (empty: no name check), lease prefix.
+/// Returns 1 when claimed; `{'name', node, value}` when another incarnation of the name holds a
+/// live lease; else `{'held', value}` of the lease already there. Writes nothing unless claimed.
 const JOIN: &str = r"
+if ARGV[4] ~= '' then
+  for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+    if m ~= ARGV[3] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then
+      local v = redis.call('GET', ARGV[5] .. m)
+      if v then return {'name', m, v} end
+    end
+  end
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2], 'NX') then
   if ARGV[3] ~= '' then redis.call('SADD', KEYS[2], ARGV[3]) end
   return 1
 end
-return redis.call('GET', KEYS[1])
+return {'held', redis.call('GET', KEYS[1]) or ''}
 ";
 
 /// KEYS: lease, members set. ARGV: TTL ms, expected value (empty: any), node (empty: not a
@@ -89,6 +99,9 @@ pub(crate) enum Joined {
     Claimed,
     /// A lease was there already, with this value; nothing was written.
     Held(String),
+    /// Another incarnation of the node's name (node, lease value) holds a live lease; nothing
+    /// was written.
+    NameInUse(String, String),
 }
 
 impl Leases {
@@ -107,7 +120,8 @@ impl Leases {
     }
 
     /// Claims `node`'s lease with `value` for `ttl`, if absent; a member (`member`) is also
-    /// added to the member set.
+    /// added to the member set, and is refused while another incarnation of its name holds a
+    /// live lease in it.
     pub(crate) async fn join(
         &self,
         node: &NodeId,
@@ -116,26 +130,37 @@ impl Leases {
         member: bool,
     ) -> Result<Joined> {
         let mut con = self.con.clone();
+        let (node_arg, name_arg) = if member {
+            (node.to_string(), format!("{}#", node.name()))
+        } else {
+            (String::new(), String::new())
+        };
         let reply: Value = JOIN_SCRIPT
             .key(self.key(node))
             .key(&self.members_key)
             .arg(value)
             .arg(ttl_ms(ttl))
-            .arg(if member {
-                node.to_string()
-            } else {
-                String::new()
-            })
+            .arg(node_arg)
+            .arg(name_arg)
+            .arg(&self.lease_prefix)
             .invoke_async(&mut con)
             .await
             .map_err(error::map)?;
-        match reply {
+        let text = |v: &Value| match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        };
+        match &reply {
             Value::Int(1) => Ok(Joined::Claimed),
-            Value::BulkString(b) => Ok(Joined::Held(String::from_utf8_lossy(&b).into_owned())),
-            // The lease lapsed between the SET and the GET: nobody holds it, but nothing of
-            // ours was written either; the caller tries again.
-            Value::Nil => Ok(Joined::Held(String::new())),
-            other => Err(error::unexpected("lease join", &other)),
+            Value::Array(items) => match items.iter().map(text).collect::<Vec<_>>().as_slice() {
+                [Some(tag), Some(value)] if tag == "held" => Ok(Joined::Held(value.clone())),
+                [Some(tag), Some(other), Some(value)] if tag == "name" => {
+                    Ok(Joined::NameInUse(other.clone(), value.clone()))
+                }
+                _ => Err(error::unexpected("lease join", &reply)),
+            },
+            _ => Err(error::unexpected("lease join", &reply)),
         }
     }
 

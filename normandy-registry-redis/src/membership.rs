@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use normandy_core::{Error, LeaseStatus, Member, Membership, NodeId, Result, async_trait};
+use normandy_core::{
+    Error, JoinOutcome, LeaseStatus, Member, Membership, NodeId, Result, async_trait,
+};
 use redis::aio::ConnectionManagerConfig;
 
 use crate::error;
@@ -54,10 +56,14 @@ impl RedisMembership {
 
 #[async_trait]
 impl Membership for RedisMembership {
-    async fn join(&self, me: &Member, ttl: Duration) -> Result<()> {
+    async fn join(&self, me: &Member, ttl: Duration) -> Result<JoinOutcome> {
         match self.leases.join(&me.node, &me.address, ttl, true).await? {
-            Joined::Claimed => Ok(()),
+            Joined::Claimed => Ok(JoinOutcome::Joined),
             Joined::Held(holder) => Err(taken(&me.node, &holder)),
+            Joined::NameInUse(node, address) => Ok(JoinOutcome::NameInUse(Member {
+                node: node.parse()?,
+                address,
+            })),
         }
     }
 

@@ -250,14 +250,15 @@ impl ClusterBuilder {
             credentials,
             idle_timeout: self.idle_timeout,
         };
-        let sent = Instant::now();
-        let clock = lease::Clock::new(&node, sent + self.config.lease_ttl);
+        // Renewed from the claim's send time once the lease is ours.
+        let clock = lease::Clock::new(&node, Instant::now());
         let sessions = recipe.build(node.clone(), &clock, &store, &registry)?;
         let me = Member {
             node: node.clone(),
             address: address.clone(),
         };
-        membership.join(&me, self.config.lease_ttl).await?;
+        let sent = lease::join_unique(&*membership, &me, self.config.lease_ttl).await?;
+        clock.renew(sent + self.config.lease_ttl);
         let (stop, _) = watch::channel(false);
         let node = Arc::new(Node {
             bound: local,

@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use normandy_core::{CommitGate, Error, LeaseStatus, Member, NodeId, Result, Sessions};
+use normandy_core::{
+    CommitGate, Error, JoinOutcome, LeaseStatus, Member, Membership, NodeId, Result, Sessions,
+};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -60,7 +62,7 @@ impl Clock {
         })
     }
 
-    fn renew(&self, until: Instant) {
+    pub(super) fn renew(&self, until: Instant) {
         *lock(&self.valid_until) = until;
     }
 
@@ -113,6 +115,38 @@ impl Lease {
         lock(&self.stopping)
             .as_ref()
             .is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// Joins as `me` and returns the send time of the successful claim. While another incarnation
+/// of the same name holds a live lease it waits, up to one TTL and a refresh period — long
+/// enough for the lease of this node's previous life (a crash, a quick restart) to lapse — and
+/// then refuses, naming both: two processes must never run under one node name.
+pub(super) async fn join_unique(
+    membership: &dyn Membership,
+    me: &Member,
+    ttl: Duration,
+) -> Result<Instant> {
+    let deadline = Instant::now() + ttl + ttl / 3;
+    loop {
+        let sent = Instant::now();
+        match membership.join(me, ttl).await? {
+            JoinOutcome::Joined => return Ok(sent),
+            JoinOutcome::NameInUse(other) if Instant::now() < deadline => {
+                info!(node = %me.node, holder = %other.node, "node name in use; waiting for its lease to lapse");
+                tokio::time::sleep(ttl / 10).await;
+            }
+            JoinOutcome::NameInUse(other) => {
+                return Err(Error::Config(format!(
+                    "node {} cannot join: {} (at {}) holds a live lease under the same name {:?}; \
+                     give each process its own name (ClusterBuilder::node_name, normandy-node --name)",
+                    me.node,
+                    other.node,
+                    other.address,
+                    me.node.name()
+                )));
+            }
+        }
     }
 }
 
@@ -272,9 +306,17 @@ impl Node {
             address: old.address.clone(),
         };
         let sent = Instant::now();
-        if let Err(e) = self.membership.join(&me, self.config.lease_ttl).await {
-            warn!(node = %node, error = %e, "could not claim a new lease; retrying");
-            return false;
+        match self.membership.join(&me, self.config.lease_ttl).await {
+            Ok(JoinOutcome::Joined) => {}
+            Ok(JoinOutcome::NameInUse(other)) => {
+                error!(node = %node, holder = %other.node, address = %other.address,
+                    "another process runs under this node's name; not rejoining yet");
+                return false;
+            }
+            Err(e) => {
+                warn!(node = %node, error = %e, "could not claim a new lease; retrying");
+                return false;
+            }
         }
         self.lease.clock.renew(sent + self.config.lease_ttl);
         self.lease
