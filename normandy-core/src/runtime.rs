@@ -23,7 +23,10 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::catalog::TemplateCatalog;
 use crate::credentials::{CredentialProvider, Credentials, EnvCredentials, FromClient};
-use crate::engine::{ActorHandle, Command, InputRequest, TurnEvent, TurnOutcome, read_entries};
+use crate::engine::{
+    ActorHandle, Command, InputRequest, TurnEvent, TurnOutcome, input_size, read_entries,
+    stored_outcome,
+};
 use crate::error::{Error, Result};
 use crate::model::{ContentBlock, Entry, InputId, NodeId, Seq, SessionId};
 use crate::registry::{LocalRegistry, SessionRegistry};
@@ -339,13 +342,47 @@ impl Sessions {
     /// - A full mailbox waits up to the send timeout, then fails with a retryable `Overloaded`.
     /// - A turn that ends other than completed is an error of its kind (`Cancelled`, `Timeout`,
     ///   `MaxSteps`, `Model`).
+    /// - A retryable error is an [`Error::Resend`] carrying the input's id (generated when the
+    ///   input had none): resend with that id ([`Input::with_id`]), never a fresh one, and the
+    ///   input is applied at most once — its first attempt may have been committed.
+    /// - A resubmission to a session closed since gets the original outcome, not `SessionClosed`.
     pub async fn send(&self, id: &SessionId, input: impl Into<Input>) -> Result<TurnOutcome> {
         let input = input.into();
         let input_id = input.id.unwrap_or_else(InputId::generate);
-        let mut content = Some(input.content);
+        match self.send_input(id, &input_id, input.content).await {
+            Err(Error::SessionClosed { session }) => {
+                match self.closed_outcome(&session, &input_id).await? {
+                    Some(outcome) => outcome.into_result(),
+                    None => Err(Error::SessionClosed { session }),
+                }
+            }
+            other => other.map_err(|e| e.for_input(&input_id)),
+        }
+    }
+
+    /// The outcome a closed session recorded for `input_id`, if that input ran there.
+    async fn closed_outcome(
+        &self,
+        id: &SessionId,
+        input_id: &InputId,
+    ) -> Result<Option<TurnOutcome>> {
+        let entries = self.history_all(id).await?;
+        Ok(stored_outcome(id, &entries, input_id))
+    }
+
+    /// `send`, with its input's id settled.
+    async fn send_input(
+        &self,
+        id: &SessionId,
+        input_id: &InputId,
+        content: Vec<ContentBlock>,
+    ) -> Result<TurnOutcome> {
+        let input_id = input_id.clone();
+        let size = input_size(&content);
+        let mut content = Some(content);
         let mut reason = None;
         for _ in 0..SEND_ATTEMPTS {
-            let handle = self.live_handle(id).await?;
+            let handle = self.live_handle(id, Some(size)).await?;
             let (reply, rx) = oneshot::channel();
             let body = match content.take() {
                 Some(c) => c,
@@ -425,7 +462,7 @@ impl Sessions {
     ) -> Result<T> {
         let mut reason = None;
         for _ in 0..SEND_ATTEMPTS {
-            let handle = self.live_handle(id).await?;
+            let handle = self.live_handle(id, None).await?;
             let (reply, rx) = oneshot::channel();
             if !self.deliver(id, &handle, make(reply)).await? {
                 self.gone(id, &handle, &mut reason)?;
@@ -524,7 +561,7 @@ impl Sessions {
 
     /// Makes the session live on this node, continuing an interrupted turn.
     pub async fn resume(&self, id: &SessionId) -> Result<()> {
-        self.live_handle(id).await.map(|_| ())
+        self.live_handle(id, None).await.map(|_| ())
     }
 
     /// Resumes every resumable (eager, mid-turn) session last owned by `owner`, or every one.

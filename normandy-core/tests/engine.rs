@@ -1038,3 +1038,102 @@ async fn client_given_credentials_stay_in_process() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
 }
+
+/// Issue 14, hole 2: a caller that gave no input id still learns it from a retryable error,
+/// and resending with it applies the input once.
+#[tokio::test]
+async fn a_retryable_send_error_carries_the_generated_input_id_to_resend_with() {
+    let f = fixture(template(), true);
+    let down = Arc::new(AtomicBool::new(true));
+    let gate = down.clone();
+    let store = Arc::new(FaultStore::default().on_commit(move |call| {
+        // Only the input's own commit fails: creating and activating the session work.
+        let input = call
+            .batch
+            .entries
+            .iter()
+            .any(|e| matches!(e.payload, EntryPayload::Input { .. }));
+        let fail = input && gate.load(Ordering::SeqCst);
+        async move {
+            if fail {
+                Fault::Fail(Error::Unavailable {
+                    backend: "test store",
+                    message: "connection reset".into(),
+                })
+            } else {
+                Fault::Pass
+            }
+        }
+    }));
+    let sessions = runtime(&f.catalog, store, "a");
+    let id = start(&sessions, "s").await;
+    let err = sessions.send(&id, "q").await.unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    let input_id = err
+        .input_id()
+        .cloned()
+        .unwrap_or_else(|| panic!("no input id to resend with: {err}"));
+    assert!(err.to_string().contains(input_id.as_str()), "{err}");
+    down.store(false, Ordering::SeqCst);
+    let out = sessions
+        .send(&id, Input::text("q").with_id(input_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(out.input_id, input_id);
+    let again = sessions
+        .send(&id, Input::text("q").with_id(input_id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(out, again);
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(inputs_in(&history), vec![input_id.as_str().to_string()]);
+}
+
+/// Issue 14, hole 2: resubmitting an input to a session closed since returns its outcome.
+#[tokio::test]
+async fn a_resubmission_to_a_closed_session_gets_its_original_outcome() {
+    let f = fixture(template(), true);
+    let sessions = runtime(&f.catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "s").await;
+    let first = sessions
+        .send(&id, Input::text("q").with_id(iid("x")))
+        .await
+        .unwrap();
+    sessions.stop(&id).await.unwrap();
+    let again = sessions
+        .send(&id, Input::text("q").with_id(iid("x")))
+        .await
+        .expect("the original outcome, not SessionClosed");
+    assert_eq!(first, again);
+    let err = sessions
+        .send(&id, Input::text("new").with_id(iid("y")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::SessionClosed, "{err}");
+    assert_eq!(f.c.runs().len(), 1);
+}
+
+/// Issue 14, hole 2: an input over the size limit is refused before the session is activated,
+/// so it never bumps the epoch (which would fence a live owner elsewhere).
+#[tokio::test]
+async fn an_oversized_input_never_activates_the_session() {
+    let f = fixture(template(), true);
+    let store = Arc::new(InMemoryStore::new());
+    let sessions = runtime(&f.catalog, store.clone(), "a");
+    let id = start(&sessions, "s").await;
+    let epoch = store.load(&id).await.unwrap().unwrap().epoch;
+    let big = "x".repeat(template().limits.max_input_bytes + 1);
+    let err = sessions.send(&id, big.as_str()).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InputTooLarge, "{err}");
+    assert!(
+        !sessions.is_live(&id),
+        "the refused input activated the session"
+    );
+    assert_eq!(
+        store.load(&id).await.unwrap().unwrap().epoch,
+        epoch,
+        "the refused input bumped the epoch"
+    );
+    assert!(sessions.history_all(&id).await.unwrap().is_empty());
+}

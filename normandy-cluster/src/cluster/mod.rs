@@ -242,10 +242,15 @@ impl Cluster {
     ///   owner otherwise; with no owner, the session is placed here.
     /// - A stale route (the owner moved, died, or was fenced) is retried after a fresh lookup,
     ///   with the same input id, so the input is appended once whatever the retries.
+    /// - A retryable error that remains is an `Error::Resend` carrying the input's id (generated
+    ///   when the input had none): resend with it, and the input is applied at most once.
     pub async fn send(&self, id: &SessionId, input: impl Into<Input>) -> Result<TurnOutcome> {
         let input = input.into();
         let input_id = input.id.unwrap_or_else(InputId::generate);
-        self.node.route_send(id, input_id, input.content).await
+        self.node
+            .route_send(id, input_id.clone(), input.content)
+            .await
+            .map_err(|e| e.for_input(&input_id))
     }
 
     /// Committed entries after `after`, at most `limit` (read from the shared store).

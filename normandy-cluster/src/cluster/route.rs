@@ -89,7 +89,7 @@ impl Peers {
 /// Whether a failed request should be retried after a fresh lookup.
 pub(super) fn reroutable(e: &Error) -> bool {
     matches!(
-        e,
+        e.inner(),
         Error::Fenced { .. }
             | Error::AlreadyRegistered { .. }
             | Error::NotOwner { .. }
@@ -235,7 +235,7 @@ impl Node {
                 Err(e) if reroutable(&e) && Instant::now() < deadline => {
                     debug!(session = %id, error = %e, "stale route; looking up again");
                     self.peers.forget(id);
-                    if let Error::AlreadyRegistered { owner, .. } = &e {
+                    if let Error::AlreadyRegistered { owner, .. } = e.inner() {
                         // The winner of a placement race is the route: go there at once.
                         hint = Some(owner.clone());
                         continue;

@@ -33,7 +33,7 @@ impl Actor {
             )));
             return Ok(Flow::Continue);
         }
-        let size: usize = input.content.iter().map(content_size).sum();
+        let size = input_size(&input.content);
         if size > limits.max_input_bytes {
             let _ = reply.send(Err(Error::InputTooLarge {
                 session: self.id.clone(),
@@ -148,21 +148,18 @@ impl Actor {
                 }),
             _ => None,
         };
-        Ok(Some(TurnOutcome {
-            session: self.id.clone(),
-            input_id: input_id.clone(),
-            status: ended.status.clone(),
-            message,
-            usage: ended.usage,
-            end_seq: ended.end_seq,
-        }))
+        Ok(Some(ended.outcome(&self.id, input_id, message)))
     }
 }
 
-fn content_size(block: &ContentBlock) -> usize {
-    // Inputs are text only (checked before the size), so only text counts.
-    match block {
-        ContentBlock::Text { text } => text.len(),
-        _ => 0,
-    }
+/// The size an input counts against `max_input_bytes`: its text (inputs are text only, which
+/// is checked before the size).
+pub(crate) fn input_size(content: &[ContentBlock]) -> usize {
+    content
+        .iter()
+        .map(|block| match block {
+            ContentBlock::Text { text } => text.len(),
+            _ => 0,
+        })
+        .sum()
 }

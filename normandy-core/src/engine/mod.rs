@@ -29,8 +29,9 @@ use crate::error::{Error, Result};
 use crate::model::{Entry, InputId, Message, Seq, SessionId, TurnStatus, Usage};
 
 pub(crate) use actor::{Actor, ActorHandle, ActorParams, Command, Exit, Exited, InputRequest};
+pub(crate) use input::input_size;
 pub use view::Conversation;
-pub(crate) use view::read_entries;
+pub(crate) use view::{read_entries, stored_outcome};
 
 /// Where a session's turn stood at its last committed boundary.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

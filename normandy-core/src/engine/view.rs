@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use super::TurnOutcome;
 use crate::error::Result;
 use crate::model::{
     ContentBlock, Entry, EntryPayload, InputId, Message, Role, Seq, SessionId, TurnStatus, Usage,
@@ -104,6 +105,43 @@ pub(crate) struct Ended {
     pub(crate) answer_seq: Option<Seq>,
     pub(crate) usage: Usage,
     pub(crate) end_seq: Seq,
+}
+
+impl Ended {
+    /// The outcome it stands for, with the answer `message` (when the turn completed).
+    pub(crate) fn outcome(
+        &self,
+        session: &SessionId,
+        input_id: &InputId,
+        message: Option<Message>,
+    ) -> TurnOutcome {
+        TurnOutcome {
+            session: session.clone(),
+            input_id: input_id.clone(),
+            status: self.status.clone(),
+            message,
+            usage: self.usage,
+            end_seq: self.end_seq,
+        }
+    }
+}
+
+/// The outcome `entries` (a session's whole history) recorded for `input_id`, if its turn ended.
+pub(crate) fn stored_outcome(
+    session: &SessionId,
+    entries: &[Entry],
+    input_id: &InputId,
+) -> Option<TurnOutcome> {
+    let view = SessionView::from_entries(entries);
+    let ended = view.ended.get(input_id)?;
+    let message = match (ended.status == TurnStatus::Completed, ended.answer_seq) {
+        (true, Some(seq)) => entries.iter().find_map(|e| match &e.payload {
+            EntryPayload::Assistant { message, .. } if e.seq == seq => Some(message.clone()),
+            _ => None,
+        }),
+        _ => None,
+    };
+    Some(ended.outcome(session, input_id, message))
 }
 
 /// What a live actor knows from the entries committed so far.

@@ -315,8 +315,15 @@ impl Drop for StartGuard<'_> {
 }
 
 impl Sessions {
-    /// The live actor of `id`, activating the session if there is none.
-    pub(super) async fn live_handle(&self, id: &SessionId) -> Result<ActorHandle> {
+    /// The live actor of `id`, activating the session if there is none. With `input_size`
+    /// (an input about to be sent), an activation refuses the input if the stored template's
+    /// limit refuses it, before the store's epoch is bumped: an input that cannot run must not
+    /// take the session from a live owner.
+    pub(super) async fn live_handle(
+        &self,
+        id: &SessionId,
+        input_size: Option<usize>,
+    ) -> Result<ActorHandle> {
         loop {
             let (tx, mut wait) = {
                 let mut map = self.inner.live.lock();
@@ -345,7 +352,9 @@ impl Sessions {
                 id,
                 armed: true,
             };
-            let result = AssertUnwindSafe(self.activate(id)).catch_unwind().await;
+            let result = AssertUnwindSafe(self.activate(id, input_size))
+                .catch_unwind()
+                .await;
             let mut guard = guard;
             guard.armed = false;
             {
@@ -374,8 +383,9 @@ impl Sessions {
         }
     }
 
-    /// Registers, activates and rebuilds the session, then spawns its actor.
-    async fn activate(&self, id: &SessionId) -> Result<ActorHandle> {
+    /// Registers, activates and rebuilds the session, then spawns its actor (see
+    /// [`live_handle`](Self::live_handle) for `input_size`).
+    async fn activate(&self, id: &SessionId, input_size: Option<usize>) -> Result<ActorHandle> {
         let inner = &self.inner;
         if !inner.accepting.load(Ordering::SeqCst) {
             return Err(Error::Unavailable {
@@ -406,6 +416,14 @@ impl Sessions {
                      (its history is still readable); is the template migration applied?"
                 ))
             })?;
+            let limit = template.limits.max_input_bytes;
+            if let Some(size) = input_size.filter(|s| *s > limit) {
+                return Err(Error::InputTooLarge {
+                    session: id.clone(),
+                    size,
+                    limit,
+                });
+            }
             // The catalog first: a node without the template should say so, not that a
             // credential is missing.
             inner.catalog.template(&template.template_id)?;
