@@ -860,6 +860,51 @@ async fn a_refused_input_fails_only_its_sender() {
     assert!(a.is_ok(), "A's caller got another input's error: {a:?}");
 }
 
+/// A commit that lands but whose reply is lost (a reset connection) is retryable, so the actor
+/// retries it; the retry then finds its own input stored (`DuplicateInput`), which the actor
+/// took for a stale view and turned into an `Internal` exit fanned out to every waiter: the
+/// running turn's caller failed, and the ambiguous input's caller was told nothing.
+#[tokio::test]
+async fn an_ambiguous_commit_that_landed_fails_no_one() {
+    let slow = LogTool::new("slow", true).delay(Duration::from_millis(200));
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(one_tool_client("slow")).tool(slow.clone()),
+    );
+    let inner = Arc::new(InMemoryStore::new());
+    let lost_reply = Arc::new(AtomicBool::new(false));
+    let lost = lost_reply.clone();
+    let store = FaultStore::new(inner.clone()).on_commit(move |call| {
+        let is_b = call.batch.input_ids().any(|i| i.as_str() == "b");
+        std::future::ready(if is_b && !lost.swap(true, Ordering::SeqCst) {
+            Fault::ApplyThenFail(Error::Unavailable {
+                backend: "fault store",
+                message: "connection reset after the write".into(),
+            })
+        } else {
+            Fault::Pass
+        })
+    });
+    let sessions = runtime(&catalog, Arc::new(store), "a");
+    let id = start(&sessions, "t", "s").await;
+    let s = sessions.clone();
+    let id2 = id.clone();
+    let running =
+        tokio::spawn(async move { s.send(&id2, Input::text("slow A").with_id(iid("a"))).await });
+    wait_until(|| slow.count("start:") == 1, "A runs its tool").await;
+    let b = sessions.send(&id, Input::text("B").with_id(iid("b"))).await;
+    assert!(lost_reply.load(Ordering::SeqCst), "B's reply was lost");
+    let a = running.await.unwrap();
+    assert!(a.is_ok(), "A's caller got another commit's error: {a:?}");
+    assert_eq!(b.expect("B's caller gets its outcome").text(), "quick B");
+    let history = inner.entries(&id, 0, 1000).await.unwrap();
+    assert_eq!(
+        inputs_in(&history),
+        vec!["a", "b"],
+        "each input stored once"
+    );
+}
+
 /// `Input` takes any content blocks, and `accept` only checks the size: an input made of a
 /// tool_use, a forged tool_result, or nothing at all is committed for good, and every later
 /// model request of the session carries it (providers reject such conversations, so the session

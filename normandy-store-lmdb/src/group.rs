@@ -6,7 +6,8 @@
 //! (existence, terminal, epoch, duplicate input, seq) runs inside the transaction before that
 //! write touches anything, and a write whose check fails writes nothing and does not disturb the
 //! others. Outcomes are sent only after the transaction commits; if the transaction itself fails,
-//! every write of it fails. Because the checks run inside the write transaction, which LMDB
+//! nothing of it is written, and its writes are run again one per transaction, so each gets its
+//! own outcome. Because the checks run inside the write transaction, which LMDB
 //! serializes across processes, fencing holds for every process sharing the environment.
 
 use std::ops::Bound;
@@ -290,17 +291,21 @@ fn process(core: &EnvCore, batch: Vec<Op>) {
                 batch.into_iter().for_each(|op| op.fail(e.clone()));
                 return;
             }
+            // One write's put (a damaged page under its keys) aborts the shared transaction:
+            // nothing of it is visible, so its writes are retried one by one and the others
+            // do not fail with it. (After a failed commit LMDB restores the old meta page, so
+            // a retry can never write a second time what the failed transaction wrote.)
             Err(TxnFail::Other(e)) => {
                 let e = from_heed(e, &core.path, None);
-                batch.into_iter().for_each(|op| op.fail(e.clone()));
-                return;
+                return split_or_fail(core, batch, e);
             }
         }
     }
 }
 
-/// A batch too large for the map or for one transaction: run its writes one by one, so only
-/// the write that cannot fit fails.
+/// A batch whose transaction failed as a whole (too large for the map or for one transaction,
+/// or aborted by one write's error): run its writes one by one, each in its own transaction, so
+/// only the write at fault fails.
 fn split_or_fail(core: &EnvCore, batch: Vec<Op>, err: Error) {
     if batch.len() > 1 {
         for op in batch {
@@ -537,6 +542,8 @@ fn commit(
         Ok(Err(dup)) => return Ok(Ok(Done::Ack(dup))),
         Err(e) => return Ok(Err(e)),
     };
+    #[cfg(test)]
+    tests::fail_if_broken(id)?;
     let mut new = old.clone();
     new.seq = expected_seq + entries.len() as u64;
     new.updated_at_ms = now;
@@ -661,4 +668,146 @@ fn reindex(
         dbs.any.put(txn, keys::session(id), &v)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! One commit's write failing the whole shared transaction. No data a caller can send makes
+    //! a put fail (keys stay under LMDB's 511-byte limit, values have no useful limit, and a
+    //! full map is grown or split already), but a damaged page under one session's keys does:
+    //! LMDB then answers `MDB_CORRUPTED` to the put, and the transaction can only be aborted.
+    //! The knob below stands in for that page, for the sessions a test names.
+
+    use std::cell::RefCell;
+
+    use normandy_core::codec::{self, BlobKind};
+    use normandy_core::{
+        CommitBatch, Entry, EntryPayload, ErrorKind, Message, QueuedInput, ResumePolicy,
+    };
+
+    use super::*;
+    use crate::LmdbConfig;
+    use crate::conn::page_size;
+
+    thread_local! {
+        /// Sessions whose commit writes fail as on a corrupt page (on the thread that runs
+        /// `process`: the test's own, so parallel tests cannot see each other's).
+        static BROKEN: RefCell<Vec<SessionId>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The knob: a commit write to a broken session fails the transaction.
+    pub(super) fn fail_if_broken(id: &SessionId) -> heed::Result<()> {
+        if BROKEN.with(|b| b.borrow().contains(id)) {
+            return Err(heed::Error::Mdb(MdbError::Corrupted));
+        }
+        Ok(())
+    }
+
+    fn sid(s: &str) -> SessionId {
+        SessionId::new(s).unwrap()
+    }
+
+    /// Runs `op` as a batch of its own and returns its outcome.
+    fn run_one<T>(core: &EnvCore, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        let (tx, mut rx) = oneshot::channel();
+        process(core, vec![op(tx)]);
+        rx.try_recv().expect("answered")
+    }
+
+    fn input_commit(id: &SessionId, epoch: Epoch, reply: Reply<CommitAck>) -> Op {
+        let input = InputId::new(format!("in-{id}")).unwrap();
+        let entry = Entry {
+            seq: 1,
+            parent: None,
+            at_ms: 1,
+            payload: EntryPayload::Input {
+                input_id: input.clone(),
+                content: Message::user("hello").content,
+            },
+        };
+        let mut state = TurnState::default();
+        state.queued.push_back(QueuedInput {
+            input_id: input.clone(),
+            seq: 1,
+        });
+        let batch = CommitBatch {
+            entries: vec![entry.clone()],
+            state,
+        };
+        Op::Commit {
+            id: id.clone(),
+            epoch,
+            expected_seq: 0,
+            entries: vec![EncodedEntry {
+                seq: 1,
+                input: Some(input),
+                blob: codec::encode(BlobKind::Entry, &entry).unwrap(),
+            }],
+            state_blob: codec::encode(BlobKind::TurnState, &batch.state).unwrap(),
+            state: batch.state,
+            reply,
+        }
+    }
+
+    /// A transaction aborted by one commit's write is retried commit by commit: the others
+    /// apply, and only that one fails.
+    #[test]
+    fn a_commit_that_aborts_the_transaction_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = LmdbConfig::new(dir.path()).validated(page_size()).unwrap();
+        let core = EnvCore::open(&config).unwrap();
+        let ids: Vec<SessionId> = (0..5).map(|i| sid(&format!("s{i}"))).collect();
+        let mut epochs = Vec::new();
+        for id in &ids {
+            let state_blob = codec::encode(BlobKind::TurnState, &TurnState::default()).unwrap();
+            run_one(&core, |reply| Op::Create {
+                new: NewSession::bare(id.clone(), ResumePolicy::Lazy),
+                template_blob: None,
+                state_blob,
+                reply,
+            })
+            .unwrap();
+            let node = NodeId::new("a", 1).unwrap();
+            let record = run_one(&core, |reply| Op::Activate {
+                id: id.clone(),
+                node,
+                reply,
+            })
+            .unwrap();
+            epochs.push(record.epoch);
+        }
+        let bad = ids[2].clone();
+        BROKEN.with(|b| b.borrow_mut().push(bad.clone()));
+        let txns = core.txns.load(Ordering::Relaxed);
+        // One batch: the five commits share one write transaction.
+        let (ops, mut replies): (Vec<Op>, Vec<_>) = ids
+            .iter()
+            .zip(&epochs)
+            .map(|(id, &epoch)| {
+                let (tx, rx) = oneshot::channel();
+                (input_commit(id, epoch, tx), rx)
+            })
+            .unzip();
+        process(&core, ops);
+        for (id, rx) in ids.iter().zip(&mut replies) {
+            let out = rx.try_recv().expect("answered");
+            if *id == bad {
+                let err = out.unwrap_err();
+                assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+            } else {
+                assert_eq!(
+                    out.expect("a neighbour of the failing commit"),
+                    CommitAck::Applied { seq: 1 },
+                    "{id}"
+                );
+            }
+        }
+        // Four transactions of one commit each; the failing one committed nothing.
+        assert_eq!(core.txns.load(Ordering::Relaxed) - txns, 4);
+        let rtxn = core.env.read_txn().unwrap();
+        for id in &ids {
+            let stored = core.dbs.entries.get(&rtxn, &keys::entry(id, 1)).unwrap();
+            assert_eq!(stored.is_some(), *id != bad, "entry of {id}");
+        }
+    }
 }

@@ -247,14 +247,19 @@ async fn write_round(shared: &Shared, mut round: Vec<Job>) {
                 let _ = job.reply.send(result);
             }
         }
-        Err(GroupError::Unique) => {
-            // Some commit raced a duplicate input in: write them one by one so only it fails.
+        Err(GroupError::Rejected) => {
+            // One commit's data can fail the whole statement (a duplicate input that raced in,
+            // a value a constraint refuses): write them one by one, each in its own statement,
+            // so only that commit fails and its neighbours get their own results.
             for job in round {
                 let result = commit_one(shared, &job).await;
                 let _ = job.reply.send(result);
             }
         }
         Err(GroupError::Other(e)) => {
+            // The statement's fate is unknown (the connection went) or it never ran: no commit
+            // can be told apart, and a resend could not tell "landed" from "conflict". Each gets
+            // the (retryable) error, which its writer confirms before retrying.
             for job in round {
                 let _ = job.reply.send(Err(e.clone()));
             }
@@ -322,8 +327,11 @@ async fn commit_one(shared: &Shared, job: &Job) -> Result<CommitAck> {
 }
 
 enum GroupError {
-    /// A unique violation: a duplicate input raced into the batch.
-    Unique,
+    /// The server refused the statement (a unique violation, a constraint, a value it cannot
+    /// take, a deadlock past its retries): being one statement, nothing of it was written.
+    Rejected,
+    /// Anything else: the connection failed (the statement may have committed), or no
+    /// statement was sent.
     Other(Error),
 }
 
@@ -391,8 +399,9 @@ async fn commit_group(
                 tracing::trace!(commits = n, applied = ids.len(), "group commit");
                 return Ok(ids.into_iter().collect());
             }
-            Err(e) if is_unique_violation(&e) => return Err(GroupError::Unique),
+            Err(e) if is_unique_violation(&e) => return Err(GroupError::Rejected),
             Err(e) => {
+                let refused = matches!(e, sqlx::Error::Database(_));
                 let e = map_sqlx(e);
                 if attempt < ATTEMPTS
                     && matches!(
@@ -404,6 +413,10 @@ async fn commit_group(
                     )
                 {
                     continue;
+                }
+                if refused {
+                    tracing::debug!(error = %e, commits = n, "group statement refused; writing its commits one by one");
+                    return Err(GroupError::Rejected);
                 }
                 return Err(GroupError::Other(e));
             }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::{Migrate, PgHarness, input_batch, sid, url};
 use normandy_core::{
-    CommitAck, ConfigTemplate, ErrorKind, InputId, NewSession, NodeId, OwnerFilter, ResumePolicy,
-    SessionStore,
+    CommitAck, ConfigTemplate, EntryPayload, Epoch, ErrorKind, InputId, Message, NewSession,
+    NodeId, OwnerFilter, ResumePolicy, SessionId, SessionStore,
 };
 use normandy_store_postgres::{MIGRATIONS_TABLE, PgStore, SchemaLevel, migrator};
 use normandy_tests::StoreHarness;
@@ -418,6 +418,121 @@ async fn corrupt_bytes_are_corrupt_errors_and_activation_changes_nothing() {
     assert!(err.to_string().contains("corrupt"), "{err}");
 }
 
+/// Stalls the store's write slot: a commit of input "a" to `id` waits on the session's row
+/// lock, held by the returned transaction, so commits queued meanwhile form the next batch.
+/// Returns the lock (roll it back to release the writer) and the stalled commit.
+async fn stall_writer(
+    h: &PgHarness,
+    store: &Arc<PgStore>,
+    id: SessionId,
+    epoch: Epoch,
+) -> (
+    sqlx::Transaction<'static, sqlx::Postgres>,
+    tokio::task::JoinHandle<normandy_core::Result<CommitAck>>,
+) {
+    let mut locker = h.admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM normandy_sessions WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .execute(&mut *locker)
+        .await
+        .unwrap();
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.commit(&id, epoch, 0, &input_batch(0, "a")).await })
+    };
+    blocked_backend(h).await;
+    (locker, first)
+}
+
+/// Waits until `n` commits wait in the store's queue (all of them reached it).
+async fn wait_queued(store: &PgStore, n: usize) {
+    for _ in 0..1000 {
+        if store.queued_commits() == n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(store.queued_commits(), n);
+}
+
+/// A group statement the server refuses because of one commit's data (here an entry too big
+/// for a size cap an operator put on the table) writes nothing; its commits are then written
+/// one by one, so only that commit fails and its neighbours in the batch apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_commit_does_not_fail_its_group() {
+    let Some(url) = url().await else { return };
+    let h = PgHarness::bare(&url, Migrate::All).await;
+    sqlx::query(
+        "ALTER TABLE normandy_entries ADD CONSTRAINT entry_size_cap \
+         CHECK (octet_length(payload) < 1024)",
+    )
+    .execute(&h.admin)
+    .await
+    .unwrap();
+    // One write slot, so everything queued behind the stalled commit forms the next batch.
+    let store = Arc::new(PgStore::connect(h.config().writers(1)).await.unwrap());
+    let n = 6usize;
+    let bad = 3usize;
+    let g = |i: usize| sid(&format!("p{i:02}"));
+    let mut epochs = Vec::new();
+    for i in 0..n {
+        store
+            .create(NewSession::bare(g(i), ResumePolicy::Lazy))
+            .await
+            .unwrap();
+        epochs.push(store.activate(&g(i), &node("a")).await.unwrap().epoch);
+    }
+    let (locker, first) = stall_writer(&h, &store, g(0), epochs[0]).await;
+    let mut tasks = Vec::new();
+    for (i, &e) in epochs.iter().enumerate().skip(1) {
+        let store = store.clone();
+        let mut batch = input_batch(0, &format!("in-{i}"));
+        if i == bad {
+            batch.entries[0].payload = EntryPayload::Input {
+                input_id: InputId::new("too-big").unwrap(),
+                content: Message::user("x".repeat(1500)).content,
+            };
+        }
+        tasks.push(tokio::spawn(async move {
+            store.commit(&g(i), e, 0, &batch).await
+        }));
+    }
+    wait_queued(&store, n - 1).await;
+    let before = store.write_stats();
+    locker.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), CommitAck::Applied { seq: 1 });
+    for (k, t) in tasks.into_iter().enumerate() {
+        let i = k + 1;
+        let r = t.await.unwrap();
+        if i == bad {
+            let err = r.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Backend, "{err}");
+            assert!(err.to_string().contains("entry_size_cap"), "{err}");
+        } else {
+            assert_eq!(
+                r.expect("a neighbour of the refused commit"),
+                CommitAck::Applied { seq: 1 },
+                "session p{i:02}"
+            );
+        }
+    }
+    // The five queued commits went out as one statement, refused, then as one statement each.
+    let after = store.write_stats();
+    assert_eq!(
+        (
+            after.statements - before.statements,
+            after.commits - before.commits
+        ),
+        (1 + 5, 5 + 5),
+        "{before:?} -> {after:?}"
+    );
+    for i in 0..n {
+        let want = usize::from(i != bad);
+        let stored = store.entries(&g(i), 0, 10).await.unwrap().len();
+        assert_eq!(stored, want, "entries of p{i:02}");
+    }
+}
+
 /// One batch mixing every outcome: each commit gets its own result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_commit_gives_each_commit_its_own_result() {
@@ -450,16 +565,7 @@ async fn group_commit_gives_each_commit_its_own_result() {
     let newer = store.activate(&g(5), &node("b")).await.unwrap().epoch;
     store.mark_terminal(&g(6), epochs[6]).await.unwrap();
 
-    let mut locker = h.admin.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM normandy_sessions WHERE id = 'g00' FOR UPDATE")
-        .execute(&mut *locker)
-        .await
-        .unwrap();
-    let first = {
-        let (store, e) = (store.clone(), epochs[0]);
-        tokio::spawn(async move { store.commit(&g(0), e, 0, &input_batch(0, "a")).await })
-    };
-    blocked_backend(&h).await;
+    let (locker, first) = stall_writer(&h, &store, g(0), epochs[0]).await;
     let mut tasks = Vec::new();
     for (i, &e) in epochs.iter().enumerate().skip(1) {
         let store = store.clone();
@@ -479,13 +585,7 @@ async fn group_commit_gives_each_commit_its_own_result() {
         }));
     }
     // Let every commit reach the queue, then release the stalled one.
-    for _ in 0..1000 {
-        if store.queued_commits() == n - 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_eq!(store.queued_commits(), n - 1);
+    wait_queued(&store, n - 1).await;
     let before = store.write_stats();
     locker.rollback().await.unwrap();
     assert_eq!(first.await.unwrap().unwrap(), CommitAck::Applied { seq: 1 });

@@ -242,6 +242,14 @@ impl Actor {
                 let _ = w.send(Err(e.clone()));
             }
         }
+        Self::exit_alone(e)
+    }
+
+    /// Maps an error that ends the actor to how it ends, answering no waiter: for an error that
+    /// belongs to one request, which that request's caller has been given. The other waiters'
+    /// replies are dropped with the actor, after the runtime closed its mailbox, so their
+    /// `send` retries on a fresh actor, which knows their inputs' fates.
+    pub(super) fn exit_alone(e: Error) -> Exit {
         if matches!(e, Error::Fenced { .. }) {
             debug!(error = %e, "fenced: another writer owns the session");
             Exit::Fenced(e)

@@ -98,20 +98,27 @@ impl Actor {
             }
             Ok(CommitAck::DuplicateInput { .. }) => {
                 // The store knows this input but our memory does not: our view is stale.
-                // Drop the reply (the caller retries) and let a fresh actor reload.
-                return Err(Error::Internal(format!(
+                // Drop the reply (the caller retries) and let a fresh actor reload; the other
+                // waiters' turns are not at fault, so they retry there too rather than fail.
+                return Ok(Flow::Exit(Actor::exit_alone(Error::Internal(format!(
                     "session {}: store holds input {input_id} this actor did not load",
                     self.id
-                )));
+                )))));
             }
             Err(e) => {
                 let _ = reply.send(Err(e.clone()));
                 // Only a lost session (fenced, diverged, store unreachable) ends the actor;
-                // an input the store refuses concerns its sender alone.
+                // an input the store refuses concerns its sender alone. Either way the error
+                // is this input's: the other waiters retry on a fresh actor (a fenced exit
+                // still tells them of the fence, through the handle's exit reason).
                 let fatal = matches!(e, Error::Fenced { .. } | Error::Conflict { .. })
                     || e.is_retryable()
                     || matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Internal);
-                return if fatal { Err(e) } else { Ok(Flow::Continue) };
+                return Ok(if fatal {
+                    Flow::Exit(Actor::exit_alone(e))
+                } else {
+                    Flow::Continue
+                });
             }
         }
         if busy && mode == InputMode::Interrupt {

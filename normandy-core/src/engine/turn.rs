@@ -437,17 +437,36 @@ impl Actor {
             .collect();
         let batch = CommitBatch { entries, state };
         let mut attempt = 0;
+        // Set once a store call failed retryably: that attempt may have landed, so a later
+        // `Conflict` or `DuplicateInput` may be its own write, not another writer's.
+        let mut ambiguous = false;
         let ack = loop {
             // The gate is asked at every attempt: a retry after a pause must ask again.
             let sent = match self.gate.as_ref().map_or(Ok(()), |gate| gate()) {
                 Ok(()) => {
-                    self.store
+                    let sent = self
+                        .store
                         .commit(&self.id, self.epoch, self.seq, &batch)
-                        .await
+                        .await;
+                    ambiguous |= sent.as_ref().is_err_and(Error::is_retryable);
+                    sent
                 }
                 Err(e) => Err(e),
             };
             match sent {
+                Ok(ack @ CommitAck::Applied { .. }) => break ack,
+                // The earlier attempt may have landed just after our confirmation read it
+                // missing (a server finishing a write its client gave up on).
+                Ok(ack @ CommitAck::DuplicateInput { .. }) if ambiguous => {
+                    match self.confirm(&batch).await? {
+                        Some(applied) => break applied,
+                        None => break ack,
+                    }
+                }
+                Err(e @ Error::Conflict { .. }) if ambiguous => match self.confirm(&batch).await? {
+                    Some(applied) => break applied,
+                    None => return Err(e),
+                },
                 Ok(ack) => break ack,
                 Err(e)
                     if e.is_retryable()
@@ -457,6 +476,19 @@ impl Actor {
                     attempt += 1;
                     warn!(error = %e, attempt, "commit failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    if !ambiguous {
+                        continue;
+                    }
+                    // Confirm before resending: resent as is, a batch that landed would only
+                    // be answered `DuplicateInput` or `Conflict`.
+                    match self.confirm(&batch).await {
+                        Ok(Some(applied)) => break applied,
+                        Ok(None) => {}
+                        // An unreadable store is the same doubt as before; the next attempt
+                        // (or its confirmation) settles it.
+                        Err(e) if e.is_retryable() && !matches!(e, Error::Conflict { .. }) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 Err(e) => return Err(e),
             }
@@ -477,6 +509,52 @@ impl Actor {
             }
         }
         Ok(ack)
+    }
+
+    /// Whether `batch`, committed after `self.seq`, is what the store holds there: `Some`
+    /// (applied, at the stored seq) if so, `None` if nothing was written after `self.seq`, and
+    /// `Conflict` if something else was (or `Fenced` if another writer took the session).
+    ///
+    /// The entries are compared whole (seq, parent, timestamp, payload): the timestamp and the
+    /// payload's ids (input id, tool call ids, the model's answer) make another batch equal to
+    /// this one all but impossible. The turn state needs no comparison: it is written atomically
+    /// with the entries, and only this epoch's writer (this actor) can have written either. An
+    /// entry that does not survive the store's round trip exactly reads as a conflict, which
+    /// ends the actor, and a fresh one reloads — the safe answer.
+    async fn confirm(&self, batch: &CommitBatch) -> Result<Option<CommitAck>> {
+        let record = self
+            .store
+            .load(&self.id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                session: self.id.clone(),
+            })?;
+        if record.epoch != self.epoch {
+            return Err(Error::Fenced {
+                session: self.id.clone(),
+                epoch: self.epoch,
+                current: record.epoch,
+            });
+        }
+        if record.seq == self.seq {
+            return Ok(None);
+        }
+        let new_seq = batch.new_seq(self.seq);
+        if record.seq == new_seq && !batch.entries.is_empty() {
+            let stored = self
+                .store
+                .entries(&self.id, self.seq, batch.entries.len())
+                .await?;
+            if stored == batch.entries {
+                debug!(seq = new_seq, "an ambiguous commit had landed");
+                return Ok(Some(CommitAck::Applied { seq: new_seq }));
+            }
+        }
+        Err(Error::Conflict {
+            session: self.id.clone(),
+            expected: self.seq,
+            actual: record.seq,
+        })
     }
 
     pub(super) fn deadline_for(&self, turn: &ActiveTurn) -> Instant {

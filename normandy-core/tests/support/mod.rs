@@ -34,6 +34,10 @@ pub(crate) enum Fault {
     /// Apply the call to the inner store, then never answer: a process that died before it
     /// heard the ack. If the inner store fails the call, its error is returned instead.
     ApplyThenHang,
+    /// Apply the call to the inner store, then fail it with this error: a reply lost after the
+    /// write landed (a connection reset), so the caller cannot tell whether it applied. If the
+    /// inner store fails the call, its error is returned instead.
+    ApplyThenFail(Error),
 }
 
 /// One `commit` call, as a commit hook sees it.
@@ -118,6 +122,10 @@ impl FaultStore {
             Fault::ApplyThenHang => {
                 call.await?;
                 self.hang().await
+            }
+            Fault::ApplyThenFail(e) => {
+                call.await?;
+                Err(e)
             }
         }
     }
