@@ -448,7 +448,11 @@ impl Actor {
                         .store
                         .commit(&self.id, self.epoch, self.seq, &batch)
                         .await;
-                    ambiguous |= sent.as_ref().is_err_and(Error::is_retryable);
+                    // `DurabilityNotMet` is no doubt about whether the write landed (it did, on
+                    // the primary) but about its replicas, which only the store can settle.
+                    ambiguous |= sent.as_ref().is_err_and(|e| {
+                        e.is_retryable() && !matches!(e, Error::DurabilityNotMet { .. })
+                    });
                     sent
                 }
                 Err(e) => Err(e),
@@ -476,19 +480,11 @@ impl Actor {
                     attempt += 1;
                     warn!(error = %e, attempt, "commit failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
-                    if !ambiguous {
-                        continue;
-                    }
-                    // Confirm before resending: resent as is, a batch that landed would only
-                    // be answered `DuplicateInput` or `Conflict`.
-                    match self.confirm(&batch).await {
-                        Ok(Some(applied)) => break applied,
-                        Ok(None) => {}
-                        // An unreadable store is the same doubt as before; the next attempt
-                        // (or its confirmation) settles it.
-                        Err(e) if e.is_retryable() && !matches!(e, Error::Conflict { .. }) => {}
-                        Err(e) => return Err(e),
-                    }
+                    // Resent as is, never confirmed by reading first: a store that replicates
+                    // (Redis with WAIT) shows a write its replicas lack, which must not pass as
+                    // done. The store's own answer to the resend — `DuplicateInput` (given, with
+                    // WAIT, once the replicas have it) or `Conflict` — comes first, and only
+                    // then is it confirmed below.
                 }
                 Err(e) => return Err(e),
             }
