@@ -1,7 +1,9 @@
 //! The environment, LMDB's counterpart of a connection pool: opening it, running read
 //! transactions, and growing the memory map (or adopting the size another process grew it to).
 
-use std::path::PathBuf;
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -27,6 +29,55 @@ pub(crate) struct EnvCore {
     pub(crate) txns: AtomicU64,
     /// Writes (create, activate, commit, ...) applied in them.
     pub(crate) writes: AtomicU64,
+    /// The exclusive lock on [`LOCK_FILE`], held while the environment is open: one process per
+    /// environment. Released when this drops (or the process dies: the kernel drops the lock).
+    _lock: File,
+}
+
+/// The file in the environment's directory that one process holds an exclusive lock on.
+pub(crate) const LOCK_FILE: &str = "normandy.lock";
+
+/// Takes the exclusive lock on `dir`'s [`LOCK_FILE`] and writes this process's id into it, or
+/// fails naming the process that holds it.
+///
+/// Why one process: LMDB itself would let several processes share the environment, and
+/// fencing would hold, but a second process then takes over the first one's sessions through
+/// `subscribe` or `resume_interrupted(OwnerFilter::Any)` while they are live there. A lock the
+/// kernel releases at process death keeps a crash from blocking the restart.
+fn lock_environment(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    // The same mapping as LMDB's own I/O errors: a read-only directory says what access the
+    // store needs.
+    let io = |e: std::io::Error| from_heed(heed::Error::Io(e), dir, None);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            write!(file, "{}", std::process::id()).map_err(io)?;
+            file.flush().map_err(io)?;
+            Ok(file)
+        }
+        Err(TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "unknown" } else { holder };
+            Err(Error::Config(format!(
+                "LMDB environment {} is in use by process {holder} (it holds {}): one process \
+                 per environment; stop that process, or give this one its own directory",
+                dir.display(),
+                path.display()
+            )))
+        }
+        Err(TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 impl std::fmt::Debug for EnvCore {
@@ -41,6 +92,7 @@ impl EnvCore {
     /// Opens (creating if needed) the environment in `config.path`, which must be canonical.
     pub(crate) fn open(config: &LmdbConfig) -> Result<Self> {
         let path = config.path.clone();
+        let lock = lock_environment(&path)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options
             .map_size(config.map_size)
@@ -75,6 +127,7 @@ impl EnvCore {
             gate: RwLock::new(()),
             txns: AtomicU64::new(0),
             writes: AtomicU64::new(0),
+            _lock: lock,
         })
     }
 

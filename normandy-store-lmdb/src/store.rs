@@ -69,9 +69,10 @@ pub struct WriteStats {
 /// - Every commit is one LMDB write transaction, and commits of different sessions queued at
 ///   the same time share one (group commit): one `fsync` for many sessions, each with its own
 ///   outcome.
-/// - Several processes on one host may open the same directory; fencing holds across them
-///   because every check runs inside LMDB's write transaction, which is serialized across
-///   processes.
+/// - One process per environment: opening holds an exclusive lock on the directory's
+///   `normandy.lock` (released when the last handle closes, or by the kernel when the process
+///   dies), and a second process's open fails with a `Config` error naming the holder's pid.
+///   Within a process, every open of the path shares one environment.
 /// - LMDB calls block, so reads run on tokio's blocking pool and writes on a dedicated writer
 ///   thread; no async task ever waits on disk.
 /// - When the memory map fills, it is doubled up to [`LmdbConfig::max_map_size`] and the
@@ -99,7 +100,8 @@ impl LmdbStore {
     /// process shares the first one's environment (and keeps its settings).
     ///
     /// # Errors
-    /// - `Config` for bad settings or a path that is not a directory;
+    /// - `Config` for bad settings, a path that is not a directory, or an environment another
+    ///   process has open (the error names its pid);
     /// - `Corrupt` for a directory holding something that is not a Normandy LMDB environment;
     /// - `UnsupportedVersion` for an environment written by a newer layout;
     /// - `Backend` for a directory this process may not write (LMDB needs read-write access).
@@ -198,7 +200,7 @@ impl SessionStore for LmdbStore {
     fn capabilities(&self) -> Capabilities {
         Capabilities::volatile()
             .durable(true)
-            .shared_across_processes(true)
+            .shared_across_processes(false)
             .shared_across_hosts(false)
             .group_commit(true)
     }

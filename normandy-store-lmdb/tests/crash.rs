@@ -49,6 +49,13 @@ fn child_process() {
         .build()
         .unwrap();
     rt.block_on(async move {
+        if mode == "try-open" {
+            match LmdbStore::open(LmdbConfig::new(&dir)) {
+                Ok(_) => println!("child-opened"),
+                Err(e) => println!("child-refused {:?}: {e}", e.kind()),
+            }
+            return;
+        }
         let store = std::sync::Arc::new(LmdbStore::open(LmdbConfig::new(&dir)).unwrap());
         match mode.as_str() {
             "commit-loop" => commit_loop(store).await,
@@ -239,8 +246,16 @@ async fn sigkill_never_loses_an_acknowledged_commit() {
     );
 }
 
+/// Runs a child in `mode` to completion; its stdout.
+fn run_child(mode: &str, dir: &std::path::Path) -> String {
+    let out = spawn_child(mode, dir).wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "child {mode} failed: {stdout}");
+    stdout
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fencing_holds_across_processes() {
+async fn one_process_per_environment_and_fencing_holds_across_process_lives() {
     let dir = tempfile::tempdir().unwrap();
     let store = LmdbStore::open(LmdbConfig::new(dir.path())).unwrap();
     let id = sid("fenced");
@@ -254,13 +269,21 @@ async fn fencing_holds_across_processes() {
         .await
         .unwrap();
 
-    // Another process activates (epoch + 1) and commits, while this one keeps its handle open.
-    let child = spawn_child("activate-and-commit", dir.path());
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "child failed: {stdout}");
+    // While this process holds the environment, another is refused, naming this one.
+    let stdout = run_child("try-open", dir.path());
+    assert!(stdout.contains("child-refused Config"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("in use by process {}", std::process::id())),
+        "the refusal names the holder's pid: {stdout}"
+    );
+
+    // Once it closes, the next process activates (epoch + 1) and commits.
+    drop(store);
+    let stdout = run_child("activate-and-commit", dir.path());
     assert!(stdout.contains("child-done 2"), "{stdout}");
 
+    // This process's old epoch is fenced when it comes back.
+    let store = LmdbStore::open(LmdbConfig::new(dir.path())).unwrap();
     let err = store
         .commit(&id, mine, 2, &batch(2, 1, "stale"))
         .await
@@ -276,23 +299,21 @@ async fn fencing_holds_across_processes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_map_grown_by_another_process_is_adopted() {
     let dir = tempfile::tempdir().unwrap();
-    let store = LmdbStore::open(LmdbConfig::new(dir.path()).map_size(64 * 1024)).unwrap();
+    let small = || LmdbConfig::new(dir.path()).map_size(64 * 1024);
+    let store = LmdbStore::open(small()).unwrap();
     let id = sid("mine");
     store
         .create(NewSession::bare(id.clone(), ResumePolicy::Lazy))
         .await
         .unwrap();
     let before = store.map_size();
+    drop(store); // one process per environment: the next one grows it
 
-    let child = spawn_child("grow", dir.path());
-    let out = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && stdout.contains("child-done grown"),
-        "{stdout}"
-    );
+    let stdout = run_child("grow", dir.path());
+    assert!(stdout.contains("child-done grown"), "{stdout}");
 
-    // This process's map is smaller than the data now: reads and writes must adopt the size.
+    // Opened again with a map smaller than the data: reads and writes must adopt the size.
+    let store = LmdbStore::open(small()).unwrap();
     let grown = store
         .load(&sid("grown"))
         .await
