@@ -502,3 +502,40 @@ async fn a_second_process_under_a_live_node_name_is_refused_naming_both() {
     b.shutdown().await;
     cleanup(&prefix).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss() {
+    use normandy_tests::redis_server::{have_redis_server, pair};
+    if !have_redis_server("tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss")
+    {
+        return;
+    }
+    let (primary, _replica) = pair().await;
+    let node = |name: &'static str| {
+        Cluster::redis(catalog(), &primary.url())
+            .prefix("wait-builder")
+            .node_name(name)
+            .secret("in-process-secret")
+    };
+    let err = node("plain").build().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    let text = err.to_string();
+    assert!(
+        text.contains("1 replica") && text.contains("wait(replicas, timeout)"),
+        "{text}"
+    );
+    let waiting = node("waits")
+        .wait(1, Duration::from_secs(2))
+        .build()
+        .await
+        .expect("a store that waits for its replica");
+    let id = waiting.start("echo").await.unwrap();
+    assert_eq!(waiting.send(&id, "hi").await.unwrap().text(), "echo: hi");
+    waiting.shutdown().await;
+    let lossy = node("accepts")
+        .accept_commit_loss_on_failover()
+        .build()
+        .await
+        .expect("said in so many words");
+    lossy.shutdown().await;
+}

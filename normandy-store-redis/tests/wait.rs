@@ -3,7 +3,6 @@
 //!
 //! Skipped by name when `redis-server` is not on PATH, unless `NORMANDY_REQUIRE_BACKENDS=1`.
 
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,128 +12,7 @@ use normandy_core::{
     SessionStore, Sessions, TemplateCatalog, TurnState,
 };
 use normandy_store_redis::{RedisStore, RedisStoreConfig};
-use tokio::process::{Child, Command};
-
-/// A `redis-server` child process on a free loopback port.
-struct Server {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Server {
-    async fn start(replica_of: Option<u16>) -> Server {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(dir.path());
-        if let Some(primary) = replica_of {
-            cmd.arg("--replicaof")
-                .arg("127.0.0.1")
-                .arg(primary.to_string());
-        }
-        cmd.stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        let child = cmd.spawn().expect("spawn redis-server");
-        let server = Server {
-            port,
-            child,
-            _dir: dir,
-        };
-        server.wait_ready().await;
-        server
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn info(&self) -> Option<String> {
-        let client = redis::Client::open(self.url()).ok()?;
-        let mut con = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut con)
-            .await
-            .ok()
-    }
-
-    async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.info().await.is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {} never answered",
-                self.port
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until this replica's link to its primary is up and the primary counts `n` replicas.
-    async fn wait_linked(&self, primary: &Server, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            let replica_up = self
-                .info()
-                .await
-                .is_some_and(|i| i.contains("master_link_status:up"));
-            let counted = primary
-                .info()
-                .await
-                .is_some_and(|i| i.contains(&format!("connected_slaves:{n}")));
-            if replica_up && counted {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "replica never linked to its primary"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    async fn kill(mut self) {
-        self.child.kill().await.expect("kill redis-server");
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
-/// Whether `redis-server` runs here; otherwise the test is skipped by name (or fails under
-/// `NORMANDY_REQUIRE_BACKENDS=1`).
-fn have_redis_server(test: &str) -> bool {
-    let ok = std::process::Command::new("redis-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        normandy_tests::backends::skip(test, "redis-server is not on PATH");
-    }
-    ok
-}
-
-async fn pair() -> (Server, Server) {
-    let primary = Server::start(None).await;
-    let replica = Server::start(Some(primary.port)).await;
-    replica.wait_linked(&primary, 1).await;
-    (primary, replica)
-}
+use normandy_tests::redis_server::{Server, have_redis_server, pair};
 
 async fn store(primary: &Server, timeout: Duration) -> RedisStore {
     let config = RedisStoreConfig::new(&primary.url())

@@ -15,6 +15,8 @@
 //!   `containers`), else a skip by name; `NORMANDY_REQUIRE_BACKENDS=1` turns skips into failures;
 //!   [`backends::unique_name`] for a fresh namespace per harness.
 //! - [`logs`]: the tracing capture the canary case scans.
+//! - [`redis_server`]: real `redis-server` processes (a primary and its replica) for tests that
+//!   need their own.
 //!
 //! # Using it from a backend crate
 //! Add `normandy-tests` as a dev-dependency (with `features = ["containers"]` for container
@@ -63,6 +65,7 @@ pub mod backends;
 pub mod harness;
 pub mod logs;
 mod macros;
+pub mod redis_server;
 pub mod registry_cases;
 pub mod store_cases;
 

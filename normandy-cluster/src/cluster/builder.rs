@@ -78,6 +78,8 @@ impl Cluster {
             url: url.to_string(),
             prefix: "normandy".into(),
             custom_store: false,
+            wait: None,
+            accept_commit_loss: false,
         }
     }
 }
@@ -321,6 +323,10 @@ pub struct RedisClusterBuilder {
     url: String,
     prefix: String,
     custom_store: bool,
+    /// `WAIT` for the Redis store: replicas and timeout.
+    wait: Option<(u32, Duration)>,
+    /// Set by [`accept_commit_loss_on_failover`](Self::accept_commit_loss_on_failover).
+    accept_commit_loss: bool,
 }
 
 impl std::fmt::Debug for RedisClusterBuilder {
@@ -337,6 +343,24 @@ impl RedisClusterBuilder {
     /// and leases under `<prefix>:registry`.
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// Reports a commit of the Redis store only once `replicas` replicas have it, waiting up to
+    /// `timeout` (`WAIT`, fail-closed: a commit that cannot get them fails with the retryable
+    /// `DurabilityNotMet`). Without it, a failover to a replica that missed the last writes
+    /// loses acknowledged commits.
+    pub fn wait(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = Some((replicas, timeout));
+        self
+    }
+
+    /// Runs the Redis store without `WAIT` although the server has replicas. Say so only if a
+    /// failover may lose acknowledged commits: a lost `ToolStarted` runs a non-idempotent tool
+    /// again, and two activations can get the same epoch. Without this (or
+    /// [`wait`](Self::wait)), `build` refuses a server with replicas.
+    pub fn accept_commit_loss_on_failover(mut self) -> Self {
+        self.accept_commit_loss = true;
         self
     }
 
@@ -419,12 +443,51 @@ impl RedisClusterBuilder {
             .registry(Arc::new(registry))
             .membership(Arc::new(membership));
         if !self.custom_store {
-            let store = RedisStore::connect(
-                RedisStoreConfig::new(&self.url)?.prefix(format!("{}:store", self.prefix)),
-            )
-            .await?;
+            let mut config =
+                RedisStoreConfig::new(&self.url)?.prefix(format!("{}:store", self.prefix));
+            match self.wait {
+                Some((replicas, timeout)) => config = config.wait(replicas, timeout),
+                None if !self.accept_commit_loss => {
+                    let replicas = connected_replicas(&self.url).await?;
+                    if replicas > 0 {
+                        return Err(Error::Config(format!(
+                            "the Redis server has {replicas} replica(s) but the tier-2r store \
+                             would commit without WAIT: a failover to a replica that missed \
+                             the last writes loses acknowledged commits (a non-idempotent tool \
+                             could run twice); call RedisClusterBuilder::wait(replicas, timeout), \
+                             or accept_commit_loss_on_failover() to run without it"
+                        )));
+                    }
+                }
+                None => {}
+            }
+            let store = RedisStore::connect(config).await?;
             inner = inner.store(Arc::new(store));
         }
         inner.build().await
     }
+}
+
+/// How many replicas the Redis server at `url` has connected (`INFO replication`).
+async fn connected_replicas(url: &str) -> Result<u32> {
+    let unavailable = |e: redis::RedisError| Error::Unavailable {
+        backend: "redis store",
+        message: format!("reading INFO replication: {e}"),
+    };
+    let client = redis::Client::open(url)
+        .map_err(|e| Error::Config(format!("invalid Redis URL for the store: {e}")))?;
+    let mut con = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(unavailable)?;
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut con)
+        .await
+        .map_err(unavailable)?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("connected_slaves:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0))
 }
