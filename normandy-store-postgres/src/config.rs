@@ -26,6 +26,32 @@ pub struct PgStoreConfig {
     pub(crate) queue_depth: usize,
     pub(crate) require_schema: SchemaLevel,
     pub(crate) migrate_on_open: bool,
+    pub(crate) timeouts: ServerTimeouts,
+}
+
+/// Timeouts the server enforces on every connection of the store (`statement_timeout`,
+/// `lock_timeout`, `idle_in_transaction_session_timeout`), so that no call waits without end on
+/// a stuck statement, a row lock held by a paused or partitioned node, or a transaction its
+/// client walked away from. A call cut short is a retryable error and wrote nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerTimeouts {
+    /// Longest one statement may run (default 30 s).
+    pub statement: Duration,
+    /// Longest one statement may wait for a lock (default 5 s).
+    pub lock: Duration,
+    /// Longest a connection may sit idle inside a transaction before the server ends it and
+    /// releases its locks (default 10 s).
+    pub idle_in_transaction: Duration,
+}
+
+impl Default for ServerTimeouts {
+    fn default() -> Self {
+        Self {
+            statement: Duration::from_secs(30),
+            lock: Duration::from_secs(5),
+            idle_in_transaction: Duration::from_secs(10),
+        }
+    }
 }
 
 impl fmt::Debug for PgStoreConfig {
@@ -42,6 +68,7 @@ impl fmt::Debug for PgStoreConfig {
             .field("stall_after", &self.stall_after)
             .field("require_schema", &self.require_schema)
             .field("migrate_on_open", &self.migrate_on_open)
+            .field("timeouts", &self.timeouts)
             .finish_non_exhaustive()
     }
 }
@@ -73,7 +100,15 @@ impl PgStoreConfig {
             queue_depth: 4096,
             require_schema: SchemaLevel::Base,
             migrate_on_open: false,
+            timeouts: ServerTimeouts::default(),
         }
+    }
+
+    /// The server-side timeouts of the store's connections (see [`ServerTimeouts`]). A zero
+    /// duration is sent as 1 ms: Postgres reads 0 as "no limit", which this setting is against.
+    pub fn server_timeouts(mut self, timeouts: ServerTimeouts) -> Self {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Size of the connection pool (at least 1). Commit writes draw from it too.

@@ -1,5 +1,5 @@
 //! The connection pool: how the store's connections are made (pool size, acquire timeout,
-//! `search_path`, `application_name`).
+//! `search_path`, `application_name`, server-side timeouts).
 
 use normandy_core::Result;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -18,14 +18,25 @@ pub(crate) async fn connect(config: &PgStoreConfig) -> Result<PgPool> {
         .map_err(map_sqlx)
 }
 
-/// The connect options with the schema and application name applied.
+/// The connect options with the schema, application name and server-side timeouts applied
+/// (as startup parameters: every connection of the pool has them from its first statement).
 fn connect_options(config: &PgStoreConfig) -> PgConnectOptions {
-    let mut opts = config
+    let ms = |d: std::time::Duration| d.as_millis().max(1).to_string();
+    let t = config.timeouts;
+    let mut params = vec![
+        ("statement_timeout", ms(t.statement)),
+        ("lock_timeout", ms(t.lock)),
+        (
+            "idle_in_transaction_session_timeout",
+            ms(t.idle_in_transaction),
+        ),
+    ];
+    if let Some(schema) = &config.schema {
+        params.push(("search_path", schema.clone()));
+    }
+    config
         .connect
         .clone()
-        .application_name(config.application_name.as_deref().unwrap_or("normandy"));
-    if let Some(schema) = &config.schema {
-        opts = opts.options([("search_path", schema.as_str())]);
-    }
-    opts
+        .application_name(config.application_name.as_deref().unwrap_or("normandy"))
+        .options(params)
 }

@@ -27,7 +27,8 @@ pub(crate) fn missing_migration(name: &str) -> Error {
 ///   or terminating the backend, SQLSTATE class 08) is `Unavailable` (retryable). A commit that
 ///   failed this way may or may not have been applied: retrying it with the same input ids is
 ///   safe, because a duplicate input is reported, never appended twice.
-/// - Serialization failures and deadlocks (40001, 40P01) and resource exhaustion (class 53) are a
+/// - Serialization failures and deadlocks (40001, 40P01), a statement or lock wait cut short by
+///   the store's server-side timeouts (57014, 55P03) and resource exhaustion (class 53) are a
 ///   retryable `Backend` error: the transaction was rolled back.
 /// - An undefined table or column (42P01, 42703) is a `MissingMigration` naming the migration
 ///   that creates it, with the command to run, never a raw SQL error.
@@ -47,7 +48,9 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
             match code.as_str() {
                 // undefined_table / undefined_column: the schema is behind the code.
                 "42P01" | "42703" => missing_migration(migration_for(&message)),
-                "40001" | "40P01" => Error::Backend {
+                // query_canceled (statement_timeout) and lock_not_available (lock_timeout): the
+                // statement was cut short and its transaction rolled back.
+                "40001" | "40P01" | "57014" | "55P03" => Error::Backend {
                     backend: BACKEND,
                     message: format!("{message} (SQLSTATE {code}); nothing was written"),
                     retryable: true,

@@ -45,7 +45,7 @@ mod schema;
 mod sql;
 mod store;
 
-pub use config::PgStoreConfig;
+pub use config::{PgStoreConfig, ServerTimeouts};
 pub use group::WriteStats;
 pub use schema::{MIGRATIONS_TABLE, SchemaLevel, migrator};
 pub use store::PgStore;

@@ -736,3 +736,52 @@ async fn list_resumable_reads_the_partial_index_not_the_table() {
         "every tenth session is resumable, spread over 100 owners"
     );
 }
+
+/// Issue 14, hole 4: a row lock held by a stuck client (a paused node inside a transaction)
+/// makes the store's call fail retryably within `lock_timeout`, instead of waiting for hours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_lock_held_by_a_stuck_client_fails_retryably_within_the_lock_timeout() {
+    let Some(url) = url().await else { return };
+    let h = PgHarness::new(&url).await;
+    let timeouts = normandy_store_postgres::ServerTimeouts {
+        lock: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let store = PgStore::connect(h.config().server_timeouts(timeouts))
+        .await
+        .unwrap();
+    let id = sid("locked");
+    store
+        .create(NewSession::bare(id.clone(), ResumePolicy::Lazy))
+        .await
+        .unwrap();
+    // Another client takes the session's row lock and sits on it.
+    let mut stuck = h.admin.begin().await.unwrap();
+    sqlx::query("SELECT id FROM normandy_sessions WHERE id = $1 FOR UPDATE")
+        .bind(id.as_str())
+        .execute(&mut *stuck)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(
+        Duration::from_secs(20),
+        store.activate(&id, &NodeId::new("n", 1).unwrap()),
+    )
+    .await
+    .expect("activation must not wait on the lock without end")
+    .unwrap_err();
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("55P03"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Nothing was written: once the lock is gone, the activation goes through at epoch 1.
+    stuck.rollback().await.unwrap();
+    let rec = store
+        .activate(&id, &NodeId::new("n", 1).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(rec.epoch, 1);
+}
