@@ -13,7 +13,6 @@ use normandy_core::{
 use normandy_registry_redis::{RedisMembership, RedisRegistry, RedisRegistryConfig};
 use normandy_store_redis::{RedisStore, RedisStoreConfig};
 use tokio::sync::watch;
-use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::{Cluster, Counters, Life, Node, Tasks, lease, members, reaper, route, serve};
@@ -253,7 +252,7 @@ impl ClusterBuilder {
             idle_timeout: self.idle_timeout,
         };
         // Renewed from the claim's send time once the lease is ours.
-        let clock = lease::Clock::new(&node, Instant::now());
+        let clock = lease::Clock::new(&node, lease::LeaseInstant::now());
         let sessions = recipe.build(node.clone(), &clock, &store, &registry)?;
         let me = Member {
             node: node.clone(),

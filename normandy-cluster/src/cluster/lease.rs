@@ -24,17 +24,42 @@ use tracing::{error, info, warn};
 
 use super::{Node, lock, read};
 
+/// A point on the clock this node times its own lease with: `CLOCK_BOOTTIME` on Linux, which
+/// keeps counting while the machine is suspended — the server's TTL runs on meanwhile, while
+/// `CLOCK_MONOTONIC` (tokio's `Instant`) would stand still, and a node waking from a suspend
+/// would think a lapsed lease still good. Elsewhere, the monotonic clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct LeaseInstant(Duration);
+
+impl LeaseInstant {
+    pub(super) fn now() -> Self {
+        #[cfg(target_os = "linux")]
+        if let Ok(t) = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME) {
+            return Self(Duration::from(t));
+        }
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        Self(START.get_or_init(std::time::Instant::now).elapsed())
+    }
+}
+
+impl std::ops::Add<Duration> for LeaseInstant {
+    type Output = Self;
+    fn add(self, d: Duration) -> Self {
+        Self(self.0 + d)
+    }
+}
+
 /// What every commit of this node checks (the runtime's [`CommitGate`]): which incarnation
 /// may commit, and until when its lease is surely alive.
 pub(super) struct Clock {
     /// Send time of the last good refresh + TTL, on this process's monotonic clock.
-    valid_until: Mutex<Instant>,
+    valid_until: Mutex<LeaseInstant>,
     /// The incarnation whose actors may commit; 0 once its lease was found lost.
     incarnation: AtomicU64,
 }
 
 impl Clock {
-    pub(super) fn new(node: &NodeId, valid_until: Instant) -> Arc<Self> {
+    pub(super) fn new(node: &NodeId, valid_until: LeaseInstant) -> Arc<Self> {
         Arc::new(Self {
             valid_until: Mutex::new(valid_until),
             incarnation: AtomicU64::new(node.incarnation()),
@@ -50,7 +75,7 @@ impl Clock {
         Arc::new(move || {
             let why = if clock.incarnation.load(Ordering::SeqCst) != node.incarnation() {
                 "its lease was lost, so this incarnation is fenced"
-            } else if Instant::now() >= *lock(&clock.valid_until) {
+            } else if LeaseInstant::now() >= *lock(&clock.valid_until) {
                 "its lease is not surely alive (no good refresh for a TTL)"
             } else {
                 return Ok(());
@@ -62,11 +87,11 @@ impl Clock {
         })
     }
 
-    pub(super) fn renew(&self, until: Instant) {
+    pub(super) fn renew(&self, until: LeaseInstant) {
         *lock(&self.valid_until) = until;
     }
 
-    fn until(&self) -> Instant {
+    fn until(&self) -> LeaseInstant {
         *lock(&self.valid_until)
     }
 }
@@ -126,10 +151,10 @@ pub(super) async fn join_unique(
     membership: &dyn Membership,
     me: &Member,
     ttl: Duration,
-) -> Result<Instant> {
+) -> Result<LeaseInstant> {
     let deadline = Instant::now() + ttl + ttl / 3;
     loop {
-        let sent = Instant::now();
+        let sent = LeaseInstant::now();
         match membership.join(me, ttl).await? {
             JoinOutcome::Joined => return Ok(sent),
             JoinOutcome::NameInUse(other) if Instant::now() < deadline => {
@@ -184,7 +209,7 @@ impl Node {
                 continue;
             }
             let me = self.me();
-            let sent = Instant::now();
+            let sent = LeaseInstant::now();
             let refreshed =
                 tokio::time::timeout(period, self.membership.refresh(&me, self.config.lease_ttl))
                     .await;
@@ -225,7 +250,7 @@ impl Node {
             if self.life.draining.load(Ordering::SeqCst) {
                 continue;
             }
-            if self.lease.trusted() && Instant::now() + margin >= until {
+            if self.lease.trusted() && LeaseInstant::now() + margin >= until {
                 error!(node = %self.me().node, "lease in doubt: stopped serving, passivating live sessions");
                 self.distrust();
             }
@@ -305,7 +330,7 @@ impl Node {
             node: node.clone(),
             address: old.address.clone(),
         };
-        let sent = Instant::now();
+        let sent = LeaseInstant::now();
         match self.membership.join(&me, self.config.lease_ttl).await {
             Ok(JoinOutcome::Joined) => {}
             Ok(JoinOutcome::NameInUse(other)) => {
@@ -342,6 +367,15 @@ impl Node {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lease_clock_moves_with_time_and_never_back() {
+        let a = LeaseInstant::now();
+        std::thread::sleep(Duration::from_millis(20));
+        let b = LeaseInstant::now();
+        assert!(b >= a + Duration::from_millis(20), "{a:?} then {b:?}");
+        assert!(a + Duration::from_secs(1) > b);
+    }
 
     #[test]
     fn a_new_incarnation_is_always_greater_than_the_last() {
