@@ -2,11 +2,11 @@
 //!
 //! ```text
 //! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
-//!     --secret S [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
+//!     (--secret-file FILE | --secret S) [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
 //!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 660000] [--peer-keepalive-ms 5000]
 //!     [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
 //!     [--worker-threads N] [TLS]
-//! normandy-node client --to ADDR --secret S [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
+//! normandy-node client --to ADDR (--secret-file FILE | --secret S) [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
 //!
 //! TLS: --tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-server-name normandy-node]
 //!      [--no-tls-client-cert]
@@ -159,6 +159,20 @@ impl Flags {
     fn switch(&self, name: &str) -> bool {
         self.switches.iter().any(|s| s == name)
     }
+
+    /// The cluster secret: from `--secret-file` (or `NORMANDY_SECRET_FILE`), else `--secret`
+    /// (or `NORMANDY_SECRET`). A file or the environment keeps it out of `/proc/<pid>/cmdline`,
+    /// which every local user can read.
+    fn secret(&self) -> anyhow::Result<Option<String>> {
+        if let Some(path) = self.get("secret-file") {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read the cluster secret from {path}"))?;
+            let secret = text.trim().to_string();
+            anyhow::ensure!(!secret.is_empty(), "the secret file {path} is empty");
+            return Ok(Some(secret));
+        }
+        Ok(self.get("secret"))
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -202,7 +216,9 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     let name = flags.get("name").unwrap_or_else(|| "node".into());
     let redis_url = flags.need("redis-url")?;
     let prefix = flags.get("prefix").unwrap_or_else(|| "normandy".into());
-    let secret = flags.need("secret")?;
+    let secret = flags
+        .secret()?
+        .context("missing the cluster secret: NORMANDY_SECRET, --secret-file FILE or --secret S")?;
     let bind = flags
         .get("bind")
         .unwrap_or_else(|| "127.0.0.1:0".into())
@@ -332,7 +348,7 @@ fn tls(flags: &Flags) -> anyhow::Result<Option<ClusterTls>> {
 
 async fn client(flags: &Flags) -> anyhow::Result<()> {
     let to = flags.need("to")?;
-    let secret = flags.get("secret");
+    let secret = flags.secret()?;
     let c = NodeClient::connect(
         &to,
         secret.as_deref(),
@@ -378,4 +394,35 @@ async fn client(flags: &Flags) -> anyhow::Result<()> {
         _ => bail!("client commands: health | start TEMPLATE [ID] | send ID TEXT | history ID"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(args: &[&str]) -> Flags {
+        Flags::parse(args.iter().map(|s| s.to_string())).unwrap()
+    }
+
+    #[test]
+    fn the_secret_comes_from_a_file_before_the_command_line() {
+        let path = std::env::temp_dir().join(format!("normandy-secret-{}", std::process::id()));
+        std::fs::write(&path, "from-the-file-secret\n").unwrap();
+        let file = path.to_str().unwrap();
+        let got = flags(&["--secret-file", file, "--secret", "on-the-command-line"])
+            .secret()
+            .unwrap();
+        assert_eq!(got.as_deref(), Some("from-the-file-secret"));
+        std::fs::write(&path, "  \n").unwrap();
+        let err = flags(&["--secret-file", file]).secret().unwrap_err();
+        assert!(err.to_string().contains("empty"), "{err}");
+        std::fs::remove_file(&path).unwrap();
+        let err = flags(&["--secret-file", "/nonexistent/normandy-secret"])
+            .secret()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent/normandy-secret"),
+            "{err}"
+        );
+    }
 }
