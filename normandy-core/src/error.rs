@@ -443,6 +443,7 @@ mod static_str {
         "longer than 200 bytes",
         "must be printable with no whitespace",
         "contains a reserved character",
+        "contains an invisible or text-direction character",
         "incarnation after '#' must be a number",
         "redis store",
         "redis registry",

@@ -34,12 +34,33 @@ fn validate(what: &'static str, s: &str, extra: Option<char>) -> Result<()> {
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return reject("must be printable with no whitespace");
     }
+    if s.chars().any(invisible) {
+        return reject("contains an invisible or text-direction character");
+    }
     if let Some(c) = extra
         && s.contains(c)
     {
         return reject("contains a reserved character");
     }
     Ok(())
+}
+
+/// Characters that print as nothing or reorder the text around them: two ids that look alike in
+/// a log, a dashboard or an admin CLI must be the same id. Zero-width and joiner characters,
+/// the byte-order mark, soft hyphen, and every bidirectional control (embeddings, overrides,
+/// isolates, and the marks).
+fn invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 macro_rules! string_id {
@@ -484,6 +505,24 @@ mod tests {
         assert!(
             err.contains("session id") && err.contains("bad id"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn ids_refuse_invisible_and_direction_characters() {
+        for bad in [
+            "a\u{200B}b",
+            "\u{FEFF}bom",
+            "rtl\u{202E}txt",
+            "iso\u{2066}late",
+            "mark\u{200F}",
+        ] {
+            let err = SessionId::new(bad).unwrap_err();
+            assert!(err.to_string().contains("invisible"), "{bad:?}: {err}");
+        }
+        assert!(
+            SessionId::new("café-日本-ok").is_ok(),
+            "printable letters stay valid"
         );
     }
 

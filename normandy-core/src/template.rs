@@ -41,18 +41,19 @@ pub enum InputMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct TurnLimits {
-    /// Largest accepted input, in bytes of text.
+    /// Largest accepted input, in bytes of text (default 1 MiB).
     pub max_input_bytes: usize,
-    /// Most model calls in one turn.
+    /// Most model calls in one turn (default 16).
     pub max_steps: u32,
-    /// Deadline of one turn, in milliseconds (model and tool time together).
+    /// Deadline of one turn, in milliseconds (model and tool time together; default 600,000:
+    /// 10 minutes).
     pub turn_deadline_ms: u64,
-    /// Deadline of one model call, in milliseconds.
+    /// Deadline of one model call, in milliseconds (default 120,000: 2 minutes).
     pub model_call_timeout_ms: u64,
-    /// Deadline of one tool call, in milliseconds.
+    /// Deadline of one tool call, in milliseconds (default 120,000: 2 minutes).
     pub tool_call_timeout_ms: u64,
     /// Most inputs accepted and waiting behind the running turn; more are refused with a
-    /// retryable `Overloaded`, so the queue is never unbounded.
+    /// retryable `Overloaded`, so the queue is never unbounded (default 64).
     pub max_queued_inputs: u32,
 }
 
