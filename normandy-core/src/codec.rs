@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::model::SessionId;
+use crate::model::{Entry, Seq, SessionId};
 
 /// The format version this build writes (and the newest it reads).
 pub const FORMAT_VERSION: u8 = 1;
@@ -87,11 +87,51 @@ pub fn decode<T: DeserializeOwned>(
     rmp_serde::from_slice(&bytes[4..]).map_err(|e| Error::corrupt(session, what, e))
 }
 
+/// Decodes the entry a backend stores at `seq` of `session`, for every backend alike.
+///
+/// # Behavior
+/// - Damaged bytes are `Corrupt` (an unknown version `UnsupportedVersion`) naming the session
+///   and `entry {seq}`, so an operator knows which entry to look at.
+/// - An entry that encodes another seq than the one it is stored at is `Corrupt` too: history
+///   would come back out of order (seqs 1, 2, 4, 4, …) and a turn would run on top of it.
+pub fn decode_entry(bytes: &[u8], session: &SessionId, seq: Seq) -> Result<Entry> {
+    let what = || format!("entry {seq}");
+    let entry: Entry = decode(BlobKind::Entry, bytes, Some(session)).map_err(|e| match e {
+        Error::Corrupt {
+            session, reason, ..
+        } => Error::Corrupt {
+            session,
+            what: what(),
+            reason,
+        },
+        Error::UnsupportedVersion {
+            session,
+            found,
+            supported,
+            ..
+        } => Error::UnsupportedVersion {
+            session,
+            what: what(),
+            found,
+            supported,
+        },
+        other => other,
+    })?;
+    if entry.seq != seq {
+        return Err(Error::corrupt(
+            Some(session),
+            what(),
+            format!("stored as seq {seq} but holds seq {}", entry.seq),
+        ));
+    }
+    Ok(entry)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ErrorKind;
-    use crate::model::{Entry, EntryPayload, InputId, Message};
+    use crate::model::{EntryPayload, InputId, Message};
 
     fn entry() -> Entry {
         Entry {

@@ -631,9 +631,13 @@ impl SessionStore for InMemoryStore {
             let start = (after as usize).min(s.entries.len());
             s.entries[start..].iter().take(limit).cloned().collect()
         };
-        blobs
-            .iter()
-            .map(|b| codec::decode(BlobKind::Entry, b, Some(id)))
+        let Some(first) = after.checked_add(1) else {
+            return Ok(Vec::new());
+        };
+        // Entries are dense from `first`: each must be stored at its own seq.
+        (first..)
+            .zip(&blobs)
+            .map(|(seq, b)| codec::decode_entry(b, id, seq))
             .collect()
     }
 

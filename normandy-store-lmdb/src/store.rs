@@ -293,9 +293,12 @@ impl SessionStore for LmdbStore {
             let (_, end) = keys::prefix_range(id.as_str());
             let range = (Bound::Included(&start[..]), Bound::Excluded(&end[..]));
             let mut out = Vec::with_capacity(limit.min(1024));
-            for item in dbs.entries.range(txn, &range).map_err(map)?.take(limit) {
+            // Entries are dense from `first`: each must be stored at its own seq.
+            for (seq, item) in
+                (first..).zip(dbs.entries.range(txn, &range).map_err(map)?.take(limit))
+            {
                 let (_, v) = item.map_err(map)?;
-                out.push(codec::decode(BlobKind::Entry, v, Some(id))?);
+                out.push(codec::decode_entry(v, id, seq)?);
             }
             Ok(out)
         })

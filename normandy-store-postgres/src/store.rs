@@ -297,15 +297,10 @@ impl SessionStore for PgStore {
         for row in rows {
             let seq: i64 = row.try_get(0).map_err(map_sqlx)?;
             let payload: &[u8] = row.try_get(1).map_err(map_sqlx)?;
-            let entry: Entry = codec::decode(BlobKind::Entry, payload, Some(id))?;
-            if i64::try_from(entry.seq).ok() != Some(seq) {
-                return Err(Error::corrupt(
-                    Some(id),
-                    format!("entry {seq}"),
-                    format!("stored under seq {seq} but encodes seq {}", entry.seq),
-                ));
-            }
-            out.push(entry);
+            let seq = u64::try_from(seq).map_err(|_| {
+                Error::corrupt(Some(id), format!("entry {seq}"), "negative seq in its row")
+            })?;
+            out.push(codec::decode_entry(payload, id, seq)?);
         }
         Ok(out)
     }

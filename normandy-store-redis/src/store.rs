@@ -421,7 +421,8 @@ impl SessionStore for RedisStore {
             return Err(error::unexpected(ctx, "XRANGE", &range));
         };
         let mut out = Vec::with_capacity(items.len());
-        for item in items {
+        // Entries are dense from `from`: each must be stored at its own seq.
+        for (seq, item) in (from..).zip(items) {
             // [id, [field, value]]
             let blob = match item {
                 Value::Array(pair) => match pair.as_slice() {
@@ -440,7 +441,7 @@ impl SessionStore for RedisStore {
                     "stream item is not [id, [e, blob]]",
                 )
             })?;
-            out.push(codec::decode(BlobKind::Entry, blob, Some(id))?);
+            out.push(codec::decode_entry(blob, id, seq)?);
         }
         Ok(out)
     }

@@ -77,6 +77,7 @@ macro_rules! __store_cases {
             delete_removes_session_and_entries,
             corrupt_turn_state_is_typed_error,
             corrupt_entry_is_typed_error,
+            entry_stored_under_another_seq_is_corrupt,
             newer_format_version_is_unsupported_version,
             canary_secret_never_stored_or_logged,
             older_handle_is_fenced_after_reopen_activates,

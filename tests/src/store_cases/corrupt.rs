@@ -151,6 +151,49 @@ pub async fn corrupt_entry_is_typed_error(h: Arc<dyn StoreHarness>) {
     }
 }
 
+/// Precondition: the harness can overwrite entry bytes. A well-formed entry stored at another
+/// seq than the one it holds (a stray copy, a restore gone wrong) makes `entries` over it fail
+/// with `Corrupt` naming the session and the entry's seq — history never comes back out of
+/// order — and a damaged entry's error names its seq too.
+pub async fn entry_stored_under_another_seq_is_corrupt(h: Arc<dyn StoreHarness>) {
+    let store = h.store();
+    let id = sid("misplaced");
+    let epoch = start(&*store, &id, ResumePolicy::Lazy, &node("a")).await;
+    applied(
+        store
+            .commit(
+                &id,
+                epoch,
+                0,
+                &batch(vec![input(1, "in-1"), reply(2), reply(3), reply(4)], idle()),
+            )
+            .await,
+        4,
+        "commit",
+    );
+    let third = codec::encode(BlobKind::Entry, &reply(3)).expect("encode");
+    h.overwrite_entry(&id, 4, &third).await;
+    let e = err(
+        store.entries(&id, 0, 10).await,
+        ErrorKind::Corrupt,
+        "entry 3 stored again at seq 4",
+    );
+    corrupt_names(&e, &id, "misplaced entry");
+    assert!(e.to_string().contains("entry 4"), "names the seq: {e}");
+    let before: Vec<Seq> = ok(store.entries(&id, 0, 3).await, "entries before it")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(before, vec![1, 2, 3]);
+    h.overwrite_entry(&id, 2, b"\xff\x00garbage").await;
+    let e = err(
+        store.entries(&id, 1, 1).await,
+        ErrorKind::Corrupt,
+        "damaged entry 2",
+    );
+    assert!(e.to_string().contains("entry 2"), "names the seq: {e}");
+}
+
 /// Precondition: the harness can overwrite state and entry bytes. A blob whose header carries a
 /// newer format version is `UnsupportedVersion` naming the session and both versions.
 pub async fn newer_format_version_is_unsupported_version(h: Arc<dyn StoreHarness>) {

@@ -47,7 +47,7 @@ pub use commit::{
 };
 pub use corrupt::{
     corrupt_entry_is_typed_error, corrupt_turn_state_is_typed_error,
-    newer_format_version_is_unsupported_version,
+    entry_stored_under_another_seq_is_corrupt, newer_format_version_is_unsupported_version,
 };
 pub use create::{
     create_existing_is_already_exists_and_changes_nothing, create_returns_a_fresh_record,
