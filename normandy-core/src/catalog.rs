@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, Redactor};
 use crate::error::{Error, Result};
 use crate::hooks::Hook;
 use crate::llm::{LlmClient, ToolSpec};
@@ -97,6 +97,9 @@ pub struct SessionConfig {
     pub hooks: Arc<[(String, Arc<dyn Hook>)]>,
     /// The model client.
     pub client: Arc<dyn LlmClient>,
+    /// Hides the resolved credentials' values in error text before it is stored or logged: a
+    /// provider error may echo the key it was given.
+    pub redactor: Redactor,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -231,6 +234,7 @@ impl TemplateCatalog {
             params,
             hooks,
             client,
+            redactor: creds.redactor(),
         })
     }
 }

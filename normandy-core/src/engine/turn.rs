@@ -363,9 +363,11 @@ impl Actor {
         }
     }
 
-    /// Ends the turn as failed with `e`, which is logged and stored as the turn's status.
+    /// Ends the turn as failed with `e`. Its text is logged and stored only with the session's
+    /// credential values redacted: a provider's error may echo the key it was sent, and a
+    /// hook's panic message may carry anything.
     async fn fail_turn(&mut self, e: &Error, why: &str) -> Result<()> {
-        let message = e.to_string();
+        let message = self.config.redactor.redact(&e.to_string()).into_owned();
         warn!(error = %message, "{why}; ending turn");
         self.end_turn(TurnStatus::Failed { message }, Vec::new(), None)
             .await
