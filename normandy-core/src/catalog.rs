@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
-use crate::credentials::Credentials;
+use crate::credentials::{Credentials, Redactor};
 use crate::error::{Error, Result};
 use crate::hooks::Hook;
 use crate::llm::{LlmClient, ToolSpec};
@@ -93,10 +93,13 @@ pub struct SessionConfig {
     pub tool_specs: Arc<[ToolSpec]>,
     /// Model parameters from the template.
     pub params: Arc<std::collections::BTreeMap<String, serde_json::Value>>,
-    /// Hooks, in order.
-    pub hooks: Arc<[Arc<dyn Hook>]>,
+    /// Hooks with their catalog names (so a failing hook is named), in order.
+    pub hooks: Arc<[(String, Arc<dyn Hook>)]>,
     /// The model client.
     pub client: Arc<dyn LlmClient>,
+    /// Hides the resolved credentials' values in error text before it is stored or logged: a
+    /// provider error may echo the key it was given.
+    pub redactor: Redactor,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -115,7 +118,7 @@ struct Registered {
     template: Arc<ConfigTemplate>,
     entry: CatalogEntry,
     all_specs: Arc<[ToolSpec]>,
-    all_hooks: Arc<[Arc<dyn Hook>]>,
+    all_hooks: Arc<[(String, Arc<dyn Hook>)]>,
     params: Arc<std::collections::BTreeMap<String, serde_json::Value>>,
 }
 
@@ -146,7 +149,7 @@ impl TemplateCatalog {
         template.validate()?;
         let registered = Registered {
             all_specs: entry.tools.specs().into(),
-            all_hooks: entry.hooks.iter().map(|(_, h)| h.clone()).collect(),
+            all_hooks: entry.hooks.iter().cloned().collect(),
             params: Arc::new(template.params.clone()),
             template: Arc::new(template),
             entry,
@@ -208,13 +211,13 @@ impl TemplateCatalog {
         } else {
             let mut hooks = Vec::new();
             for name in &template.hooks {
-                let (_, h) = entry.hooks.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                let hook = entry.hooks.iter().find(|(n, _)| n == name).ok_or_else(|| {
                     Error::Config(format!(
                         "template {} names hook {name:?}, which this node's catalog lacks",
                         template.template_id
                     ))
                 })?;
-                hooks.push(h.clone());
+                hooks.push(hook.clone());
             }
             hooks.into()
         };
@@ -231,6 +234,7 @@ impl TemplateCatalog {
             params,
             hooks,
             client,
+            redactor: creds.redactor(),
         })
     }
 }

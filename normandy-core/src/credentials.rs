@@ -3,6 +3,7 @@
 //! A [`ConfigTemplate`](crate::template::ConfigTemplate) names the credentials its client needs;
 //! a node-local [`CredentialProvider`] turns names into secrets when a session is (re)built.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,94 @@ impl Credentials {
     /// Names present.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.secrets.keys().map(String::as_str)
+    }
+
+    /// A [`Redactor`] for these secrets' values.
+    pub fn redactor(&self) -> Redactor {
+        let mut secrets: Vec<(String, SecretString)> = self
+            .secrets
+            .iter()
+            .filter(|(_, s)| !s.expose_secret().is_empty())
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        // Longest first: where one value contains another, the whole of the longer is hidden.
+        // Then by name, so the placeholder chosen for two equal values is stable.
+        secrets.sort_by(|(an, a), (bn, b)| {
+            (b.expose_secret().len(), an).cmp(&(a.expose_secret().len(), bn))
+        });
+        Redactor {
+            secrets: secrets.into(),
+        }
+    }
+}
+
+/// Values shorter than this are redacted only where they stand alone (not inside a longer
+/// alphanumeric word): a short value is likely to occur by chance in ordinary text ("1234" in
+/// "port 12345"), and hiding it there would garble errors without protecting anything — a
+/// secret that short is guessable anyway. Longer values are redacted wherever they occur.
+const SHORT_SECRET_BYTES: usize = 8;
+
+/// Replaces occurrences of a session's resolved credential values in text — error messages a
+/// model provider may have built around the key it was sent — with
+/// `[redacted credential NAME]`, before that text is stored or logged. `Debug` prints names only.
+///
+/// It matches the values verbatim: a provider that echoes a key transformed (URL-encoded,
+/// truncated, hashed) is not caught, which is why secrets are still never put in errors on
+/// purpose.
+#[derive(Clone, Default)]
+pub struct Redactor {
+    /// `(name, value)`, longest value first; no empty values.
+    secrets: Arc<[(String, SecretString)]>,
+}
+
+impl Redactor {
+    /// `text` with every credential value in it replaced by a placeholder naming it. One left-
+    /// to-right pass over the original text, so a placeholder is never searched again.
+    pub fn redact<'a>(&self, text: &'a str) -> Cow<'a, str> {
+        let mut out = String::new();
+        let mut copied = 0;
+        let mut i = 0;
+        while i < text.len() {
+            let hit = self.secrets.iter().find(|(_, secret)| {
+                let value = secret.expose_secret();
+                text[i..].starts_with(value)
+                    && (value.len() >= SHORT_SECRET_BYTES || stands_alone(text, i, value.len()))
+            });
+            match hit {
+                Some((name, secret)) => {
+                    out.push_str(&text[copied..i]);
+                    out.push_str("[redacted credential ");
+                    out.push_str(name);
+                    out.push(']');
+                    i += secret.expose_secret().len();
+                    copied = i;
+                }
+                None => i += text[i..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        if copied == 0 {
+            return Cow::Borrowed(text);
+        }
+        out.push_str(&text[copied..]);
+        Cow::Owned(out)
+    }
+}
+
+/// Whether `text[at..at + len]` is not flanked by alphanumeric characters.
+fn stands_alone(text: &str, at: usize, len: usize) -> bool {
+    let before = text[..at].chars().next_back();
+    let after = text[at + len..].chars().next();
+    !before.is_some_and(char::is_alphanumeric) && !after.is_some_and(char::is_alphanumeric)
+}
+
+impl fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redactor")
+            .field(
+                "names",
+                &self.secrets.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+            )
+            .finish()
     }
 }
 
@@ -229,6 +318,32 @@ mod tests {
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("sk-canary"), "{dbg}");
         assert!(dbg.contains("api"));
+    }
+
+    #[test]
+    fn redactor_hides_every_value_and_names_it() {
+        let creds = Credentials::new()
+            .with("api", "sk-live-0123456789")
+            .with("inner", "sk-live-0123")
+            .with("pin", "4711")
+            .with("empty", "");
+        let r = creds.redactor();
+        assert_eq!(
+            r.redact("invalid key sk-live-0123456789, retry sk-live-0123456789x"),
+            "invalid key [redacted credential api], retry [redacted credential api]x"
+        );
+        // The longer value wins where both match; the shorter one alone is still hidden.
+        assert_eq!(
+            r.redact("keys sk-live-0123 and é sk-live-0123456789"),
+            "keys [redacted credential inner] and é [redacted credential api]"
+        );
+        // A short value is hidden where it stands alone, not inside a longer word or number.
+        assert_eq!(
+            r.redact("pin 4711 rejected; port 47110"),
+            "pin [redacted credential pin] rejected; port 47110"
+        );
+        assert!(matches!(r.redact("nothing here"), Cow::Borrowed(_)));
+        assert!(!format!("{r:?}").contains("sk-live"));
     }
 
     #[test]

@@ -85,6 +85,12 @@ pub(crate) struct ActorParams {
 /// Capacity of the event channel (created on first subscription).
 const EVENT_CAPACITY: usize = 1024;
 
+/// Commands served back to back (the mailbox never empty in between) before the step in flight
+/// and the turn deadline are looked at first once. Commands go first otherwise — a cancellation
+/// or an interrupting input must not wait behind a step that is ready — but a steady stream of
+/// them (a reconnect storm of subscribers) would then starve the turn and its deadline forever.
+const COMMANDS_BEFORE_PROGRESS: u32 = 16;
+
 /// Why the actor loop ended.
 pub(crate) enum Exit {
     /// Idle timeout, `Passivate`, or `Stop`: release the registry placement.
@@ -180,6 +186,8 @@ impl Actor {
             debug!(seq = self.seq, "resuming interrupted turn");
         }
         let mut step: Option<(StepKind, StepFuture)> = None;
+        // Commands served since the mailbox was last found empty or a step or deadline fired.
+        let mut served: u32 = 0;
         let why = 'main: loop {
             // Nested futures are boxed so the idle actor's own future stays small: memory per
             // live idle session is what a node with many sessions pays.
@@ -195,9 +203,10 @@ impl Actor {
             }
             let idle = step.is_none() && !self.state.has_work();
             let deadline = self.deadline;
+            let progress_first = served >= COMMANDS_BEFORE_PROGRESS;
             tokio::select! {
                 biased;
-                cmd = rx.recv() => {
+                cmd = rx.recv(), if !progress_first => {
                     let Some(cmd) = cmd else { break 'main Exit::Dropped };
                     let model_in_flight = matches!(step, Some((StepKind::Model, _)));
                     match Box::pin(self.handle(cmd)).await {
@@ -207,8 +216,16 @@ impl Actor {
                         Ok(Flow::Exit(exit)) => break 'main exit,
                         Err(e) => break 'main self.exit_for(e),
                     }
+                    served = if rx.is_empty() { 0 } else { served + 1 };
+                    if served >= COMMANDS_BEFORE_PROGRESS {
+                        // Yielded so the step is next polled with a fresh cooperative budget:
+                        // after a run of commands the budget may be spent, and a spent budget
+                        // makes even a finished timer or socket read look pending.
+                        tokio::task::yield_now().await;
+                    }
                 }
                 res = async { step.as_mut().expect("guarded").1.as_mut().await }, if step.is_some() => {
+                    served = 0;
                     step = None;
                     if let Err(e) = Box::pin(self.finish_step(res)).await {
                         break 'main self.exit_for(e);
@@ -217,6 +234,7 @@ impl Actor {
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     // A hard deadline: the step in flight is abandoned (a tool call in flight is
                     // then in doubt, and recorded so).
+                    served = 0;
                     step = None;
                     if let Err(e) = Box::pin(self.end_turn(TurnStatus::TimedOut, Vec::new(), None)).await {
                         break 'main self.exit_for(e);
@@ -226,6 +244,11 @@ impl Actor {
                     if retire_idle(rx) {
                         break 'main Exit::Release;
                     }
+                }
+                () = std::future::ready(()), if progress_first => {
+                    // The step and the deadline had their look and neither was ready: back to
+                    // the commands.
+                    served = 0;
                 }
             }
         };

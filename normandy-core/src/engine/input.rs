@@ -12,6 +12,13 @@ use crate::model::{ContentBlock, EntryPayload, InputId, TurnStatus};
 use crate::store::CommitAck;
 use crate::template::InputMode;
 
+/// Most callers waiting for one input's turn, the original sender included. Resubmissions of a
+/// running input wait beside it; a client retrying in a tight loop must not grow the actor's
+/// memory without bound, so beyond this it is refused with the retryable `Overloaded` (the
+/// outcome is still there once the turn ends). With the input queue bounded too, the waiters of
+/// a session are bounded by this times (queued inputs + 1).
+const MAX_WAITERS_PER_INPUT: usize = 64;
+
 impl Actor {
     pub(super) async fn accept(
         &mut self,
@@ -48,7 +55,20 @@ impl Actor {
                 Ok(Some(outcome)) => {
                     let _ = reply.send(outcome.into_result());
                 }
-                Ok(None) => self.waiters.entry(input.input_id).or_default().push(reply),
+                Ok(None) => {
+                    let waiting = self.waiters.entry(input.input_id).or_default();
+                    if waiting.len() >= MAX_WAITERS_PER_INPUT {
+                        let _ = reply.send(Err(Error::Overloaded {
+                            session: self.id.clone(),
+                            what: format!(
+                                "{} callers already wait for this input's turn",
+                                waiting.len()
+                            ),
+                        }));
+                    } else {
+                        waiting.push(reply);
+                    }
+                }
                 Err(e) => {
                     let _ = reply.send(Err(e));
                 }

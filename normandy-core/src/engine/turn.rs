@@ -17,7 +17,7 @@ use super::{ActiveTurn, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome,
 use crate::error::{Error, Result};
 use crate::hooks::{HookDecision, ToolCall};
 use crate::llm::{ModelRequest, ModelResponse};
-use crate::model::{Entry, EntryPayload, InputId, Message, Role, TurnStatus, Usage};
+use crate::model::{Entry, EntryPayload, InputId, Message, Role, SessionId, TurnStatus, Usage};
 use crate::store::{CommitAck, CommitBatch, now_ms};
 use crate::tools::{ToolContext, ToolOutput};
 
@@ -32,7 +32,17 @@ pub(super) type StepFuture = Pin<Box<dyn Future<Output = StepResult> + Send>>;
 /// What a step produced, committed by [`Actor::finish_step`].
 pub(super) enum StepResult {
     Model(Result<ModelResponse>),
-    Tool { call_id: String, output: ToolOutput },
+    Tool {
+        call_id: String,
+        output: ToolOutput,
+    },
+    /// A hook around a tool call panicked: the turn fails. `tool_ran` says whether the tool had
+    /// run (an `after_tool` hook), so the call's result says its outcome is unknown — the
+    /// output the hook never finished editing is not committed.
+    ToolHookPanicked {
+        error: Error,
+        tool_ran: bool,
+    },
 }
 
 /// Which kind of step is in flight (a model call may be dropped at once; a tool call may not).
@@ -156,12 +166,22 @@ impl Actor {
         let timeout = Duration::from_millis(template.limits.model_call_timeout_ms);
         let session = self.id.clone();
         Box::pin(async move {
-            for hook in hooks.iter() {
-                if let HookDecision::Veto(reason) = hook.before_model(&mut request).await {
-                    return StepResult::Model(Err(Error::Model {
-                        message: format!("model call vetoed by a hook: {reason}"),
-                        retryable: false,
-                    }));
+            for (name, hook) in hooks.iter() {
+                let decision = guarded(
+                    &session,
+                    name,
+                    "before_model",
+                    hook.before_model(&mut request),
+                );
+                match decision.await {
+                    Ok(HookDecision::Continue) => {}
+                    Ok(HookDecision::Veto(reason)) => {
+                        return StepResult::Model(Err(Error::Model {
+                            message: format!("model call vetoed by a hook: {reason}"),
+                            retryable: false,
+                        }));
+                    }
+                    Err(e) => return StepResult::Model(Err(e)),
                 }
             }
             let mut attempt = 0;
@@ -188,8 +208,16 @@ impl Actor {
             };
             let result = match result {
                 Ok(mut response) => {
-                    for hook in hooks.iter() {
-                        hook.after_model(&mut response).await;
+                    for (name, hook) in hooks.iter() {
+                        let edit = guarded(
+                            &session,
+                            name,
+                            "after_model",
+                            hook.after_model(&mut response),
+                        );
+                        if let Err(e) = edit.await {
+                            return StepResult::Model(Err(e));
+                        }
                     }
                     Ok(response)
                 }
@@ -203,6 +231,7 @@ impl Actor {
         let hooks = self.config.hooks.clone();
         let tool = self.config.tools.get(&call.name).cloned();
         let timeout = Duration::from_millis(self.config.template.limits.tool_call_timeout_ms);
+        let session = self.id.clone();
         let ctx = ToolContext {
             session: self.id.clone(),
             call_id: call.id.clone(),
@@ -218,12 +247,21 @@ impl Actor {
                 name: call.name,
                 input: call.input,
             };
-            for hook in hooks.iter() {
-                if let HookDecision::Veto(reason) = hook.before_tool(&mut tc).await {
-                    return StepResult::Tool {
-                        call_id: tc.id,
-                        output: ToolOutput::error(format!("tool call refused: {reason}")),
-                    };
+            for (name, hook) in hooks.iter() {
+                match guarded(&session, name, "before_tool", hook.before_tool(&mut tc)).await {
+                    Ok(HookDecision::Continue) => {}
+                    Ok(HookDecision::Veto(reason)) => {
+                        return StepResult::Tool {
+                            call_id: tc.id,
+                            output: ToolOutput::error(format!("tool call refused: {reason}")),
+                        };
+                    }
+                    Err(error) => {
+                        return StepResult::ToolHookPanicked {
+                            error,
+                            tool_ran: false,
+                        };
+                    }
                 }
             }
             let mut output = match tool {
@@ -244,8 +282,19 @@ impl Actor {
                     }
                 }
             };
-            for hook in hooks.iter() {
-                hook.after_tool(&tc, &mut output).await;
+            for (name, hook) in hooks.iter() {
+                let edit = guarded(
+                    &session,
+                    name,
+                    "after_tool",
+                    hook.after_tool(&tc, &mut output),
+                );
+                if let Err(error) = edit.await {
+                    return StepResult::ToolHookPanicked {
+                        error,
+                        tool_ran: true,
+                    };
+                }
             }
             StepResult::Tool {
                 call_id: tc.id,
@@ -298,22 +347,30 @@ impl Actor {
                     Ok(())
                 }
             }
-            StepResult::Model(Err(e)) => {
-                warn!(error = %e, "model call failed; ending turn");
-                self.end_turn(
-                    TurnStatus::Failed {
-                        message: e.to_string(),
-                    },
-                    Vec::new(),
-                    None,
-                )
-                .await
-            }
+            StepResult::Model(Err(e)) => self.fail_turn(&e, "model call failed").await,
             StepResult::Tool { call_id, output } => {
                 self.in_flight = None;
                 self.record_tool_result(call_id, output).await
             }
+            StepResult::ToolHookPanicked { error, tool_ran } => {
+                if !tool_ran {
+                    // The tool never started: its result says "not run" (unless a start was
+                    // committed, which `end_turn` reports in doubt, as it must).
+                    self.in_flight = None;
+                }
+                self.fail_turn(&error, "a tool hook panicked").await
+            }
         }
+    }
+
+    /// Ends the turn as failed with `e`. Its text is logged and stored only with the session's
+    /// credential values redacted: a provider's error may echo the key it was sent, and a
+    /// hook's panic message may carry anything.
+    async fn fail_turn(&mut self, e: &Error, why: &str) -> Result<()> {
+        let message = self.config.redactor.redact(&e.to_string()).into_owned();
+        warn!(error = %message, "{why}; ending turn");
+        self.end_turn(TurnStatus::Failed { message }, Vec::new(), None)
+            .await
     }
 
     async fn record_tool_result(&mut self, call_id: String, output: ToolOutput) -> Result<()> {
@@ -568,6 +625,30 @@ impl Actor {
         }
         self.store.mark_terminal(&self.id, self.epoch).await
     }
+}
+
+/// Runs one hook call the way tool calls run: a panic becomes an error naming the hook, where it
+/// ran and the session, which fails the turn. Unguarded, a panic would kill the actor, and each
+/// rebuild would re-run the turn's idempotent tools and panic again — a crash loop.
+async fn guarded<T>(
+    session: &SessionId,
+    hook: &str,
+    point: &str,
+    call: impl Future<Output = T>,
+) -> Result<T> {
+    AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("a non-string payload");
+            Error::Internal(format!(
+                "session {session}: hook {hook:?} panicked in {point}: {what}"
+            ))
+        })
 }
 
 pub(super) fn new_turn(q: &QueuedInput) -> ActiveTurn {

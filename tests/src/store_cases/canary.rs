@@ -44,9 +44,23 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
             Ok(Arc::new(ScriptedClient::echo()) as Arc<dyn LlmClient>)
         })
     };
+    // A second template whose provider refuses the key and echoes it in its error, as real
+    // providers do ("invalid api key sk-..."): the error must reach neither store nor logs.
+    let failing_id = format!("canary-failing-{}", token());
+    let failing = ConfigTemplate::new(failing_id.clone(), "scripted-model").credential("api-key");
+    let echoing = CatalogEntry::new(|_template, creds: &Credentials| {
+        let key = creds.expose("api-key")?.to_string();
+        Ok(Arc::new(ScriptedClient::from_fn(move |_| {
+            Err(Error::Model {
+                message: format!("401: invalid api key {key}"),
+                retryable: false,
+            })
+        })) as Arc<dyn LlmClient>)
+    });
     let catalog = TemplateCatalog::new()
         .with(template, entry)
-        .expect("valid template");
+        .and_then(|c| c.with(failing, echoing))
+        .expect("valid templates");
     let sessions = Sessions::builder(catalog)
         .node(node("canary-node"))
         .store(h.store())
@@ -62,6 +76,14 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
     assert_eq!(out.text(), format!("echo: hello {marker}"));
     let out = ok(sessions.send(&id, "second input").await, "send again");
     assert_eq!(out.text(), "echo: second input");
+    let failed_id = ok(
+        sessions.start(&failing_id).await,
+        "start the failing session",
+    );
+    let failed = sessions
+        .send(&failed_id, "this turn fails")
+        .await
+        .expect_err("the echoing model fails the turn");
     sessions.shutdown().await;
     assert!(
         read_secret.load(Ordering::SeqCst),
@@ -79,6 +101,13 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
     assert!(
         all_entries(&*store, &id).await.len() >= 4,
         "two turns must have committed entries"
+    );
+    assert!(
+        all_entries(&*store, &failed_id)
+            .await
+            .iter()
+            .any(|e| e.payload.kind_name() == "turn_end"),
+        "the failed turn's end (with its error) must be stored for the scan to test it"
     );
 
     let raw = h.raw_bytes().await;
@@ -103,5 +132,11 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
     assert!(
         !logs.contains(canary.as_bytes()) && !logs.contains(secret_token.as_bytes()),
         "the canary credential appears in the logs"
+    );
+    // Checked last, so a leak shows first where it matters most: at rest and in the logs.
+    let text = failed.to_string();
+    assert!(
+        text.contains("invalid api key [redacted credential api-key]"),
+        "the caller hears the provider's error with the key redacted: {text}"
     );
 }
