@@ -522,6 +522,7 @@ impl NodeClient {
                 SessionRequest {
                     session: session.clone(),
                     forwarded,
+                    turn: None,
                 },
             )
             .await
@@ -531,16 +532,22 @@ impl NodeClient {
 
     /// Cancels a running turn; returns whether one was running.
     pub async fn cancel(&self, session: &SessionId) -> Result<bool> {
-        self.cancel_inner(session, false).await
+        self.cancel_inner(session, None, false).await
     }
 
-    pub(crate) async fn cancel_inner(&self, session: &SessionId, forwarded: bool) -> Result<bool> {
+    pub(crate) async fn cancel_inner(
+        &self,
+        session: &SessionId,
+        turn: Option<InputId>,
+        forwarded: bool,
+    ) -> Result<bool> {
         let r: CancelReply = self
             .unary(
                 path::CANCEL,
                 SessionRequest {
                     session: session.clone(),
                     forwarded,
+                    turn,
                 },
             )
             .await

@@ -90,6 +90,9 @@ pub struct SessionRequest {
     pub session: SessionId,
     /// See [`SendRequest::forwarded`].
     pub forwarded: bool,
+    /// `Cancel`: only this input's turn (absent from older callers: whatever turn runs).
+    #[serde(default)]
+    pub turn: Option<InputId>,
 }
 
 /// `Cancel` reply.

@@ -523,11 +523,24 @@ impl Sessions {
     /// A session not live on this node has no running turn here: the answer is `false`, and
     /// nothing is activated (activating would fence a live owner elsewhere).
     pub async fn cancel(&self, id: &SessionId) -> Result<bool> {
+        self.cancel_inner(id, None).await
+    }
+
+    /// Cancels the turn of input `input_id` if it is the one running; any other turn runs on
+    /// (`Ok(false)`). Safe to resend: a retried cancel never hits the next turn.
+    pub async fn cancel_turn(&self, id: &SessionId, input_id: &InputId) -> Result<bool> {
+        self.cancel_inner(id, Some(input_id.clone())).await
+    }
+
+    async fn cancel_inner(&self, id: &SessionId, turn: Option<InputId>) -> Result<bool> {
         let Some(handle) = self.inner.live.live(id) else {
             return Ok(false);
         };
         let (reply, rx) = oneshot::channel();
-        let running = match self.deliver(id, &handle, Command::Cancel { reply }).await? {
+        let running = match self
+            .deliver(id, &handle, Command::Cancel { turn, reply })
+            .await?
+        {
             true => rx.await.ok(),
             false => None,
         };

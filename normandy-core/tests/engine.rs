@@ -1370,3 +1370,50 @@ async fn waiters_for_one_input_are_bounded() {
     let history = sessions.history_all(&id).await.unwrap();
     assert_eq!(inputs_in(&history), vec!["x"]);
 }
+
+/// Issue 14, hole 6: a cancel that names a turn is a no-op for any other, so a cancel re-sent
+/// after a retryable failure never cancels the turn that started since.
+#[tokio::test]
+async fn a_cancel_naming_a_turn_leaves_every_other_turn_running() {
+    let (catalog, _) = slow_fixture(InputMode::Queue);
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = sessions.start("t").await.unwrap();
+    let done = sessions
+        .send(&id, Input::text("first").with_id(iid("first")))
+        .await
+        .unwrap();
+    assert_eq!(done.text(), "done first");
+    let s2 = sessions.clone();
+    let id2 = id.clone();
+    let second = tokio::spawn(async move {
+        s2.send(&id2, Input::text("second").with_id(iid("second")))
+            .await
+    });
+    // Wait until the second turn runs (its input is committed and the tool is in flight).
+    for _ in 0..200 {
+        let h = sessions.history_all(&id).await.unwrap();
+        if inputs_in(&h).len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // A late retry of a cancel meant for the first turn: nothing happens to the second.
+    assert!(!sessions.cancel_turn(&id, &iid("first")).await.unwrap());
+    assert_eq!(second.await.unwrap().unwrap().text(), "done second");
+
+    let s3 = sessions.clone();
+    let id3 = id.clone();
+    let third = tokio::spawn(async move {
+        s3.send(&id3, Input::text("third").with_id(iid("third")))
+            .await
+    });
+    for _ in 0..200 {
+        if inputs_in(&sessions.history_all(&id).await.unwrap()).len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(sessions.cancel_turn(&id, &iid("third")).await.unwrap());
+    let err = third.await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
+}

@@ -301,8 +301,30 @@ impl Cluster {
     }
 
     /// Cancels the session's running turn, at its owner.
+    ///
+    /// # Behavior
+    /// - Cancels the turn running when it is called: it reads which input that is from the
+    ///   store, then every attempt (a re-send after a stale route included) names that turn,
+    ///   so a retry never cancels the turn that started since. `Ok(false)` if none runs.
     pub async fn cancel(&self, id: &SessionId) -> Result<bool> {
-        self.node.route_cancel(id).await
+        let record = self
+            .node
+            .store
+            .load(id)
+            .await?
+            .ok_or_else(|| Error::NotFound {
+                session: id.clone(),
+            })?;
+        match record.state.turn {
+            Some(turn) => self.node.route_cancel(id, Some(turn.input_id)).await,
+            None => Ok(false),
+        }
+    }
+
+    /// Cancels the turn of input `input_id` if it is the one running, at the session's owner;
+    /// any other turn runs on (`Ok(false)`). Safe to resend.
+    pub async fn cancel_turn(&self, id: &SessionId, input_id: &InputId) -> Result<bool> {
+        self.node.route_cancel(id, Some(input_id.clone())).await
     }
 
     /// Closes the session for good, at its owner.

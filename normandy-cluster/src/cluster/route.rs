@@ -106,7 +106,10 @@ pub(super) enum Op {
     Subscribe {
         after: Seq,
     },
-    Cancel,
+    /// Cancels the turn of this input only (or whatever runs, for `None`).
+    Cancel {
+        turn: Option<InputId>,
+    },
     Stop,
 }
 
@@ -153,7 +156,7 @@ async fn run_remote(peer: &NodeClient, id: &SessionId, op: &Op) -> Result<OpResu
                 .await?,
         ),
         Op::Subscribe { after } => OpResult::Stream(peer.subscribe_inner(id, *after, true).await?),
-        Op::Cancel => OpResult::Bool(peer.cancel_inner(id, true).await?),
+        Op::Cancel { turn } => OpResult::Bool(peer.cancel_inner(id, turn.clone(), true).await?),
         Op::Stop => {
             peer.stop_inner(id, true).await?;
             OpResult::Unit
@@ -260,7 +263,8 @@ pub(super) async fn run_local(sessions: &Sessions, id: &SessionId, op: &Op) -> R
             OpResult::Outcome(sessions.send(id, input).await?)
         }
         Op::Subscribe { after } => OpResult::Stream(sessions.subscribe(id, *after).await?),
-        Op::Cancel => OpResult::Bool(sessions.cancel(id).await?),
+        Op::Cancel { turn: None } => OpResult::Bool(sessions.cancel(id).await?),
+        Op::Cancel { turn: Some(t) } => OpResult::Bool(sessions.cancel_turn(id, t).await?),
         Op::Stop => {
             sessions.stop(id).await?;
             OpResult::Unit
@@ -284,8 +288,8 @@ impl Node {
         self.route(id, &Op::Subscribe { after }).await?.stream()
     }
 
-    pub(super) async fn route_cancel(&self, id: &SessionId) -> Result<bool> {
-        self.route(id, &Op::Cancel).await?.bool()
+    pub(super) async fn route_cancel(&self, id: &SessionId, turn: Option<InputId>) -> Result<bool> {
+        self.route(id, &Op::Cancel { turn }).await?.bool()
     }
 
     pub(super) async fn route_stop(&self, id: &SessionId) -> Result<()> {

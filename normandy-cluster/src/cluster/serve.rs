@@ -88,7 +88,7 @@ impl Node {
                 OpResult::Outcome(self.route_send(id, input_id, content).await?)
             }
             Op::Subscribe { after } => OpResult::Stream(self.route_subscribe(id, after).await?),
-            Op::Cancel => OpResult::Bool(self.route_cancel(id).await?),
+            Op::Cancel { turn } => OpResult::Bool(self.route_cancel(id, turn).await?),
             Op::Stop => {
                 self.route_stop(id).await?;
                 OpResult::Unit
@@ -143,7 +143,7 @@ impl NodeApi for Node {
     }
 
     async fn cancel(&self, r: SessionRequest) -> Result<bool> {
-        self.serve_op(&r.session, Op::Cancel, r.forwarded)
+        self.serve_op(&r.session, Op::Cancel { turn: r.turn }, r.forwarded)
             .await?
             .bool()
     }

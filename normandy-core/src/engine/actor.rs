@@ -43,6 +43,8 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<Subscription>>,
     },
     Cancel {
+        /// Only this input's turn; `None`: whatever turn runs.
+        turn: Option<InputId>,
         reply: oneshot::Sender<bool>,
     },
     Stop {
@@ -330,8 +332,14 @@ impl Actor {
                 let _ = reply.send(replay.map(|r| (r, rx)));
                 Ok(Flow::Continue)
             }
-            Command::Cancel { reply } => {
-                let running = self.state.turn.is_some();
+            Command::Cancel { turn, reply } => {
+                // A cancel naming a turn is a no-op for any other: a cancel re-sent after a
+                // retryable failure must not cancel the turn that started since.
+                let running = self
+                    .state
+                    .turn
+                    .as_ref()
+                    .is_some_and(|t| turn.as_ref().is_none_or(|want| *want == t.input_id));
                 if running {
                     self.cancel = Some(TurnStatus::Cancelled);
                 }
