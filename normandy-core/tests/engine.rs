@@ -1371,6 +1371,17 @@ async fn waiters_for_one_input_are_bounded() {
     assert_eq!(inputs_in(&history), vec!["x"]);
 }
 
+/// Polls until `n` inputs of `id` are committed (a turn starts with its input's commit).
+async fn inputs_committed(sessions: &Sessions, id: &SessionId, n: usize) {
+    for _ in 0..2000 {
+        if inputs_in(&sessions.history_all(id).await.unwrap()).len() >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{n} inputs were never committed");
+}
+
 /// Issue 14, hole 6: a cancel that names a turn is a no-op for any other, so a cancel re-sent
 /// after a retryable failure never cancels the turn that started since.
 #[tokio::test]
@@ -1390,13 +1401,7 @@ async fn a_cancel_naming_a_turn_leaves_every_other_turn_running() {
             .await
     });
     // Wait until the second turn runs (its input is committed and the tool is in flight).
-    for _ in 0..200 {
-        let h = sessions.history_all(&id).await.unwrap();
-        if inputs_in(&h).len() == 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    inputs_committed(&sessions, &id, 2).await;
     // A late retry of a cancel meant for the first turn: nothing happens to the second.
     assert!(!sessions.cancel_turn(&id, &iid("first")).await.unwrap());
     assert_eq!(second.await.unwrap().unwrap().text(), "done second");
@@ -1407,12 +1412,7 @@ async fn a_cancel_naming_a_turn_leaves_every_other_turn_running() {
         s3.send(&id3, Input::text("third").with_id(iid("third")))
             .await
     });
-    for _ in 0..200 {
-        if inputs_in(&sessions.history_all(&id).await.unwrap()).len() == 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    inputs_committed(&sessions, &id, 3).await;
     assert!(sessions.cancel_turn(&id, &iid("third")).await.unwrap());
     let err = third.await.unwrap().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Cancelled, "{err}");
