@@ -9,7 +9,7 @@ use futures::StreamExt;
 use normandy_cluster::{Cluster, ClusterConfig, MemberEvent, RedisMembership};
 use normandy_core::{
     CatalogEntry, ConfigTemplate, ErrorKind, FromClient, JoinOutcome, LeaseStatus, Member,
-    Membership, NodeId, ScriptedClient, TemplateCatalog, TurnEvent,
+    Membership, NodeId, ScriptedClient, SessionRegistry, TemplateCatalog, TurnEvent,
 };
 use support::{cleanup, drain_events, redis_url, unique_prefix, until_turn_end};
 
@@ -270,7 +270,7 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_membership_lease_is_the_registry_lease() {
-    use normandy_core::{SessionId, SessionRegistry};
+    use normandy_core::SessionId;
     use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
     let prefix = unique_prefix("shared-lease");
     let registry = RedisRegistry::connect(
@@ -538,4 +538,84 @@ async fn tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss(
         .await
         .expect("said in so many words");
     lossy.shutdown().await;
+}
+
+/// Issue 14, hole 3: the sweep took only orphans (last owner not a live member), so an eager
+/// session mid-turn whose actor was gone from a live node, and whose placement was released,
+/// waited for a request forever. It now resumes any resumable session without a resolving
+/// placement, whoever owned it last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_sweep_resumes_an_unplaced_eager_session_of_a_live_node() {
+    let prefix = unique_prefix("sweep");
+    let catalog = || {
+        TemplateCatalog::new()
+            .with(
+                ConfigTemplate::new("eager", "scripted")
+                    .resume_policy(normandy_core::ResumePolicy::Eager),
+                CatalogEntry::with_client(
+                    ScriptedClient::echo().with_latency(Duration::from_millis(400)),
+                ),
+            )
+            .unwrap()
+    };
+    let config = ClusterConfig {
+        sweep_interval: Duration::from_millis(500),
+        ..ClusterConfig::default()
+    };
+    let mut nodes = Vec::new();
+    for name in ["a", "b"] {
+        nodes.push(
+            Cluster::redis(catalog(), &redis_url())
+                .prefix(&prefix)
+                .node_name(name)
+                .secret("in-process-secret")
+                .config(config.clone())
+                .build()
+                .await
+                .unwrap(),
+        );
+    }
+    let a = nodes[0].clone();
+    let store = a.sessions().store().clone();
+    let id = a.start("eager").await.unwrap();
+    let (a2, id2) = (a.clone(), id.clone());
+    let caller = tokio::spawn(async move { a2.send(&id2, "hi").await });
+    support::eventually(
+        Duration::from_secs(10),
+        "the input is committed",
+        || async { matches!(store.load(&id).await, Ok(Some(r)) if r.is_resumable()) },
+    )
+    .await;
+    // The caller goes away, the actor vanishes from its (live) node and the placement is
+    // released: nobody will send again, and no node is dead.
+    caller.abort();
+    let registry = normandy_registry_redis::RedisRegistry::connect(
+        normandy_registry_redis::RedisRegistryConfig::new(&redis_url())
+            .unwrap()
+            .prefix(format!("{prefix}:registry")),
+    )
+    .await
+    .unwrap();
+    let owner = registry.lookup(&id).await.unwrap().expect("placed").owner;
+    let on = nodes.iter().find(|n| n.node() == owner).expect("a member");
+    assert!(on.sessions().kill(&id), "its actor was live on {owner}");
+    assert!(registry.unregister(&id, &owner).await.unwrap());
+    support::eventually(
+        Duration::from_secs(15),
+        "the sweep finishes the turn",
+        || async { matches!(store.load(&id).await, Ok(Some(r)) if !r.is_resumable()) },
+    )
+    .await;
+    let kinds: Vec<String> = store
+        .entries(&id, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.payload.kind_name().to_string())
+        .collect();
+    assert_eq!(kinds, ["input", "assistant", "turn_end"]);
+    for n in nodes {
+        n.shutdown().await;
+    }
+    cleanup(&prefix).await;
 }

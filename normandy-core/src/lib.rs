@@ -35,6 +35,7 @@
 //! # }
 //! ```
 
+pub mod bounded;
 pub mod catalog;
 pub mod codec;
 pub mod credentials;
@@ -50,6 +51,7 @@ pub mod store;
 pub mod template;
 pub mod tools;
 
+pub use bounded::{BoundedMembership, BoundedRegistry, BoundedStore};
 pub use catalog::{CatalogEntry, SessionConfig, TemplateCatalog};
 pub use credentials::{
     CredentialProvider, Credentials, EnvCredentials, FromClient, StaticCredentials,

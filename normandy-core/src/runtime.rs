@@ -21,6 +21,7 @@ use tokio::sync::oneshot;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::bounded::{BoundedRegistry, BoundedStore};
 use crate::catalog::TemplateCatalog;
 use crate::credentials::{CredentialProvider, Credentials, EnvCredentials, FromClient};
 use crate::engine::{
@@ -102,6 +103,8 @@ struct Inner {
     accepting: AtomicBool,
     /// Asked before every commit; see [`SessionsBuilder::commit_gate`].
     gate: Option<CommitGate>,
+    /// When an eager session's actor fails, how long before it is resumed here.
+    restarts: slots::Restarts,
 }
 
 /// A check every actor of a runtime makes before each commit: `Err` and the commit is not
@@ -121,6 +124,8 @@ pub struct SessionsBuilder {
     mailbox: usize,
     send_timeout: Duration,
     gate: Option<CommitGate>,
+    call_timeout: Duration,
+    restart: slots::RestartPolicy,
 }
 
 impl std::fmt::Debug for SessionsBuilder {
@@ -194,6 +199,26 @@ impl SessionsBuilder {
         self
     }
 
+    /// The bound of every call this runtime makes to its store and registry (default 45 s,
+    /// [`DEFAULT_CALL_TIMEOUT`](crate::bounded::DEFAULT_CALL_TIMEOUT)). A call past it ends as a
+    /// retryable `Timeout`: an actor's commit confirms and retries it, then gives the session
+    /// up (an eager one is resumed, see [`restart_backoff`](Self::restart_backoff)); an
+    /// activation fails and its caller may retry. See [`BoundedStore`](crate::BoundedStore).
+    pub fn store_call_timeout(mut self, bound: Duration) -> Self {
+        self.call_timeout = bound;
+        self
+    }
+
+    /// How an eager session whose actor failed on this node (its commits kept failing through
+    /// a store outage, say) is brought back: resumed here after `first`, then after twice as
+    /// long at each failure in a row, up to `max` (defaults 500 ms and 30 s). A failure more
+    /// than ten minutes after the last starts again from `first`. Lazy sessions are not
+    /// resumed: their next request rebuilds them.
+    pub fn restart_backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.restart = slots::RestartPolicy::new(first, max);
+        self
+    }
+
     /// Builds the runtime.
     pub fn build(self) -> Result<Sessions> {
         let node = match self.node {
@@ -203,10 +228,15 @@ impl SessionsBuilder {
         Ok(Sessions {
             inner: Arc::new(Inner {
                 node,
-                store: self.store.unwrap_or_else(|| Arc::new(InMemoryStore::new())),
-                registry: self
-                    .registry
-                    .unwrap_or_else(|| Arc::new(LocalRegistry::new())),
+                store: BoundedStore::wrap(
+                    self.store.unwrap_or_else(|| Arc::new(InMemoryStore::new())),
+                    self.call_timeout,
+                ),
+                registry: BoundedRegistry::wrap(
+                    self.registry
+                        .unwrap_or_else(|| Arc::new(LocalRegistry::new())),
+                    self.call_timeout,
+                ),
                 catalog: self.catalog,
                 credentials: self
                     .credentials
@@ -218,6 +248,7 @@ impl SessionsBuilder {
                 send_timeout: self.send_timeout,
                 accepting: AtomicBool::new(true),
                 gate: self.gate,
+                restarts: slots::Restarts::new(self.restart),
             }),
         })
     }
@@ -255,6 +286,8 @@ impl Sessions {
             mailbox: 64,
             send_timeout: Duration::from_secs(5),
             gate: None,
+            call_timeout: crate::bounded::DEFAULT_CALL_TIMEOUT,
+            restart: slots::RestartPolicy::default(),
         }
     }
 

@@ -46,7 +46,11 @@ pub struct TurnLimits {
     /// Most model calls in one turn (default 16).
     pub max_steps: u32,
     /// Deadline of one turn, in milliseconds (model and tool time together; default 600,000:
-    /// 10 minutes).
+    /// 10 minutes). It counts the time the turn runs, on the monotonic clock of whichever node
+    /// runs it, checkpointed at every commit (`ActiveTurn::ran_ms`): a turn that moves keeps the
+    /// rest of its budget whatever the new node's wall clock says. Time while no node ran it
+    /// (between a crash and its resume) is not counted, nor the uncommitted part of the step a
+    /// crash cut short.
     pub turn_deadline_ms: u64,
     /// Deadline of one model call, in milliseconds (default 120,000: 2 minutes).
     pub model_call_timeout_ms: u64,

@@ -232,6 +232,17 @@ async fn wait_for_entry(store: &InMemoryStore, id: &SessionId, kind: &str) {
     panic!("no {kind} entry appeared");
 }
 
+/// Records in the stored state of `id`'s turn that it has run `ms` already, as its owner would
+/// have committed had it run that long before it died. (The deadline counts run time measured on
+/// monotonic clocks; time while no node ran the turn is not counted, since wall clocks of two
+/// nodes cannot be compared. So a test cannot spend the budget by sleeping between a crash and
+/// the resume.)
+async fn spend_turn_budget(store: &InMemoryStore, id: &SessionId, ms: u64) {
+    let mut state = store.load(id).await.unwrap().unwrap().state;
+    state.turn.as_mut().expect("a turn in flight").ran_ms = Some(ms);
+    assert!(store.overwrite_state_bytes(id, codec::encode(BlobKind::TurnState, &state).unwrap()));
+}
+
 /// A store whose next `activate` hangs once the returned flag is set (a slow or stuck
 /// database).
 fn gated_store() -> (Arc<FaultStore>, Arc<AtomicBool>) {
@@ -458,7 +469,8 @@ async fn an_in_doubt_call_resumed_past_the_deadline_is_recorded_in_doubt() {
     wait_until(|| pay.count("start:") == 1, "the paid call runs").await;
     assert!(node_a.kill(&id), "node a dies mid-call");
     send.abort();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The turn had run past its deadline before a died (see `spend_turn_budget`).
+    spend_turn_budget(&store, &id, 400).await;
 
     let node_b = runtime(&catalog, store.clone(), "b");
     let out = node_b
@@ -1281,7 +1293,7 @@ async fn stop_answers_the_running_and_every_queued_waiter() {
     assert_eq!(slow.count("start:"), 1, "nothing ran after stop");
 }
 
-/// The turn deadline counts from the turn's stored start: a node resuming a turn whose deadline
+/// The turn deadline counts the turn's stored run time: a node resuming a turn whose deadline
 /// already passed ends it as timed out without another model call.
 #[tokio::test]
 async fn a_resumed_turn_past_its_deadline_makes_no_model_call() {
@@ -1309,7 +1321,7 @@ async fn a_resumed_turn_past_its_deadline_makes_no_model_call() {
     wait_for_entry(&store, &id, "input").await;
     assert!(node_a.kill(&id));
     send.abort();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    spend_turn_budget(&store, &id, 300).await;
     let fast = ScriptedClient::echo();
     let node_b = runtime(
         &catalog_with(template, CatalogEntry::with_client(fast.clone())),
@@ -1442,4 +1454,189 @@ async fn a_send_during_retirement_keeps_its_new_placement() {
         1,
         "the old release removed the new placement"
     );
+}
+
+/// Issue 14, hole 3: an eager session whose actor gave up on a store outage (every commit of
+/// the answer failed, retries and all) was never resumed on a live node — only a request or a
+/// reaper of a dead node's sessions would have brought it back. It is resumed locally, with a
+/// backoff, once the store answers again; a lazy session waits for its next request.
+#[tokio::test]
+async fn an_eager_session_whose_actor_failed_on_a_store_outage_is_resumed_here() {
+    let catalog = TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new("eager", "m").resume_policy(ResumePolicy::Eager),
+            CatalogEntry::with_client(ScriptedClient::echo()),
+        )
+        .unwrap()
+        .with(
+            ConfigTemplate::new("lazy", "m"),
+            CatalogEntry::with_client(ScriptedClient::echo()),
+        )
+        .unwrap();
+    let inner = Arc::new(InMemoryStore::new());
+    let down = Arc::new(AtomicBool::new(false));
+    let failed_commits = Arc::new(AtomicUsize::new(0));
+    let (d, f) = (down.clone(), failed_commits.clone());
+    // The outage: every commit of a model's answer fails while `down` is set; inputs commit.
+    let store = FaultStore::new(inner.clone()).on_commit(move |call| {
+        let answer = call
+            .batch
+            .entries
+            .iter()
+            .any(|e| matches!(e.payload, EntryPayload::Assistant { .. }));
+        std::future::ready(if answer && d.load(Ordering::SeqCst) {
+            f.fetch_add(1, Ordering::SeqCst);
+            Fault::Fail(Error::Unavailable {
+                backend: "fault store",
+                message: "the database is down".into(),
+            })
+        } else {
+            Fault::Pass
+        })
+    });
+    let sessions = Sessions::builder(catalog)
+        .node(node("a"))
+        .store(Arc::new(store))
+        .restart_backoff(Duration::from_millis(20), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let eager = start(&sessions, "eager", "e").await;
+    let lazy = start(&sessions, "lazy", "l").await;
+    down.store(true, Ordering::SeqCst);
+    for id in [&eager, &lazy] {
+        let r = timeout(Duration::from_secs(30), sessions.send(id, "hello"))
+            .await
+            .expect("send returns");
+        assert!(
+            r.is_err(),
+            "the answer cannot be committed during the outage"
+        );
+    }
+    // Local resumes keep failing while the store is down, backing off.
+    let before = failed_commits.load(Ordering::SeqCst);
+    wait_until(
+        || failed_commits.load(Ordering::SeqCst) > before,
+        "a local resume tries again during the outage",
+    )
+    .await;
+    down.store(false, Ordering::SeqCst);
+    // No request: the eager session's turn finishes on its own.
+    for _ in 0..1000 {
+        if inner
+            .entries(&eager, 0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .any(|e| e.payload.kind_name() == "turn_end")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let history = inner.entries(&eager, 0, 100).await.unwrap();
+    let kinds: Vec<&str> = history.iter().map(|e| e.payload.kind_name()).collect();
+    assert_eq!(
+        kinds,
+        ["input", "assistant", "turn_end"],
+        "the interrupted turn ran to its end once"
+    );
+    assert!(!inner.load(&eager).await.unwrap().unwrap().is_resumable());
+    // The lazy one is still mid-turn: its next request resumes it.
+    let lazy_kinds: Vec<String> = inner
+        .entries(&lazy, 0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.payload.kind_name().to_string())
+        .collect();
+    assert_eq!(lazy_kinds, ["input"], "a lazy session waits for a request");
+    assert!(!sessions.is_live(&lazy));
+}
+
+/// Issue 14, hole 4: a store call that never answers (a paused database, a partition without a
+/// reset) wedged the actor's commit, and the session with it, for as long as the socket lived.
+/// Every store call is bounded: the hung commit becomes a retryable timeout, the engine confirms
+/// it did not land and retries, and the caller gets its answer.
+#[tokio::test]
+async fn a_store_call_that_never_answers_is_bounded_and_the_turn_goes_on() {
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(ScriptedClient::echo()),
+    );
+    let inner = Arc::new(InMemoryStore::new());
+    let hang_once = Arc::new(AtomicBool::new(true));
+    let h = hang_once.clone();
+    let store = Arc::new(FaultStore::new(inner.clone()).on_commit(move |_| {
+        std::future::ready(if h.swap(false, Ordering::SeqCst) {
+            Fault::Hang
+        } else {
+            Fault::Pass
+        })
+    }));
+    let sessions = Sessions::builder(catalog)
+        .node(node("a"))
+        .store(store.clone())
+        .store_call_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let id = start(&sessions, "t", "s").await;
+    let out = timeout(Duration::from_secs(20), sessions.send(&id, "hi"))
+        .await
+        .expect("a hung store call does not wedge the session")
+        .expect("the turn completes once the store answers");
+    assert!(store.has_hung(), "the first commit hung");
+    assert_eq!(out.text(), "echo: hi");
+    assert_eq!(
+        inputs_in(&inner.entries(&id, 0, 100).await.unwrap()).len(),
+        1
+    );
+}
+
+/// Issue 14, hole 11: a turn's deadline was counted from its start on the old owner's wall
+/// clock, so a node whose clock ran ahead of the old owner's (here by two hours) ended a moved
+/// turn as timed out the moment it took it over. The deadline now counts the run time the turn's
+/// state records, measured on monotonic clocks.
+#[tokio::test]
+async fn a_moved_turn_keeps_its_deadline_whatever_the_old_owners_wall_clock() {
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(ScriptedClient::echo().with_latency(Duration::from_millis(300))),
+    );
+    let inner = Arc::new(InMemoryStore::new());
+    let a = runtime(&catalog, inner.clone(), "a");
+    let id = start(&a, "t", "s").await;
+    let (a2, id2) = (a.clone(), id.clone());
+    let caller =
+        tokio::spawn(async move { a2.send(&id2, Input::text("hi").with_id(iid("x"))).await });
+    let mut state = None;
+    for _ in 0..400 {
+        let record = inner.load(&id).await.unwrap().unwrap();
+        if record.state.turn.is_some() {
+            state = Some(record.state);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut state = state.expect("the turn started");
+    // a crashes mid-call; its wall clock was two hours behind the next owner's.
+    assert!(a.kill(&id));
+    caller.abort();
+    let turn = state.turn.as_mut().unwrap();
+    assert_eq!(
+        turn.ran_ms,
+        Some(0),
+        "the run time is recorded from the start"
+    );
+    turn.started_at_ms -= 2 * 3600 * 1000;
+    assert!(inner.overwrite_state_bytes(&id, codec::encode(BlobKind::TurnState, &state).unwrap()));
+    let b = runtime(&catalog, inner.clone(), "b");
+    let out = timeout(
+        Duration::from_secs(20),
+        b.send(&id, Input::text("hi").with_id(iid("x"))),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(out.status, TurnStatus::Completed, "{out:?}");
+    assert_eq!(out.text(), "echo: hi");
 }

@@ -4,6 +4,7 @@
 //! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
 //!     (--secret-file FILE | --secret S) [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
 //!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 660000] [--peer-keepalive-ms 5000]
+//!     [--wait-replicas N [--wait-timeout-ms 1000] | --accept-commit-loss-on-failover]
 //!     [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
 //!     [--worker-threads N] [TLS]
 //! normandy-node client --to ADDR (--secret-file FILE | --secret S) [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
@@ -102,6 +103,9 @@ struct Flags {
     positional: Vec<String>,
 }
 
+/// Flags that take no value (beside every `--no-…`).
+const SWITCHES: &[&str] = &["help", "accept-commit-loss-on-failover"];
+
 impl Flags {
     fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
         let mut values = HashMap::new();
@@ -112,7 +116,7 @@ impl Flags {
             if let Some(name) = a.strip_prefix("--") {
                 if let Some((k, v)) = name.split_once('=') {
                     values.insert(k.to_string(), v.to_string());
-                } else if name.starts_with("no-") || name == "help" {
+                } else if SWITCHES.contains(&name) || name.starts_with("no-") {
                     switches.push(name.to_string());
                 } else {
                     let v = args
@@ -198,7 +202,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             "{}",
             include_str!("main.rs")
                 .lines()
-                .take(12)
+                .take(13)
                 .map(|l| l.trim_start_matches("//! ").trim_start_matches("//!"))
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -272,6 +276,16 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         .reaper(!flags.switch("no-reaper"));
     if let Some(a) = flags.get("advertise") {
         builder = builder.advertise(a);
+    }
+    // Tier 2r's durability: WAIT for replicas, or an explicit opt-out; without either the
+    // builder refuses a Redis server that has replicas.
+    if let Some(n) = flags.get("wait-replicas") {
+        let replicas = n
+            .parse()
+            .context("--wait-replicas must be a number of replicas")?;
+        builder = builder.wait(replicas, flags.ms("wait-timeout-ms", 1_000)?);
+    } else if flags.switch("accept-commit-loss-on-failover") {
+        builder = builder.accept_commit_loss_on_failover();
     }
     if let Some(ms) = flags.get("idle-timeout-ms") {
         builder = builder.idle_timeout(Duration::from_millis(ms.parse()?));

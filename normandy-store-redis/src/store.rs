@@ -375,6 +375,24 @@ impl SessionStore for RedisStore {
                 }
                 Ok(CommitAck::Applied { seq })
             }
+            // The script wrote a counter so that the WAIT covers the original input: with too
+            // few acknowledgements the original may still be lost in a failover, so the
+            // duplicate is not reported (a caller would take it as done). Nothing was written
+            // by this call, so there is nothing to confirm on a retry.
+            Reply::Duplicate(_, _) if matches!((&self.wait, acked), (Some(pool), Some(acked)) if acked < pool.wait.replicas) =>
+            {
+                let (wanted, acked) = (
+                    self.wait.as_ref().map_or(0, |p| p.wait.replicas),
+                    acked.unwrap_or(0),
+                );
+                warn!(session = %id, acked, wanted,
+                    "duplicate input found, but its original is not acknowledged by enough replicas");
+                Err(Error::DurabilityNotMet {
+                    session: id.clone(),
+                    wanted,
+                    acked,
+                })
+            }
             Reply::Duplicate(input_id, seq) => Ok(CommitAck::DuplicateInput { input_id, seq }),
             Reply::Miss => Err(Error::Internal(format!(
                 "session {id}: commit script answered like the confirm script"

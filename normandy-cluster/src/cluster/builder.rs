@@ -215,6 +215,13 @@ impl ClusterBuilder {
             ));
         }
         check_store(&*store, self.volatile_store_for_tests)?;
+        // The node's own calls (routing lookups, the reaper's listings) are bounded like its
+        // runtime's, which wraps what it is given itself.
+        let bound = normandy_core::bounded::DEFAULT_CALL_TIMEOUT;
+        let store = normandy_core::BoundedStore::wrap(store, bound);
+        let registry = normandy_core::BoundedRegistry::wrap(registry, bound);
+        // A lease call answered after the lease's TTL is moot.
+        let membership = normandy_core::BoundedMembership::wrap(membership, self.config.lease_ttl);
         let credentials = self
             .credentials
             .unwrap_or_else(|| Arc::new(normandy_core::EnvCredentials::new()));

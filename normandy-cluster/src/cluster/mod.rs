@@ -365,6 +365,8 @@ impl Cluster {
             let _ = t.await;
         }
         // The same id as at the start: a draining node does not rejoin.
+        // Bounded (the membership is, by the lease's TTL): a backend that does not answer must
+        // not hold up the shutdown; the lease then lapses on its own.
         if let Err(e) = node.membership.leave(&me).await {
             warn!(error = %e, "could not drop the lease; it lapses after its TTL");
         }

@@ -1,7 +1,9 @@
 //! The reaper: when a node goes down, survivors resume its interrupted eager sessions — each
 //! first by the survivor rendezvous hashing picks, then by anyone after a grace period —
 //! rate-limited, confirmed before acting, and never while this node's own lease is in doubt.
-//! A rare sweep over every resumable session catches owners that died while no reaper watched.
+//! A rare sweep over every resumable session catches the rest: owners that died while no reaper
+//! watched, and sessions whose actor ended on a live node (a store outage outlasting its commit
+//! retries) — any resumable session without a resolving placement, whoever owned it last.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -52,31 +54,24 @@ pub(super) enum Pass {
     Unclaimed,
     /// Every listed session.
     All,
-    /// Orphans (owner not a live member) that rendezvous hashing gives this node.
-    MineIfOrphan,
+    /// The sessions rendezvous hashing gives this node that no node holds, whoever owned them
+    /// last: a dead node, or a live one whose actor for it ended.
+    MineIfUnplaced,
 }
 
 impl Pass {
     /// Whether this pass claims only after checking that no node holds the session.
     fn checks_unclaimed(self) -> bool {
-        matches!(self, Pass::Unclaimed | Pass::MineIfOrphan)
+        matches!(self, Pass::Unclaimed | Pass::MineIfUnplaced)
     }
 }
 
-/// Whether `pass` on node `me`, with `live` members, takes session `id` last owned by `owner`.
-pub(super) fn takes(
-    pass: Pass,
-    id: &SessionId,
-    owner: Option<&NodeId>,
-    live: &[NodeId],
-    me: &NodeId,
-) -> bool {
+/// Whether `pass` on node `me`, with `live` members, takes session `id` (before the check
+/// that no node holds it, for the passes that make it).
+pub(super) fn takes(pass: Pass, id: &SessionId, live: &[NodeId], me: &NodeId) -> bool {
     match pass {
         Pass::All | Pass::Unclaimed => true,
-        Pass::Mine => hash::owner(id, live) == Some(me),
-        Pass::MineIfOrphan => {
-            owner.is_none_or(|o| !live.contains(o)) && hash::owner(id, live) == Some(me)
-        }
+        Pass::Mine | Pass::MineIfUnplaced => hash::owner(id, live) == Some(me),
     }
 }
 
@@ -144,11 +139,13 @@ impl Node {
         }
     }
 
-    /// A rare sweep over every resumable session, for owners that died while no reaper watched.
+    /// A rare sweep over every resumable session: resumes those without a resolving placement.
     pub(super) async fn sweep(self: Arc<Self>) {
-        let n = self.reap_pass(&OwnerFilter::Any, Pass::MineIfOrphan).await;
+        let n = self
+            .reap_pass(&OwnerFilter::Any, Pass::MineIfUnplaced)
+            .await;
         if n > 0 {
-            info!(resumed = n, "sweep resumed orphaned sessions");
+            info!(resumed = n, "sweep resumed unplaced sessions");
         }
     }
 
@@ -174,7 +171,13 @@ impl Node {
             let live = self.view.nodes();
             let me = self.me().node.clone();
             for s in page.sessions {
-                if !takes(pass, &s.id, s.owner.as_ref(), &live, &me) {
+                if !takes(pass, &s.id, &live, &me) {
+                    continue;
+                }
+                // Sessions some node holds are skipped before taking a rate slot: a sweep lists
+                // every session in a turn, and most of them are live somewhere.
+                if pass.checks_unclaimed() && !matches!(self.registry.lookup(&s.id).await, Ok(None))
+                {
                     continue;
                 }
                 let Ok(permit) = self.reaper.claims.clone().acquire_owned().await else {
@@ -182,14 +185,9 @@ impl Node {
                 };
                 tokio::time::sleep_until(self.reaper.next_slot(self.config.reap_rate)).await;
                 let sessions = self.sessions();
-                let registry = self.registry.clone();
-                let check_unclaimed = pass.checks_unclaimed();
                 queued += 1;
                 claims.spawn(async move {
                     let _permit = permit;
-                    if check_unclaimed && matches!(registry.lookup(&s.id).await, Ok(Some(_))) {
-                        return false;
-                    }
                     match sessions.resume(&s.id).await {
                         Ok(()) => true,
                         Err(Error::AlreadyRegistered { .. }) => false,
@@ -240,7 +238,7 @@ mod tests {
         let mut counts = [0usize; 3];
         for id in &sessions {
             let takers: Vec<usize> = (0..3)
-                .filter(|&i| takes(Pass::Mine, id, None, &live, &live[i]))
+                .filter(|&i| takes(Pass::Mine, id, &live, &live[i]))
                 .collect();
             assert_eq!(takers.len(), 1, "{id} taken by {takers:?}");
             counts[takers[0]] += 1;
@@ -250,27 +248,18 @@ mod tests {
     }
 
     #[test]
-    fn the_sweep_takes_only_orphans() {
+    fn the_sweep_takes_its_share_whoever_owned_it_last() {
+        // Ownership is not asked: a session whose actor ended on a live node is as unplaced as a
+        // dead node's. Which sessions no node holds is checked against the registry.
         let live = [n("a"), n("b")];
-        let dead = n("z");
         for id in ids(50) {
-            let mine = takes(Pass::Mine, &id, None, &live, &live[0]);
-            assert_eq!(
-                takes(Pass::MineIfOrphan, &id, Some(&dead), &live, &live[0]),
-                mine
+            let mine = takes(Pass::Mine, &id, &live, &live[0]);
+            assert_eq!(takes(Pass::MineIfUnplaced, &id, &live, &live[0]), mine);
+            assert_ne!(
+                takes(Pass::MineIfUnplaced, &id, &live, &live[0]),
+                takes(Pass::MineIfUnplaced, &id, &live, &live[1]),
+                "exactly one live node sweeps {id}"
             );
-            assert_eq!(
-                takes(Pass::MineIfOrphan, &id, None, &live, &live[0]),
-                mine,
-                "never activated: an orphan"
-            );
-            assert!(!takes(
-                Pass::MineIfOrphan,
-                &id,
-                Some(&live[1]),
-                &live,
-                &live[0]
-            ));
         }
     }
 
@@ -278,10 +267,10 @@ mod tests {
     fn the_late_and_the_whole_pass_take_everything() {
         let live = [n("a"), n("b")];
         for id in ids(20) {
-            assert!(takes(Pass::Unclaimed, &id, None, &live, &live[0]));
-            assert!(takes(Pass::All, &id, Some(&live[1]), &live, &live[0]));
+            assert!(takes(Pass::Unclaimed, &id, &live, &live[0]));
+            assert!(takes(Pass::All, &id, &live, &live[0]));
         }
-        assert!(Pass::Unclaimed.checks_unclaimed() && Pass::MineIfOrphan.checks_unclaimed());
+        assert!(Pass::Unclaimed.checks_unclaimed() && Pass::MineIfUnplaced.checks_unclaimed());
         assert!(!Pass::Mine.checks_unclaimed() && !Pass::All.checks_unclaimed());
     }
 }

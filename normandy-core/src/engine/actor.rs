@@ -138,6 +138,9 @@ pub(crate) struct Actor {
     pub(super) cancel: Option<TurnStatus>,
     /// When the current turn must end.
     pub(super) deadline: Option<Instant>,
+    /// The turn timed on this node: its input, when this node started timing it, and how long
+    /// it had run by then (see `ActiveTurn::ran_ms`).
+    pub(super) turn_clock: Option<(InputId, Instant, u64)>,
 }
 
 /// What a handled command asks of the loop.
@@ -168,8 +171,9 @@ impl Actor {
             events: None,
             cancel: None,
             deadline: None,
+            turn_clock: None,
         };
-        actor.deadline = actor.state.turn.as_ref().map(|t| actor.deadline_for(t));
+        actor.time_turn();
         actor
     }
 

@@ -99,8 +99,16 @@ pub struct ActiveTurn {
     pub steps: u32,
     /// Usage so far.
     pub usage: Usage,
-    /// Wall-clock start, ms since the Unix epoch (the turn deadline counts from it).
+    /// Wall-clock start, ms since the Unix epoch (for people; the deadline counts `ran_ms`).
     pub started_at_ms: u64,
+    /// How long the turn had run at its last commit, in ms, as the monotonic clocks of the
+    /// nodes that ran it measured it. The turn deadline counts this, not wall clocks: after a
+    /// move, the new owner's clock may be minutes off the old one's, which would cut the turn
+    /// short or stretch it. Time while no node ran the turn (between a crash and the resume)
+    /// is not counted. Absent in states written before it existed; the deadline then falls
+    /// back to the wall clock's elapsed time, at most the whole deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ran_ms: Option<u64>,
     /// Seq of the latest assistant entry of this turn.
     #[serde(default)]
     pub answer_seq: Option<Seq>,

@@ -476,8 +476,9 @@ impl Actor {
     pub(super) async fn commit(
         &mut self,
         payloads: Vec<EntryPayload>,
-        state: TurnState,
+        mut state: TurnState,
     ) -> Result<CommitAck> {
+        self.stamp_run_time(&mut state);
         let at_ms = if payloads.is_empty() { 0 } else { now_ms() };
         let entries: Vec<Entry> = payloads
             .into_iter()
@@ -554,7 +555,7 @@ impl Actor {
             self.seq = seq;
             self.state = state;
             if new_turn {
-                self.deadline = self.state.turn.as_ref().map(|t| self.deadline_for(t));
+                self.time_turn();
             }
             for entry in entries {
                 self.view.apply(&entry);
@@ -610,10 +611,32 @@ impl Actor {
         })
     }
 
-    pub(super) fn deadline_for(&self, turn: &ActiveTurn) -> Instant {
+    /// Starts timing the current turn on this node (at activation, and when a turn starts):
+    /// from the run time its state records, so its deadline is the rest of its budget whatever
+    /// the clock of the node that ran it before.
+    pub(super) fn time_turn(&mut self) {
         let limit = self.config.template.limits.turn_deadline_ms;
-        let elapsed = now_ms().saturating_sub(turn.started_at_ms);
-        Instant::now() + Duration::from_millis(limit.saturating_sub(elapsed))
+        self.turn_clock = self.state.turn.as_ref().map(|t| {
+            let ran = t
+                .ran_ms
+                .unwrap_or_else(|| now_ms().saturating_sub(t.started_at_ms))
+                .min(limit);
+            (t.input_id.clone(), Instant::now(), ran)
+        });
+        self.deadline = self
+            .turn_clock
+            .as_ref()
+            .map(|(_, since, ran)| *since + Duration::from_millis(limit - ran));
+    }
+
+    /// Stamps on `state`'s turn how long it has run, if it is the turn timed here.
+    fn stamp_run_time(&self, state: &mut TurnState) {
+        if let (Some(turn), Some((id, since, ran))) = (state.turn.as_mut(), &self.turn_clock)
+            && turn.input_id == *id
+        {
+            let here = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+            turn.ran_ms = Some(ran.saturating_add(here));
+        }
     }
 
     /// Closes the session: the running turn and queued inputs end as cancelled, then the store
@@ -659,6 +682,7 @@ pub(super) fn new_turn(q: &QueuedInput) -> ActiveTurn {
         usage: Usage::default(),
         started_at_ms: now_ms(),
         answer_seq: None,
+        ran_ms: Some(0),
     }
 }
 

@@ -148,6 +148,7 @@ fn busy(input_id: &str, seq: Seq) -> TurnState {
             usage: Usage::default(),
             started_at_ms: 1_700_000_000_000,
             answer_seq: None,
+            ran_ms: Some(1_234),
         }),
         queued: VecDeque::new(),
         ..TurnState::default()
