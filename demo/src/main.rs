@@ -247,10 +247,15 @@ fn describe(event: &TurnEvent) -> Option<String> {
                 call_id,
                 content,
                 is_error,
+                in_doubt,
             } => format!(
-                "#{:<3} ← [{call_id}] {}{content}",
+                "#{:<3} ← [{call_id}] {}{}{content}",
                 e.seq,
-                if *is_error { "ERROR " } else { "" }
+                if *is_error { "ERROR " } else { "" },
+                in_doubt.as_ref().map_or(String::new(), |d| format!(
+                    "IN DOUBT ({:?}; reconcile key {}) ",
+                    d.reason, d.idempotency_key
+                )),
             ),
             EntryPayload::TurnEnd { status, usage, .. } => format!(
                 "#{:<3} turn ended: {status:?} ({} tokens in, {} out)",

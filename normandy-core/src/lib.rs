@@ -64,8 +64,8 @@ pub use hooks::{Hook, HookDecision, ToolCall};
 pub use llm::{LlmClient, ModelRequest, ModelResponse, ScriptedClient, ToolSpec};
 pub use membership::{JoinOutcome, LeaseStatus, Member, Membership};
 pub use model::{
-    ContentBlock, Entry, EntryPayload, Epoch, InputId, Message, NodeId, Role, Seq, SessionId,
-    StopReason, TurnStatus, Usage,
+    ContentBlock, DoubtReason, Entry, EntryPayload, Epoch, InDoubt, InputId, Message, NodeId, Role,
+    Seq, SessionId, StopReason, TurnStatus, Usage,
 };
 pub use registry::{LocalRegistry, Placement, SessionRegistry};
 pub use runtime::{CommitGate, EventStream, Input, Sessions, SessionsBuilder, StartOptions};

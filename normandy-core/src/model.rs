@@ -273,7 +273,10 @@ pub enum ContentBlock {
     },
     /// The model asks for a tool call.
     ToolUse {
-        /// The call id, unique within the session; also the tool's idempotency key.
+        /// The call id, as the model chose it: what the call's result answers. It is *not*
+        /// unique (providers restart their numbering every response, and a model may repeat an
+        /// id within one) and it is not the tool's idempotency key; see
+        /// [the call-id and key rules](crate::tools#call-ids-and-idempotency-keys).
         id: String,
         /// The tool's name.
         name: String,
@@ -438,19 +441,34 @@ pub enum EntryPayload {
     },
     /// A non-idempotent tool call is about to run (written before it runs).
     ToolStarted {
-        /// The call id.
+        /// The call id (the model's, not unique; see
+        /// [the rules](crate::tools#call-ids-and-idempotency-keys)).
         call_id: String,
         /// The tool's name.
         tool: String,
+        /// The idempotency key the tool is handed
+        /// ([`ToolContext::idempotency_key`](crate::tools::ToolContext::idempotency_key)):
+        /// what it sends to an outside service, so a doubtful call can be looked up there.
+        /// `None` in entries written before the key was recorded.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        idempotency_key: Option<String>,
     },
-    /// A tool call's result.
+    /// A tool call's result: what the model is told (`content`, `is_error`) and, for a call
+    /// whose outcome is unknown, why and under which key it ran (`in_doubt`).
     ToolResult {
-        /// The call id.
+        /// The call id (the model's, not unique: results are recorded in the order of the calls,
+        /// so the results of a repeated id answer its calls in order).
         call_id: String,
         /// The result text.
         content: String,
         /// Whether it is an error result.
         is_error: bool,
+        /// Set when the call may or may not have taken effect (an in-doubt result is always an
+        /// error result for the model). `None` for an ordinary success or error, a call that
+        /// was never run, and entries written before it was recorded: absent from their
+        /// encoding, so those entries encode as they always did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        in_doubt: Option<InDoubt>,
     },
     /// A turn ended; carries its outcome so a resubmitted input gets the original answer.
     TurnEnd {
@@ -465,6 +483,60 @@ pub enum EntryPayload {
     },
 }
 
+/// Why a tool call's outcome is unknown, and what to look it up by: carried by the
+/// [`EntryPayload::ToolResult`] of a call that may or may not have taken effect.
+///
+/// The engine never runs an in-doubt call again (invariant 5): it tells the model the outcome is
+/// unknown and records this, so code can settle it with the outside service — ask the payment
+/// provider whether a charge under `idempotency_key` exists — from history alone.
+///
+/// ```
+/// use normandy_core::{DoubtReason, Entry};
+///
+/// /// The keys of the calls in `history` whose outcome nobody knows.
+/// fn to_reconcile(history: &[Entry]) -> Vec<(&str, &str, DoubtReason)> {
+///     history
+///         .iter()
+///         .filter_map(|e| e.payload.in_doubt())
+///         .map(|d| (d.tool.as_str(), d.idempotency_key.as_str(), d.reason))
+///         .collect()
+/// }
+/// ```
+///
+/// Encoded (here as JSON) inside its entry:
+/// `"in_doubt": {"reason": "interrupted", "tool": "pay", "idempotency_key": "chat-42:7:0"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InDoubt {
+    /// Why the outcome is unknown.
+    pub reason: DoubtReason,
+    /// The tool's name.
+    pub tool: String,
+    /// The key the tool was handed
+    /// ([`ToolContext::idempotency_key`](crate::tools::ToolContext::idempotency_key)).
+    pub idempotency_key: String,
+}
+
+/// Why an [`InDoubt`] tool call's outcome is unknown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DoubtReason {
+    /// The session stopped while the call ran (its node died, or its task was killed): its
+    /// [`ToolStarted`](EntryPayload::ToolStarted) was committed and a resume found no result.
+    /// Only non-idempotent calls (an idempotent one is simply run again, under the same key).
+    Interrupted,
+    /// The call ran past the tool-call timeout
+    /// ([`TurnLimits::tool_call_timeout_ms`](crate::template::TurnLimits::tool_call_timeout_ms))
+    /// and was dropped.
+    TimedOut,
+    /// The turn ended while the call ran — its deadline passed, it was stopped, or a hook after
+    /// the tool failed — so the call was dropped or its output discarded. The
+    /// [`TurnEnd`](EntryPayload::TurnEnd) that follows says how the turn ended.
+    TurnEnded,
+    /// The tool panicked.
+    Panicked,
+}
+
 impl EntryPayload {
     /// A short stable name of the payload kind, for indexed columns and logs.
     pub fn kind_name(&self) -> &'static str {
@@ -474,6 +546,15 @@ impl EntryPayload {
             EntryPayload::ToolStarted { .. } => "tool_started",
             EntryPayload::ToolResult { .. } => "tool_result",
             EntryPayload::TurnEnd { .. } => "turn_end",
+        }
+    }
+
+    /// The in-doubt record of a tool result whose outcome is unknown: what to reconcile with
+    /// the outside service the tool called. `None` for every other entry.
+    pub fn in_doubt(&self) -> Option<&InDoubt> {
+        match self {
+            EntryPayload::ToolResult { in_doubt, .. } => in_doubt.as_ref(),
+            _ => None,
         }
     }
 
@@ -546,6 +627,146 @@ mod tests {
         // Milliseconds of the year 2500 still fit above the random bits.
         let y2500 = 16_725_225_600_000u64;
         assert_eq!(fresh_incarnation(y2500) >> INCARNATION_RANDOM_BITS, y2500);
+    }
+
+    /// The tool entries as they were encoded before in-doubt records and keys were added.
+    #[derive(Serialize)]
+    #[serde(tag = "kind", rename_all = "snake_case")]
+    enum OldPayload {
+        ToolStarted {
+            call_id: String,
+            tool: String,
+        },
+        ToolResult {
+            call_id: String,
+            content: String,
+            is_error: bool,
+        },
+    }
+
+    #[derive(Serialize)]
+    struct OldEntry {
+        seq: Seq,
+        parent: Option<Seq>,
+        at_ms: u64,
+        payload: OldPayload,
+    }
+
+    fn entry(seq: Seq, payload: EntryPayload) -> Entry {
+        Entry {
+            seq,
+            parent: Some(seq - 1),
+            at_ms: 7,
+            payload,
+        }
+    }
+
+    #[test]
+    fn old_tool_entries_decode_and_entries_without_doubt_encode_as_before() {
+        use crate::codec::{BlobKind, decode, encode};
+        let old_started = OldEntry {
+            seq: 3,
+            parent: Some(2),
+            at_ms: 7,
+            payload: OldPayload::ToolStarted {
+                call_id: "call_0".into(),
+                tool: "pay".into(),
+            },
+        };
+        let old_result = OldEntry {
+            seq: 4,
+            parent: Some(3),
+            at_ms: 7,
+            payload: OldPayload::ToolResult {
+                call_id: "call_0".into(),
+                content: "paid".into(),
+                is_error: false,
+            },
+        };
+        let started = entry(
+            3,
+            EntryPayload::ToolStarted {
+                call_id: "call_0".into(),
+                tool: "pay".into(),
+                idempotency_key: None,
+            },
+        );
+        let result = entry(
+            4,
+            EntryPayload::ToolResult {
+                call_id: "call_0".into(),
+                content: "paid".into(),
+                is_error: false,
+                in_doubt: None,
+            },
+        );
+        for (old, new) in [
+            (encode(BlobKind::Entry, &old_started), &started),
+            (encode(BlobKind::Entry, &old_result), &result),
+        ] {
+            let old = old.unwrap();
+            let back: Entry = decode(BlobKind::Entry, &old, None).unwrap();
+            assert_eq!(&back, new, "an old entry decodes");
+            assert_eq!(
+                encode(BlobKind::Entry, new).unwrap(),
+                old,
+                "no key and no doubt: the bytes are the old ones"
+            );
+        }
+        assert_eq!(result.payload.in_doubt(), None);
+
+        // The JSON form (`normandy-node history` prints it) of an old entry decodes too.
+        let json = r#"{"seq":4,"parent":3,"at_ms":7,"payload":{"kind":"tool_result","call_id":"call_0","content":"paid","is_error":false}}"#;
+        assert_eq!(serde_json::from_str::<Entry>(json).unwrap(), result);
+        assert_eq!(serde_json::to_string(&result).unwrap(), json);
+    }
+
+    #[test]
+    fn in_doubt_entries_round_trip_and_name_their_reason_and_key() {
+        use crate::codec::{BlobKind, decode, encode};
+        let doubt = InDoubt {
+            reason: DoubtReason::Interrupted,
+            tool: "pay".into(),
+            idempotency_key: "chat-42:7:0".into(),
+        };
+        let e = entry(
+            9,
+            EntryPayload::ToolResult {
+                call_id: "call_0".into(),
+                content: "The outcome of tool call call_0 (pay) is unknown".into(),
+                is_error: true,
+                in_doubt: Some(doubt.clone()),
+            },
+        );
+        let bytes = encode(BlobKind::Entry, &e).unwrap();
+        assert_eq!(decode::<Entry>(BlobKind::Entry, &bytes, None).unwrap(), e);
+        assert_eq!(e.payload.in_doubt(), Some(&doubt));
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(
+            json["payload"]["in_doubt"],
+            serde_json::json!({
+                "reason": "interrupted",
+                "tool": "pay",
+                "idempotency_key": "chat-42:7:0",
+            })
+        );
+        for (reason, name) in [
+            (DoubtReason::Interrupted, "interrupted"),
+            (DoubtReason::TimedOut, "timed_out"),
+            (DoubtReason::TurnEnded, "turn_ended"),
+            (DoubtReason::Panicked, "panicked"),
+        ] {
+            assert_eq!(serde_json::to_value(reason).unwrap(), name);
+        }
+        let started = EntryPayload::ToolStarted {
+            call_id: "call_0".into(),
+            tool: "pay".into(),
+            idempotency_key: Some("chat-42:7:0".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&started).unwrap()["idempotency_key"],
+            "chat-42:7:0"
+        );
     }
 
     #[test]

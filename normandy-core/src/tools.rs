@@ -1,4 +1,37 @@
 //! Tools the model may call: [`Tool`], its context, and [`ToolRegistry`].
+//!
+//! # Call ids and idempotency keys
+//!
+//! Every tool call has two names; this is the one place that defines them.
+//!
+//! - The **call id** ([`ToolContext::call_id`], the model's
+//!   [`ContentBlock::ToolUse`](crate::model::ContentBlock::ToolUse) `id`, and the `call_id` of
+//!   the history's tool entries) is the model's own id, kept verbatim because the call's result
+//!   must answer it. It is not unique: providers restart their numbering every response
+//!   (`call_0` in every turn), and a model may even repeat an id within one response — the
+//!   engine then runs each of those calls and records their results in the calls' order, so the
+//!   model gets one result per call. Never send the call id to the outside world.
+//! - The **idempotency key** ([`ToolContext::idempotency_key`]) is what a tool sends to an
+//!   outside service (a payment API's `Idempotency-Key`, a dedup column) so that a call run twice
+//!   is recognised as one. Its format is `{session}:{answer_seq}:{index}`: the session id, the
+//!   seq of the [`Assistant`](crate::model::EntryPayload::Assistant) entry that asked for the
+//!   call, and the call's 0-based position among that response's tool calls — e.g.
+//!   `chat-42:7:0`. It is
+//!   - unique within the session: no two calls share an entry and position, whatever ids the
+//!     model chose. The last two fields are decimal numbers, so a key parses from the right even
+//!     when the session id holds a `:`, and keys of different sessions never collide — unless a
+//!     deleted session's id is reused, or two deployments share a service and session ids: add
+//!     your own prefix then;
+//!   - stable across resumes and nodes: it is fixed (in the turn state) when the model's response
+//!     is committed, so an idempotent call re-run after a crash, on any node, gets the same key;
+//!   - recorded in history: in the call's
+//!     [`ToolStarted`](crate::model::EntryPayload::ToolStarted) entry (written before a
+//!     non-idempotent tool runs) and in the [`InDoubt`](crate::model::InDoubt) of a result whose
+//!     outcome is unknown, so a doubtful call can be reconciled from history alone.
+//!
+//!   A turn recorded by a version that predates these keys (its pending calls carry none) is
+//!   resumed with the legacy key `{session}:{call_id}`, which is only as unique as the model's
+//!   ids.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -7,19 +40,33 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::llm::ToolSpec;
-use crate::model::SessionId;
+use crate::model::{Seq, SessionId};
 
 /// What a tool call knows about where it runs.
 #[derive(Debug, Clone)]
 pub struct ToolContext {
     /// The session.
     pub session: SessionId,
-    /// The tool-call id the model gave (what its result answers). Models may reuse ids across
-    /// responses: use `idempotency_key` with the outside world.
+    /// The tool-call id the model gave (what its result answers). Not unique — models reuse
+    /// ids — so use `idempotency_key` with the outside world; see
+    /// [the rules](self#call-ids-and-idempotency-keys).
     pub call_id: String,
-    /// Unique within the session and stable across resumes: pass it to payment APIs and the like
-    /// so a call re-run after a crash is recognised as the same call.
+    /// `{session}:{answer_seq}:{index}`: unique within the session, stable across resumes and
+    /// nodes, and recorded in history. Pass it to payment APIs and the like so a call re-run
+    /// after a crash is recognised as the same call; see
+    /// [the rules](self#call-ids-and-idempotency-keys).
     pub idempotency_key: String,
+}
+
+/// The idempotency key of the `index`th tool call of the response committed at `answer_seq`
+/// (the format the module doc defines).
+pub(crate) fn idempotency_key(session: &SessionId, answer_seq: Seq, index: usize) -> String {
+    format!("{session}:{answer_seq}:{index}")
+}
+
+/// The key of a call recorded before keys existed (its pending call carries none).
+pub(crate) fn legacy_idempotency_key(session: &SessionId, call_id: &str) -> String {
+    format!("{session}:{call_id}")
 }
 
 /// A tool's result as the model will see it.
@@ -57,9 +104,14 @@ pub trait Tool: Send + Sync + 'static {
 
     /// Whether running the same call twice is harmless. Default `true`.
     ///
-    /// A non-idempotent tool is recorded as started before it runs; if the node dies before its
-    /// result is recorded, the call is *in doubt* on resume: it is not run again and the model is
-    /// told its outcome is unknown.
+    /// A non-idempotent tool is recorded as started before it runs (a
+    /// [`ToolStarted`](crate::model::EntryPayload::ToolStarted) entry carrying its idempotency
+    /// key); if the node dies before its result is recorded, the call is *in doubt* on resume:
+    /// it is not run again, the model is told its outcome is unknown, and its result entry
+    /// carries an [`InDoubt`](crate::model::InDoubt) with
+    /// [`DoubtReason::Interrupted`](crate::model::DoubtReason::Interrupted). A call that times
+    /// out, panics or is abandoned when its turn ends is recorded in doubt too, whatever this
+    /// says.
     fn idempotent(&self) -> bool {
         true
     }

@@ -457,6 +457,7 @@ async fn non_idempotent_call_in_doubt_is_not_rerun() {
                     call_id,
                     content,
                     is_error,
+                    ..
                 } if call_id == "q-c" => Some((content.clone(), *is_error)),
                 _ => None,
             })
@@ -464,6 +465,17 @@ async fn non_idempotent_call_in_doubt_is_not_rerun() {
         assert!(c_result.1, "in-doubt result is an error result");
         assert!(c_result.0.contains("unknown"), "{}", c_result.0);
         assert_eq!(count_kind(&history, "tool_started"), 1);
+        // Typed, and under the key its start recorded: reconcilable from history alone.
+        let doubt = history.iter().find_map(|e| e.payload.in_doubt()).unwrap();
+        assert_eq!(doubt.reason, DoubtReason::Interrupted, "n={n}");
+        assert_eq!(doubt.tool, "c");
+        let started_key = history.iter().find_map(|e| match &e.payload {
+            EntryPayload::ToolStarted {
+                idempotency_key, ..
+            } => idempotency_key.clone(),
+            _ => None,
+        });
+        assert_eq!(started_key.as_deref(), Some(doubt.idempotency_key.as_str()));
         assert!(outcome.text().contains("is unknown"), "{}", outcome.text());
     }
 }
@@ -864,6 +876,7 @@ async fn hooks_edit_and_veto_calls() {
                 call_id,
                 content,
                 is_error,
+                ..
             } => Some((call_id.clone(), content.clone(), *is_error)),
             _ => None,
         })

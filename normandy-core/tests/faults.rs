@@ -169,6 +169,7 @@ fn tool_results(history: &[Entry]) -> Vec<(String, String, bool)> {
                 call_id,
                 content,
                 is_error,
+                ..
             } => Some((call_id.clone(), content.clone(), *is_error)),
             _ => None,
         })
@@ -440,6 +441,10 @@ async fn a_call_abandoned_at_the_deadline_is_recorded_in_doubt() {
         !content.contains("not run"),
         "a started non-idempotent call is in doubt, not 'not run': {content:?}"
     );
+    let doubt = the_doubt(&history);
+    assert_eq!(doubt.reason, DoubtReason::TurnEnded);
+    assert_eq!(doubt.idempotency_key, keys_handed(&pay)[0]);
+    assert_eq!(started_keys(&history), vec![Some(doubt.idempotency_key)]);
 }
 
 /// Invariant 5 on resume: the owner dies after committing `ToolStarted`; the turn's deadline
@@ -484,6 +489,10 @@ async fn an_in_doubt_call_resumed_past_the_deadline_is_recorded_in_doubt() {
         content.contains("unknown"),
         "in-doubt call must say its outcome is unknown: {content:?}"
     );
+    // It was interrupted by the crash; the deadline only ended the turn afterwards.
+    let doubt = the_doubt(&history);
+    assert_eq!(doubt.reason, DoubtReason::Interrupted);
+    assert_eq!(doubt.idempotency_key, keys_handed(&pay)[0]);
 }
 
 /// Two tool_use blocks with one id in a response: `record_tool_result` removes every pending call
@@ -605,6 +614,8 @@ async fn a_panicking_tool_is_an_error_result_not_a_crash_loop() {
     );
     let out = out.expect("a tool panic is an error result, the turn goes on");
     assert!(out.text().starts_with("done"), "{}", out.text());
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(the_doubt(&history).reason, DoubtReason::Panicked);
 }
 
 /// A node that cannot build the session (template or credentials missing) still `activate`s it
@@ -1102,6 +1113,232 @@ async fn graceful_shutdown_lets_the_call_in_flight_finish() {
         !is_error,
         "graceful shutdown left the paid call in doubt: {content:?} (outcome {out:?})"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed in-doubt outcomes and recorded idempotency keys (issue 14, hole 12)
+
+/// Each tool result's call id and in-doubt record, in order.
+fn doubts(history: &[Entry]) -> Vec<(String, Option<InDoubt>)> {
+    history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EntryPayload::ToolResult {
+                call_id, in_doubt, ..
+            } => Some((call_id.clone(), in_doubt.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The idempotency key of every `ToolStarted` entry, in order.
+fn started_keys(history: &[Entry]) -> Vec<Option<String>> {
+    history
+        .iter()
+        .filter_map(|e| match &e.payload {
+            EntryPayload::ToolStarted {
+                idempotency_key, ..
+            } => Some(idempotency_key.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The keys a `LogTool` was handed, in call order.
+fn keys_handed(tool: &LogTool) -> Vec<String> {
+    tool.log()
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("start:").map(str::to_string))
+        .collect()
+}
+
+/// The only in-doubt record of `history` (panics unless there is exactly one).
+fn the_doubt(history: &[Entry]) -> InDoubt {
+    let found: Vec<InDoubt> = history
+        .iter()
+        .filter_map(|e| e.payload.in_doubt().cloned())
+        .collect();
+    assert_eq!(found.len(), 1, "one in-doubt result expected: {found:?}");
+    found.into_iter().next().unwrap()
+}
+
+/// An ordinary result carries no doubt, and the key a non-idempotent tool was handed is the one
+/// its `ToolStarted` records: `{session}:{answer_seq}:{index}`, the seq of the model's response.
+#[tokio::test]
+async fn a_started_call_records_the_key_its_tool_was_handed() {
+    let pay = LogTool::new("pay", false);
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(one_tool_client("pay")).tool(pay.clone()),
+    );
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "t", "s:1").await;
+    sessions.send(&id, "pay 10").await.unwrap();
+    let history = sessions.history_all(&id).await.unwrap();
+    let handed = keys_handed(&pay);
+    assert_eq!(started_keys(&history), vec![Some(handed[0].clone())]);
+    let answer_seq = history
+        .iter()
+        .find(|e| matches!(e.payload, EntryPayload::Assistant { .. }))
+        .unwrap()
+        .seq;
+    assert_eq!(handed[0], format!("s:1:{answer_seq}:0"));
+    assert_eq!(doubts(&history).len(), 1);
+    assert_eq!(doubts(&history)[0].1, None, "a success is not in doubt");
+    assert!(history.iter().all(|e| e.payload.in_doubt().is_none()));
+}
+
+/// The owner dies while a non-idempotent call runs; the node that resumes the turn records the
+/// call `Interrupted`, under the key the tool was handed (and its `ToolStarted` recorded).
+#[tokio::test]
+async fn an_interrupted_call_is_recorded_in_doubt_under_its_key() {
+    let pay = LogTool::new("pay", false).behaviour(Behaviour::Hang);
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(one_tool_client("pay")).tool(pay.clone()),
+    );
+    let store = Arc::new(InMemoryStore::new());
+    let node_a = runtime(&catalog, store.clone(), "a");
+    let id = start(&node_a, "t", "s").await;
+    let a = node_a.clone();
+    let id2 = id.clone();
+    let send =
+        tokio::spawn(async move { a.send(&id2, Input::text("pay 10").with_id(iid("in"))).await });
+    wait_for_entry(&store, &id, "tool_started").await;
+    wait_until(|| pay.count("start:") == 1, "the paid call runs").await;
+    assert!(node_a.kill(&id), "node a dies mid-call");
+    send.abort();
+
+    let node_b = runtime(&catalog, store.clone(), "b");
+    let out = node_b
+        .send(&id, Input::text("pay 10").with_id(iid("in")))
+        .await
+        .unwrap();
+    assert!(out.text().contains("unknown"), "{}", out.text());
+    assert_eq!(pay.count("start:"), 1, "not run again");
+    let history = node_b.history_all(&id).await.unwrap();
+    let doubt = the_doubt(&history);
+    assert_eq!(doubt.reason, DoubtReason::Interrupted);
+    assert_eq!(doubt.tool, "pay");
+    assert_eq!(doubt.idempotency_key, keys_handed(&pay)[0]);
+    assert_eq!(started_keys(&history), vec![Some(doubt.idempotency_key)]);
+}
+
+/// A call past the tool-call timeout is `TimedOut`; an idempotent tool has no `ToolStarted`, so
+/// the in-doubt record is where its key is found.
+#[tokio::test]
+async fn a_timed_out_call_is_recorded_in_doubt_under_its_key() {
+    let slow = LogTool::new("slow", true).behaviour(Behaviour::Hang);
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m").limits(TurnLimits {
+            tool_call_timeout_ms: 100,
+            ..TurnLimits::default()
+        }),
+        CatalogEntry::with_client(one_tool_client("slow")).tool(slow.clone()),
+    );
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "t", "s").await;
+    let out = sessions.send(&id, "slow one").await.unwrap();
+    assert!(out.text().contains("timed out"), "{}", out.text());
+    let history = sessions.history_all(&id).await.unwrap();
+    let doubt = the_doubt(&history);
+    assert_eq!(doubt.reason, DoubtReason::TimedOut);
+    assert_eq!(doubt.tool, "slow");
+    assert_eq!(doubt.idempotency_key, keys_handed(&slow)[0]);
+    assert!(started_keys(&history).is_empty(), "idempotent: no start");
+}
+
+/// A panicking tool's result is `Panicked`, under the key it was handed.
+#[tokio::test]
+async fn a_panicked_call_is_recorded_in_doubt_under_its_key() {
+    let boom = LogTool::new("boom", false).behaviour(Behaviour::Panic);
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(one_tool_client("boom")).tool(boom.clone()),
+    );
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "t", "s").await;
+    sessions.send(&id, "boom now").await.unwrap();
+    let history = sessions.history_all(&id).await.unwrap();
+    let doubt = the_doubt(&history);
+    assert_eq!(doubt.reason, DoubtReason::Panicked);
+    assert_eq!(doubt.idempotency_key, keys_handed(&boom)[0]);
+    assert_eq!(started_keys(&history), vec![Some(doubt.idempotency_key)]);
+}
+
+/// A call abandoned at the turn deadline is `TurnEnded`; a call behind it that shares its id
+/// (a model may repeat one) never ran, and is "not run", not in doubt.
+#[tokio::test]
+async fn only_the_call_in_flight_is_in_doubt_when_the_turn_ends() {
+    let a = LogTool::new("a", true).behaviour(Behaviour::Hang);
+    let b = LogTool::new("b", true);
+    let client = ScriptedClient::from_fn(|req| {
+        Ok(if req.last_tool_results().is_empty() {
+            ModelResponse::tool_calls(vec![
+                ("dup".into(), "a".into(), json!({})),
+                ("dup".into(), "b".into(), json!({})),
+            ])
+        } else {
+            ModelResponse::text("done")
+        })
+    });
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m").limits(TurnLimits {
+            turn_deadline_ms: 300,
+            ..TurnLimits::default()
+        }),
+        CatalogEntry::with_client(client)
+            .tool(a.clone())
+            .tool(b.clone()),
+    );
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "t", "s").await;
+    let err = sessions.send(&id, "go").await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert_eq!(b.count("start:"), 0);
+    let history = sessions.history_all(&id).await.unwrap();
+    let results = doubts(&history);
+    assert_eq!(results.len(), 2, "{results:?}");
+    let first = results[0]
+        .1
+        .clone()
+        .expect("the call in flight is in doubt");
+    assert_eq!(first.reason, DoubtReason::TurnEnded);
+    assert_eq!(first.tool, "a");
+    assert_eq!(first.idempotency_key, keys_handed(&a)[0]);
+    assert_eq!(results[1].1, None, "the second call never ran");
+    let (_, content, _) = tool_results(&history).remove(1);
+    assert!(content.contains("not run"), "{content:?}");
+}
+
+/// A hook that panics in `before_tool` runs after the start of a non-idempotent call is
+/// committed, but before the tool: the call never ran, so it is "not run", not in doubt.
+#[tokio::test]
+async fn a_call_refused_by_a_panicking_before_tool_hook_is_not_in_doubt() {
+    struct Explodes;
+    #[async_trait]
+    impl Hook for Explodes {
+        async fn before_tool(&self, _call: &mut ToolCall) -> HookDecision {
+            panic!("before_tool hook exploded (test)");
+        }
+    }
+    let pay = LogTool::new("pay", false);
+    let catalog = catalog_with(
+        ConfigTemplate::new("t", "m"),
+        CatalogEntry::with_client(one_tool_client("pay"))
+            .tool(pay.clone())
+            .hook("explodes", Explodes),
+    );
+    let sessions = runtime(&catalog, Arc::new(InMemoryStore::new()), "a");
+    let id = start(&sessions, "t", "s").await;
+    let err = sessions.send(&id, "pay 10").await.unwrap_err();
+    assert!(err.to_string().contains("exploded"), "{err}");
+    assert_eq!(pay.count("start:"), 0, "the tool never ran");
+    let history = sessions.history_all(&id).await.unwrap();
+    assert_eq!(started_keys(&history).len(), 1, "its start was committed");
+    assert_eq!(doubts(&history), vec![("pay 10-1".to_string(), None)]);
+    let (_, content, _) = tool_results(&history).remove(0);
+    assert!(content.contains("not run"), "{content:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

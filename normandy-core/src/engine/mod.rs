@@ -74,7 +74,8 @@ pub enum Phase {
 /// A tool call the model asked for whose result is not recorded yet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PendingCall {
-    /// The call id (idempotency key).
+    /// The model's call id: what the result answers, not unique and not the idempotency key
+    /// (see [the rules](crate::tools#call-ids-and-idempotency-keys)).
     pub id: String,
     /// The tool's name.
     pub name: String,
@@ -83,9 +84,22 @@ pub struct PendingCall {
     /// Whether a start was committed for this non-idempotent call (so, on resume, it is in doubt).
     #[serde(default)]
     pub started: bool,
-    /// The idempotency key handed to the tool: unique within the session, stable across resumes.
+    /// The idempotency key handed to the tool, `{session}:{answer_seq}:{index}`, fixed when the
+    /// model's response is committed (see [the rules](crate::tools#call-ids-and-idempotency-keys)).
+    /// Empty in turn states written before keys existed: such a call gets the legacy key.
     #[serde(default)]
     pub key: String,
+}
+
+impl PendingCall {
+    /// The key handed to the tool: `key`, or the legacy key when the turn predates keys.
+    pub(crate) fn idempotency_key(&self, session: &SessionId) -> String {
+        if self.key.is_empty() {
+            crate::tools::legacy_idempotency_key(session, &self.id)
+        } else {
+            self.key.clone()
+        }
+    }
 }
 
 /// The turn in flight.

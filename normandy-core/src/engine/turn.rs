@@ -17,9 +17,11 @@ use super::{ActiveTurn, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome,
 use crate::error::{Error, Result};
 use crate::hooks::{HookDecision, ToolCall};
 use crate::llm::{ModelRequest, ModelResponse};
-use crate::model::{Entry, EntryPayload, InputId, Message, Role, SessionId, TurnStatus, Usage};
+use crate::model::{
+    DoubtReason, Entry, EntryPayload, InDoubt, InputId, Message, Role, SessionId, TurnStatus, Usage,
+};
 use crate::store::{CommitAck, CommitBatch, now_ms};
-use crate::tools::{ToolContext, ToolOutput};
+use crate::tools::{self, ToolContext, ToolOutput};
 
 /// How long a retryable commit failure is retried before the actor gives the session up.
 const COMMIT_RETRIES: u32 = 5;
@@ -35,10 +37,12 @@ pub(super) enum StepResult {
     Tool {
         call_id: String,
         output: ToolOutput,
+        /// Set when the tool panicked or timed out.
+        in_doubt: Option<InDoubt>,
     },
     /// A hook around a tool call panicked: the turn fails. `tool_ran` says whether the tool had
     /// run (an `after_tool` hook), so the call's result says its outcome is unknown — the
-    /// output the hook never finished editing is not committed.
+    /// output the hook never finished editing is not committed — or that it was not run.
     ToolHookPanicked {
         error: Error,
         tool_ran: bool,
@@ -122,7 +126,9 @@ impl Actor {
                              interrupted while it ran. It will not be repeated.",
                             call.id, call.name
                         ));
-                        self.record_tool_result(call.id.clone(), output).await?;
+                        let doubt = in_doubt(&self.id, &call, DoubtReason::Interrupted);
+                        self.record_tool_result(call.id.clone(), output, Some(doubt))
+                            .await?;
                         continue;
                     }
                     if !idempotent {
@@ -133,6 +139,7 @@ impl Actor {
                         let payload = EntryPayload::ToolStarted {
                             call_id: call.id.clone(),
                             tool: call.name.clone(),
+                            idempotency_key: Some(call.idempotency_key(&self.id)),
                         };
                         self.commit(vec![payload], state).await?;
                     }
@@ -235,12 +242,11 @@ impl Actor {
         let ctx = ToolContext {
             session: self.id.clone(),
             call_id: call.id.clone(),
-            idempotency_key: if call.key.is_empty() {
-                format!("{}:{}", self.id, call.id)
-            } else {
-                call.key.clone()
-            },
+            idempotency_key: call.idempotency_key(&self.id),
         };
+        // Built before the call moves into the step: the record of a panic or timeout.
+        let doubt = |reason| in_doubt(&session, &call, reason);
+        let (panicked, timed_out) = (doubt(DoubtReason::Panicked), doubt(DoubtReason::TimedOut));
         Box::pin(async move {
             let mut tc = ToolCall {
                 id: call.id,
@@ -254,6 +260,7 @@ impl Actor {
                         return StepResult::Tool {
                             call_id: tc.id,
                             output: ToolOutput::error(format!("tool call refused: {reason}")),
+                            in_doubt: None,
                         };
                     }
                     Err(error) => {
@@ -264,21 +271,30 @@ impl Actor {
                     }
                 }
             }
-            let mut output = match tool {
-                None => ToolOutput::error(format!("no tool named {:?}", tc.name)),
+            let (mut output, in_doubt) = match tool {
+                None => (
+                    ToolOutput::error(format!("no tool named {:?}", tc.name)),
+                    None,
+                ),
                 Some(tool) => {
                     let call = AssertUnwindSafe(tool.call(tc.input.clone(), ctx)).catch_unwind();
                     match tokio::time::timeout(timeout, call).await {
-                        Ok(Ok(output)) => output,
+                        Ok(Ok(output)) => (output, None),
                         // A panicking tool is an error result, not a dead session.
-                        Ok(Err(_panic)) => ToolOutput::error(format!(
-                            "tool {} panicked; its outcome is unknown",
-                            tc.name
-                        )),
-                        Err(_) => ToolOutput::error(format!(
-                            "tool {} timed out after {timeout:?}; its outcome is unknown",
-                            tc.name
-                        )),
+                        Ok(Err(_panic)) => (
+                            ToolOutput::error(format!(
+                                "tool {} panicked; its outcome is unknown",
+                                tc.name
+                            )),
+                            Some(panicked),
+                        ),
+                        Err(_) => (
+                            ToolOutput::error(format!(
+                                "tool {} timed out after {timeout:?}; its outcome is unknown",
+                                tc.name
+                            )),
+                            Some(timed_out),
+                        ),
                     }
                 }
             };
@@ -299,6 +315,7 @@ impl Actor {
             StepResult::Tool {
                 call_id: tc.id,
                 output,
+                in_doubt,
             }
         })
     }
@@ -329,7 +346,7 @@ impl Actor {
                         started: false,
                         // Unique in the session and stable across resumes, whatever ids the
                         // model chose (providers often restart their numbering every response).
-                        key: format!("{}:{answer_seq}:{i}", self.id),
+                        key: tools::idempotency_key(&self.id, answer_seq, i),
                     })
                     .collect();
                 let assistant = EntryPayload::Assistant {
@@ -348,15 +365,25 @@ impl Actor {
                 }
             }
             StepResult::Model(Err(e)) => self.fail_turn(&e, "model call failed").await,
-            StepResult::Tool { call_id, output } => {
+            StepResult::Tool {
+                call_id,
+                output,
+                in_doubt,
+            } => {
                 self.in_flight = None;
-                self.record_tool_result(call_id, output).await
+                self.record_tool_result(call_id, output, in_doubt).await
             }
             StepResult::ToolHookPanicked { error, tool_ran } => {
                 if !tool_ran {
-                    // The tool never started: its result says "not run" (unless a start was
-                    // committed, which `end_turn` reports in doubt, as it must).
+                    // The tool never ran, even if its start was committed (a `before_tool` hook
+                    // runs after the start): its result says "not run", not "in doubt". Only
+                    // `end_turn`, committing next, reads the cleared flag.
                     self.in_flight = None;
+                    if let Phase::RunningTools { calls } = &mut self.state.phase
+                        && let Some(call) = calls.first_mut()
+                    {
+                        call.started = false;
+                    }
                 }
                 self.fail_turn(&error, "a tool hook panicked").await
             }
@@ -373,7 +400,12 @@ impl Actor {
             .await
     }
 
-    async fn record_tool_result(&mut self, call_id: String, output: ToolOutput) -> Result<()> {
+    async fn record_tool_result(
+        &mut self,
+        call_id: String,
+        output: ToolOutput,
+        in_doubt: Option<InDoubt>,
+    ) -> Result<()> {
         let mut state = self.state.clone();
         if let Phase::RunningTools { calls } = &mut state.phase {
             // Only the first call with this id: a model may repeat an id within one response,
@@ -389,6 +421,7 @@ impl Actor {
             call_id,
             content: output.content,
             is_error: output.is_error,
+            in_doubt,
         };
         self.commit(vec![payload], state).await?;
         Ok(())
@@ -411,9 +444,19 @@ impl Actor {
             _ => Vec::new(),
         };
         let in_flight = self.in_flight.take();
-        for call in pending {
-            let maybe_ran = call.started || in_flight.as_deref() == Some(call.id.as_str());
-            let content = if maybe_ran {
+        for (i, call) in pending.into_iter().enumerate() {
+            // Only the first pending call can be in flight (they run in order), whatever ids
+            // the others repeat.
+            let running = i == 0 && in_flight.as_deref() == Some(call.id.as_str());
+            // Started but not running here: an earlier task of the session started it and died.
+            let doubt = if running {
+                Some(in_doubt(&self.id, &call, DoubtReason::TurnEnded))
+            } else if call.started {
+                Some(in_doubt(&self.id, &call, DoubtReason::Interrupted))
+            } else {
+                None
+            };
+            let content = if doubt.is_some() {
                 format!(
                     "The outcome of tool call {} ({}) is unknown: the turn ended ({}) while it \
                      ran. It will not be repeated.",
@@ -428,6 +471,7 @@ impl Actor {
                 call_id: call.id,
                 content,
                 is_error: true,
+                in_doubt: doubt,
             });
         }
         entries.push(EntryPayload::TurnEnd {
@@ -672,6 +716,15 @@ async fn guarded<T>(
                 "session {session}: hook {hook:?} panicked in {point}: {what}"
             ))
         })
+}
+
+/// The in-doubt record of `call`, under the key its tool was (or would have been) handed.
+fn in_doubt(session: &SessionId, call: &PendingCall, reason: DoubtReason) -> InDoubt {
+    InDoubt {
+        reason,
+        tool: call.name.clone(),
+        idempotency_key: call.idempotency_key(session),
+    }
 }
 
 pub(super) fn new_turn(q: &QueuedInput) -> ActiveTurn {

@@ -57,6 +57,7 @@ impl Conversation {
                 call_id,
                 content,
                 is_error,
+                ..
             } => self.append(
                 Role::User,
                 vec![ContentBlock::ToolResult {
@@ -266,6 +267,7 @@ mod tests {
                     call_id: "c1".into(),
                     content: "ok".into(),
                     is_error: false,
+                    in_doubt: None,
                 },
             ),
             entry(
