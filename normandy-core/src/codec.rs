@@ -20,7 +20,7 @@ const MAGIC: [u8; 2] = *b"NM";
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum BlobKind {
-    /// An [`Entry`](crate::model::Entry).
+    /// An [`Entry`].
     Entry = 1,
     /// A [`TurnState`](crate::engine::TurnState).
     TurnState = 2,

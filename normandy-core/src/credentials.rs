@@ -152,6 +152,31 @@ impl fmt::Debug for Credentials {
 }
 
 /// Turns credential names into secrets on this node.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`:
+///
+/// ```
+/// use normandy_core::{CredentialProvider, Credentials, Error, Result, SessionId, async_trait};
+///
+/// /// Reads each secret from a file of the same name under a directory (a mounted vault).
+/// struct SecretDir(std::path::PathBuf);
+///
+/// #[async_trait]
+/// impl CredentialProvider for SecretDir {
+///     async fn resolve(&self, _session: &SessionId, names: &[String]) -> Result<Credentials> {
+///         let mut creds = Credentials::new();
+///         for name in names {
+///             let secret = std::fs::read_to_string(self.0.join(name)).map_err(|_| {
+///                 Error::Credentials {
+///                     reason: format!("credential {name:?}: no such file in the secret directory"),
+///                 }
+///             })?;
+///             creds = creds.with(name.clone(), secret.trim());
+///         }
+///         Ok(creds)
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait CredentialProvider: Send + Sync + 'static {
     /// Resolves every name in `names` for `session`.

@@ -27,6 +27,27 @@ pub struct ToolCall {
 }
 
 /// Hooks around model and tool calls. Every method defaults to doing nothing.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`,
+/// overriding only the methods you need:
+///
+/// ```
+/// use normandy_core::{Hook, HookDecision, ToolCall, async_trait};
+///
+/// /// Vetoes every call of the `delete` tool.
+/// struct NoDeletes;
+///
+/// #[async_trait]
+/// impl Hook for NoDeletes {
+///     async fn before_tool(&self, call: &mut ToolCall) -> HookDecision {
+///         if call.name == "delete" {
+///             HookDecision::Veto("deleting is not allowed here".into())
+///         } else {
+///             HookDecision::Continue
+///         }
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Hook: Send + Sync + 'static {
     /// Before each model call; may edit the request.

@@ -141,6 +141,23 @@ impl ModelResponse {
 }
 
 /// A model provider.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`:
+///
+/// ```
+/// use normandy_core::{LlmClient, ModelRequest, ModelResponse, Result, async_trait};
+///
+/// /// Answers every request with the last user text, shouted.
+/// struct Shout;
+///
+/// #[async_trait]
+/// impl LlmClient for Shout {
+///     async fn complete(&self, request: ModelRequest) -> Result<ModelResponse> {
+///         let text = request.last_user_text().unwrap_or_default();
+///         Ok(ModelResponse::text(text.to_uppercase()))
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait LlmClient: Send + Sync + 'static {
     /// Calls the model.

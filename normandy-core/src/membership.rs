@@ -46,11 +46,15 @@ pub enum JoinOutcome {
 /// Node leases in a coordination backend.
 ///
 /// # Policy
-/// One lapse policy for every backend: a lease is claimed only if absent ([`join`]
-/// (Self::join)), refreshed only while it is present and this node's ([`refresh`]
-/// (Self::refresh)), and never silently re-created. A node whose refresh reports
+/// One lapse policy for every backend: a lease is claimed only if absent
+/// ([`join`](Self::join)), refreshed only while it is present and this node's
+/// ([`refresh`](Self::refresh)), and never silently re-created. A node whose refresh reports
 /// [`LeaseStatus::Lost`] stops serving and comes back as a new incarnation, so nothing it did
 /// before the loss can be mistaken for the new life's.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`:
+/// `#[async_trait] impl Membership for MyLeases { async fn join(&self, me: &Member, ttl:
+/// Duration) -> Result<JoinOutcome> { … } … }`.
 #[async_trait]
 pub trait Membership: Send + Sync + 'static {
     /// Claims `me`'s lease for `ttl`, the expiry being set by the server.

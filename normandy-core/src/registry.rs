@@ -20,6 +20,10 @@ pub struct Placement {
 /// Where sessions are live.
 ///
 /// Every method's `# Behavior` list is checked by `normandy-tests`' registry conformance suite.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`, as
+/// [`LocalRegistry`] does: `#[async_trait] impl SessionRegistry for MyRegistry { async fn
+/// register(&self, id: &SessionId, owner: &NodeId) -> Result<Placement> { … } … }`.
 #[async_trait]
 pub trait SessionRegistry: Send + Sync + 'static {
     /// Claims `id` for `owner`, atomically.

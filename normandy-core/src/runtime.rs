@@ -203,7 +203,7 @@ impl SessionsBuilder {
     /// [`DEFAULT_CALL_TIMEOUT`](crate::bounded::DEFAULT_CALL_TIMEOUT)). A call past it ends as a
     /// retryable `Timeout`: an actor's commit confirms and retries it, then gives the session
     /// up (an eager one is resumed, see [`restart_backoff`](Self::restart_backoff)); an
-    /// activation fails and its caller may retry. See [`BoundedStore`](crate::BoundedStore).
+    /// activation fails and its caller may retry. See [`BoundedStore`].
     pub fn store_call_timeout(mut self, bound: Duration) -> Self {
         self.call_timeout = bound;
         self

@@ -254,6 +254,12 @@ impl Capabilities {
 /// What is durable about sessions.
 ///
 /// Every method's `# Behavior` list is checked by `normandy-tests`' store conformance suite.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`
+/// (rustdoc shows the methods as returning `Pin<Box<dyn Future>>`, which is what the attribute
+/// writes): `#[async_trait] impl SessionStore for MyStore { async fn create(&self, session:
+/// NewSession) -> Result<SessionRecord> { … } … }`. [`InMemoryStore`] is a complete backend in
+/// one file; run the conformance suite (`normandy_tests::store_conformance!`) against yours.
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// What this backend supports.

@@ -97,6 +97,37 @@ impl ToolOutput {
 }
 
 /// A tool.
+///
+/// Implement it with [`#[normandy_core::async_trait]`](crate::async_trait) on the `impl`
+/// (rustdoc shows the methods as returning `Pin<Box<dyn Future>>`, which is what the attribute
+/// writes for you):
+///
+/// ```
+/// use normandy_core::{Tool, ToolContext, ToolOutput, ToolSpec, async_trait};
+///
+/// struct Charge;
+///
+/// #[async_trait]
+/// impl Tool for Charge {
+///     fn spec(&self) -> ToolSpec {
+///         ToolSpec {
+///             name: "charge".into(),
+///             description: "Charges the customer's card".into(),
+///             input_schema: serde_json::json!({"type": "object"}),
+///         }
+///     }
+///
+///     /// Charging twice is not harmless: record the call as started before it runs.
+///     fn idempotent(&self) -> bool {
+///         false
+///     }
+///
+///     async fn call(&self, input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
+///         // Hand `ctx.idempotency_key` to the payment provider, so a retry never charges twice.
+///         ToolOutput::ok(format!("charged {input} under key {}", ctx.idempotency_key))
+///     }
+/// }
+/// ```
 #[async_trait]
 pub trait Tool: Send + Sync + 'static {
     /// Name, description and input schema.

@@ -26,6 +26,7 @@ pub struct RedisRegistryConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) response_timeout: Duration,
     pub(crate) connect_timeout: Duration,
+    pub(crate) require_lease: bool,
 }
 
 impl RedisRegistryConfig {
@@ -44,7 +45,18 @@ impl RedisRegistryConfig {
             lease_ttl: Duration::from_secs(10),
             response_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            require_lease: false,
         }
+    }
+
+    /// Refuses a registration by a node whose lease is absent, instead of creating the lease
+    /// (the default, for users who register without leases of their own). A cluster node sets
+    /// it: its lease is claimed once, at join, and a node whose lease lapsed must not bring it
+    /// back under its old incarnation by registering a session before it notices — its
+    /// placements would resolve again, for up to a TTL, to a node that is rejoining.
+    pub fn require_lease(mut self) -> Self {
+        self.require_lease = true;
+        self
     }
 
     /// Key prefix (several registries or test runs can share one server).

@@ -15,12 +15,17 @@ use crate::config::RedisRegistryConfig;
 use crate::error;
 use crate::lease::Leases;
 
-/// KEYS: placement. ARGV: owner, lease prefix, lease TTL in ms.
+/// KEYS: placement. ARGV: owner, lease prefix, lease TTL in ms, '1' if the caller's lease must
+/// exist already.
 ///
 /// A live owner (its lease key exists) keeps the id; otherwise the caller takes it with the
-/// per-id epoch counter bumped, so each new registration has a greater epoch. The caller's lease
-/// is created if absent: registering on behalf of a node asserts that it is alive.
+/// per-id epoch counter bumped, so each new registration has a greater epoch. Unless ARGV[4] is
+/// '1', the caller's lease is created if absent (registering on behalf of a node asserts that it
+/// is alive); with '1', a caller without a lease gets `nolease` and nothing changes.
 const REGISTER: &str = r"
+if ARGV[4] == '1' and redis.call('EXISTS', ARGV[2] .. ARGV[1]) == 0 then
+  return {'nolease', ARGV[1], '0'}
+end
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
 if cur[1] then
   if cur[1] == ARGV[1] then
@@ -84,6 +89,9 @@ pub struct RedisRegistry {
     lease_prefix: String,
     leases: Leases,
     lease_ttl: Duration,
+    /// Registrations need the caller's lease to exist (see
+    /// [`RedisRegistryConfig::require_lease`]).
+    require_lease: bool,
     scripts: Arc<Scripts>,
 }
 
@@ -122,6 +130,7 @@ impl RedisRegistry {
             lease_prefix: format!("{}:lease:", config.prefix),
             prefix: config.prefix,
             lease_ttl: config.lease_ttl,
+            require_lease: config.require_lease,
             scripts: Arc::new(scripts),
         })
     }
@@ -191,6 +200,7 @@ impl RedisRegistry {
             lease_prefix: self.lease_prefix.clone(),
             leases: self.leases.clone(),
             lease_ttl: self.lease_ttl,
+            require_lease: self.require_lease,
             scripts: self.scripts.clone(),
         };
         let node = node.clone();
@@ -318,7 +328,8 @@ impl SessionRegistry for RedisRegistry {
             .arg(self.placement_key(id))
             .arg(owner.to_string())
             .arg(&self.lease_prefix)
-            .arg(self.ttl_ms());
+            .arg(self.ttl_ms())
+            .arg(if self.require_lease { "1" } else { "0" });
         let reply = self.eval(&self.scripts.register, &cmd).await?;
         let bad = || error::unexpected("register", &reply);
         let items = as_items(&reply);
@@ -333,6 +344,12 @@ impl SessionRegistry for RedisRegistry {
                 session: id.clone(),
                 owner: who,
                 epoch,
+            }),
+            b"nolease" => Err(Error::Unavailable {
+                backend: "redis registry",
+                message: format!(
+                    "node {owner} has no live lease (it lapsed or was never claimed), so it may                      not place session {id}; it must rejoin first"
+                ),
             }),
             _ => Err(bad()),
         }

@@ -87,3 +87,39 @@ async fn a_refreshed_lease_keeps_entries_until_the_refresher_stops() {
     assert_eq!(registry.lookup(&id).await.unwrap(), None);
     registry.purge().await.unwrap();
 }
+
+/// Issue 14 (hole 5's follow-up): `register` re-created a lapsed lease for its caller, so a node
+/// whose lease lapsed, registering a session before it noticed, came back under its old
+/// incarnation for up to a TTL. With `require_lease` (what a cluster node uses) it is refused
+/// and nothing is written.
+#[tokio::test]
+async fn with_require_lease_a_node_without_a_lease_places_nothing_and_gets_no_lease() {
+    let Some(url) = redis_url().await else {
+        skip("with_require_lease_a_node_without_a_lease", &skip_reason());
+        return;
+    };
+    let registry = RedisRegistry::connect(
+        RedisRegistryConfig::new(&url)
+            .unwrap()
+            .prefix(unique_name("lease-required"))
+            .lease_ttl(Duration::from_secs(5))
+            .require_lease(),
+    )
+    .await
+    .expect("connect");
+    let a = NodeId::new("node-a", 1).unwrap();
+    let id = SessionId::new("s").unwrap();
+    let err = registry.register(&id, &a).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(err.is_retryable());
+    assert!(err.to_string().contains("no live lease"), "{err}");
+    assert!(
+        !registry.lease_alive(&a).await.unwrap(),
+        "no lease was created"
+    );
+    assert_eq!(registry.lookup(&id).await.unwrap(), None);
+    // Once the node holds its lease, it places sessions as before.
+    assert!(registry.acquire_lease(&a).await.unwrap());
+    assert_eq!(registry.register(&id, &a).await.unwrap().owner, a);
+    registry.purge().await.unwrap();
+}

@@ -438,7 +438,8 @@ impl RedisClusterBuilder {
         let registry = RedisRegistry::connect(
             RedisRegistryConfig::new(&self.url)?
                 .prefix(&registry_prefix)
-                .lease_ttl(ttl),
+                .lease_ttl(ttl)
+                .require_lease(),
         )
         .await?;
         let client = redis::Client::open(self.url.as_str())

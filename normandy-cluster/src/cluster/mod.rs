@@ -2,7 +2,7 @@
 //! routing to the owner of a session, the RPC server, the reaper — and its builders.
 //!
 //! # Layout
-//! One idea per file; the node's state is [`Node`], grouped into the parts those files own.
+//! One idea per file; the node's state is `Node`, grouped into the parts those files own.
 //! - `builder`: [`ClusterBuilder`], [`RedisClusterBuilder`]: checks, binding, the first lease.
 //! - `route`: where a request goes (local actor, the owner over RPC, a stand-in node) and the
 //!   re-routing loop; the peers' clients and the route cache.
@@ -11,7 +11,7 @@
 //! - `members`: the member poller, the diff between two polls, [`MemberEvent`]s.
 //! - `reaper`: resuming a dead node's eager sessions (rendezvous hashing, rate limit, sweep).
 //! - `follow`: [`Cluster::follow`]'s re-subscribing stream.
-//! - `serve`: the RPC server task and the cluster's side of [`NodeApi`](crate::rpc::NodeApi).
+//! - `serve`: the RPC server task and the cluster's side of `rpc::NodeApi`.
 
 mod builder;
 mod follow;
@@ -277,8 +277,8 @@ impl Cluster {
         self.node.route_subscribe(id, after).await
     }
 
-    /// Follows the session's events after `after` wherever it lives: a [`subscribe`]
-    /// (Self::subscribe) that subscribes again, after the last seq it yielded, whenever its
+    /// Follows the session's events after `after` wherever it lives: a
+    /// [`subscribe`](Self::subscribe) that subscribes again, after the last seq it yielded, whenever its
     /// stream ends or fails retryably — the owner passivated, died, was fenced, or the link to
     /// it failed.
     ///
