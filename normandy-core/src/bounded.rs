@@ -40,7 +40,11 @@ async fn bounded<T>(
     call: impl Future<Output = Result<T>>,
 ) -> Result<T> {
     match tokio::time::timeout(bound, call).await {
-        Ok(r) => r,
+        // A backend error about this session that does not say so gets its name.
+        Ok(r) => r.map_err(|e| match session {
+            Some(s) => e.in_session(s),
+            None => e,
+        }),
         Err(_) => Err(Error::Timeout {
             session: session.cloned(),
             what: format!("{what} did not answer within {bound:?} (it may still complete)"),

@@ -231,8 +231,11 @@ pub enum Error {
         supported: u32,
     },
     /// The database lacks a migration.
-    #[error("database is missing migration {migration}: {hint}")]
+    #[error("database is missing migration {migration}{}: {hint}", refused(.session))]
     MissingMigration {
+        /// The session whose call was refused, if the call was for one.
+        #[serde(default)]
+        session: Option<SessionId>,
         /// The migration's name.
         migration: String,
         /// What to run to fix it.
@@ -304,6 +307,13 @@ pub enum Error {
         /// What went wrong.
         error: Box<Error>,
     },
+}
+
+fn refused(session: &Option<SessionId>) -> String {
+    match session {
+        Some(s) => format!(", so session {s} was refused"),
+        None => String::new(),
+    }
 }
 
 fn for_session(session: &Option<SessionId>) -> String {
@@ -392,6 +402,31 @@ impl Error {
         } else {
             self
         }
+    }
+
+    /// Names `session` in an error that concerns it but was made without it (a backend's
+    /// schema error, say); errors that name a session already, or have no slot for one, are
+    /// returned as they are.
+    pub fn in_session(mut self, session: &SessionId) -> Self {
+        if let Error::MissingMigration {
+            session: s @ None, ..
+        }
+        | Error::InvalidInput {
+            session: s @ None, ..
+        }
+        | Error::Timeout {
+            session: s @ None, ..
+        }
+        | Error::Corrupt {
+            session: s @ None, ..
+        }
+        | Error::UnsupportedVersion {
+            session: s @ None, ..
+        } = &mut self
+        {
+            *s = Some(session.clone());
+        }
+        self
     }
 
     /// Shorthand for an [`Error::InvalidInput`].
@@ -552,6 +587,7 @@ mod tests {
                 supported: 1,
             },
             Error::MissingMigration {
+                session: Some(s.clone()),
                 migration: "0002_template".into(),
                 hint: "run `cargo xtask migrate up`".into(),
             },

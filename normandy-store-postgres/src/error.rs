@@ -16,6 +16,7 @@ pub(crate) const MIGRATE_HINT: &str = "apply the Normandy migrations with \
 /// The typed error for a database that lacks migration `name`.
 pub(crate) fn missing_migration(name: &str) -> Error {
     Error::MissingMigration {
+        session: None,
         migration: name.to_string(),
         hint: MIGRATE_HINT.to_string(),
     }

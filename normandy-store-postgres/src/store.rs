@@ -167,10 +167,12 @@ impl SessionStore for PgStore {
         // Refuse what the schema cannot hold rather than drop it: a session stored without its
         // template could never be rebuilt on another node.
         if new.template.is_some() {
-            self.require(SchemaLevel::Template)?;
+            self.require(SchemaLevel::Template)
+                .map_err(|e| e.in_session(&new.id))?;
         }
         if new.resume_policy != ResumePolicy::Lazy {
-            self.require(SchemaLevel::ResumePolicy)?;
+            self.require(SchemaLevel::ResumePolicy)
+                .map_err(|e| e.in_session(&new.id))?;
         }
         let state = TurnState::default();
         let state_blob = codec::encode(BlobKind::TurnState, &state)?;
@@ -193,11 +195,16 @@ impl SessionStore for PgStore {
                 .bind(&template_blob)
                 .bind(policy_str(new.resume_policy)),
         };
-        let row = query.fetch_optional(self.pool()).await.map_err(map_sqlx)?;
+        let row = query
+            .fetch_optional(self.pool())
+            .await
+            .map_err(|e| map_sqlx(e).in_session(&new.id))?;
         let Some(row) = row else {
             return Err(Error::AlreadyExists { session: new.id });
         };
-        let created: i64 = row.try_get(0).map_err(map_sqlx)?;
+        let created: i64 = row
+            .try_get(0)
+            .map_err(|e| map_sqlx(e).in_session(&new.id))?;
         let created = created.max(0) as u64;
         Ok(SessionRecord {
             id: new.id,
@@ -216,19 +223,23 @@ impl SessionStore for PgStore {
     async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
         // A transaction, so a record that fails to decode rolls the epoch bump back: corrupt
         // bytes leave the session untouched, as in `InMemoryStore`.
-        let mut tx = self.pool().begin().await.map_err(map_sqlx)?;
+        let mut tx = self
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         let row = sqlx::query(ACTIVATE[self.level_index()])
             .bind(id.as_str())
             .bind(node.to_string())
             .fetch_optional(&mut *tx)
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         let Some(row) = row else {
             let status = sqlx::query(STATUS_SQL)
                 .bind(id.as_str())
                 .fetch_optional(&mut *tx)
                 .await
-                .map_err(map_sqlx)?;
+                .map_err(|e| map_sqlx(e).in_session(id))?;
             return Err(match status {
                 None => Error::NotFound {
                     session: id.clone(),
@@ -239,7 +250,7 @@ impl SessionStore for PgStore {
             });
         };
         let record = record_from_row(&row, id)?;
-        tx.commit().await.map_err(map_sqlx)?;
+        tx.commit().await.map_err(|e| map_sqlx(e).in_session(id))?;
         Ok(record)
     }
 
@@ -258,7 +269,10 @@ impl SessionStore for PgStore {
             message: "the store's commit gatherer has stopped (runtime shutting down?)".into(),
         };
         self.inner.queue.send(job).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        answer
+            .await
+            .map_err(|_| gone())?
+            .map_err(|e| e.in_session(id))
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
@@ -266,7 +280,7 @@ impl SessionStore for PgStore {
             .bind(id.as_str())
             .fetch_optional(self.pool())
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         row.map(|r| record_from_row(&r, id)).transpose()
     }
 
@@ -279,13 +293,13 @@ impl SessionStore for PgStore {
             .bind(limit)
             .fetch_all(self.pool())
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         if rows.is_empty() {
             let exists: bool = sqlx::query_scalar(EXISTS_SQL)
                 .bind(id.as_str())
                 .fetch_one(self.pool())
                 .await
-                .map_err(map_sqlx)?;
+                .map_err(|e| map_sqlx(e).in_session(id))?;
             if !exists {
                 return Err(Error::NotFound {
                     session: id.clone(),
@@ -295,8 +309,8 @@ impl SessionStore for PgStore {
         }
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let seq: i64 = row.try_get(0).map_err(map_sqlx)?;
-            let payload: &[u8] = row.try_get(1).map_err(map_sqlx)?;
+            let seq: i64 = row.try_get(0).map_err(|e| map_sqlx(e).in_session(id))?;
+            let payload: &[u8] = row.try_get(1).map_err(|e| map_sqlx(e).in_session(id))?;
             let seq = u64::try_from(seq).map_err(|_| {
                 Error::corrupt(Some(id), format!("entry {seq}"), "negative seq in its row")
             })?;
@@ -366,7 +380,7 @@ impl SessionStore for PgStore {
             .bind(to_i64(epoch, "epoch", id)?)
             .execute(self.pool())
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         if done.rows_affected() == 1 {
             return Ok(());
         }
@@ -374,14 +388,14 @@ impl SessionStore for PgStore {
             .bind(id.as_str())
             .fetch_optional(self.pool())
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         let Some(row) = row else {
             return Err(Error::NotFound {
                 session: id.clone(),
             });
         };
-        let current: i64 = row.try_get(0).map_err(map_sqlx)?;
-        let status: String = row.try_get(2).map_err(map_sqlx)?;
+        let current: i64 = row.try_get(0).map_err(|e| map_sqlx(e).in_session(id))?;
+        let status: String = row.try_get(2).map_err(|e| map_sqlx(e).in_session(id))?;
         if parse_status(&status, id)? == SessionStatus::Terminal {
             return Ok(());
         }
@@ -397,7 +411,7 @@ impl SessionStore for PgStore {
             .bind(id.as_str())
             .execute(self.pool())
             .await
-            .map_err(map_sqlx)?;
+            .map_err(|e| map_sqlx(e).in_session(id))?;
         Ok(done.rows_affected() > 0)
     }
 }

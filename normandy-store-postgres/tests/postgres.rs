@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::{Migrate, PgHarness, input_batch, sid, url};
 use normandy_core::{
-    CommitAck, ConfigTemplate, EntryPayload, Epoch, ErrorKind, InputId, Message, NewSession,
+    CommitAck, ConfigTemplate, EntryPayload, Epoch, Error, ErrorKind, InputId, Message, NewSession,
     NodeId, OwnerFilter, ResumePolicy, SessionId, SessionStore,
 };
 use normandy_store_postgres::{MIGRATIONS_TABLE, PgStore, SchemaLevel, migrator};
@@ -241,6 +241,14 @@ async fn base_only_database_works_and_refuses_what_it_cannot_store() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MissingMigration);
     assert!(err.to_string().contains("0002_template"), "{err}");
+    // Issue 15, item 7: the error names the session it refused.
+    assert!(
+        err.to_string().contains("so session templated was refused"),
+        "{err}"
+    );
+    assert!(
+        matches!(&err, Error::MissingMigration { session: Some(s), .. } if s.as_str() == "templated")
+    );
     assert!(store.load(&sid("templated")).await.unwrap().is_none());
     let err = store
         .create(NewSession::bare(sid("eager"), ResumePolicy::Eager))
@@ -317,8 +325,10 @@ async fn a_table_dropped_under_a_running_store_is_a_missing_migration() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MissingMigration, "{err}");
     assert!(err.to_string().contains("0001_base"), "{err}");
+    assert!(err.to_string().contains("session s was refused"), "{err}");
     let err = store.entries(&id, 0, 10).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::MissingMigration, "{err}");
+    assert!(err.to_string().contains("session s was refused"), "{err}");
 }
 
 #[tokio::test]
