@@ -185,32 +185,44 @@ async fn from_client_credentials_are_refused_with_a_clear_error() {
     cleanup(&prefix).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
-    let prefix = unique_prefix("storm");
-    let slow = || {
-        TemplateCatalog::new()
-            .with(
-                ConfigTemplate::new("slow-eager", "scripted")
-                    .resume_policy(normandy_core::ResumePolicy::Eager),
-                CatalogEntry::with_client(
-                    ScriptedClient::echo().with_latency(Duration::from_secs(4)),
-                ),
-            )
-            .unwrap()
-    };
+/// A catalog with one eager template, `id`, whose echo model answers after `latency`.
+fn eager_catalog(id: &str, latency: Duration) -> TemplateCatalog {
+    TemplateCatalog::new()
+        .with(
+            ConfigTemplate::new(id, "scripted").resume_policy(normandy_core::ResumePolicy::Eager),
+            CatalogEntry::with_client(ScriptedClient::echo().with_latency(latency)),
+        )
+        .unwrap()
+}
+
+/// Nodes named `names` under `prefix`, each with `catalog()` and `config`.
+async fn redis_nodes(
+    prefix: &str,
+    names: &[&str],
+    catalog: impl Fn() -> TemplateCatalog,
+    config: ClusterConfig,
+) -> Vec<Cluster> {
     let mut nodes = Vec::new();
-    for name in ["a", "b", "c"] {
+    for name in names {
         nodes.push(
-            Cluster::redis(slow(), &redis_url())
-                .prefix(&prefix)
-                .node_name(name)
+            Cluster::redis(catalog(), &redis_url())
+                .prefix(prefix)
+                .node_name(*name)
                 .secret("in-process-secret")
+                .config(config.clone())
                 .build()
                 .await
                 .unwrap(),
         );
     }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
+    let prefix = unique_prefix("storm");
+    let slow = || eager_catalog("slow-eager", Duration::from_secs(4));
+    let nodes = redis_nodes(&prefix, &["a", "b", "c"], slow, ClusterConfig::default()).await;
     for n in &nodes {
         support::eventually(Duration::from_secs(5), "3 members", || async {
             n.members().len() == 3
@@ -547,34 +559,12 @@ async fn tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_resumes_an_unplaced_eager_session_of_a_live_node() {
     let prefix = unique_prefix("sweep");
-    let catalog = || {
-        TemplateCatalog::new()
-            .with(
-                ConfigTemplate::new("eager", "scripted")
-                    .resume_policy(normandy_core::ResumePolicy::Eager),
-                CatalogEntry::with_client(
-                    ScriptedClient::echo().with_latency(Duration::from_millis(400)),
-                ),
-            )
-            .unwrap()
-    };
+    let catalog = || eager_catalog("eager", Duration::from_millis(400));
     let config = ClusterConfig {
         sweep_interval: Duration::from_millis(500),
         ..ClusterConfig::default()
     };
-    let mut nodes = Vec::new();
-    for name in ["a", "b"] {
-        nodes.push(
-            Cluster::redis(catalog(), &redis_url())
-                .prefix(&prefix)
-                .node_name(name)
-                .secret("in-process-secret")
-                .config(config.clone())
-                .build()
-                .await
-                .unwrap(),
-        );
-    }
+    let nodes = redis_nodes(&prefix, &["a", "b"], catalog, config).await;
     let a = nodes[0].clone();
     let store = a.sessions().store().clone();
     let id = a.start("eager").await.unwrap();

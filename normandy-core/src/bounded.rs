@@ -52,32 +52,62 @@ async fn bounded<T>(
     }
 }
 
-/// A [`SessionStore`] whose every call ends within a bound (see the [module docs](self)).
-pub struct BoundedStore {
-    inner: Arc<dyn SessionStore>,
+/// A backend `B` (a store, a registry, a membership) whose every call ends within a bound (see
+/// the [module docs](self)); built by [`BoundedStore::wrap`], [`BoundedRegistry::wrap`] and
+/// [`BoundedMembership::wrap`].
+pub struct Bounded<B: ?Sized> {
+    inner: Arc<B>,
     bound: Duration,
 }
 
-impl std::fmt::Debug for BoundedStore {
+impl<B: ?Sized> std::fmt::Debug for Bounded<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundedStore")
+        f.debug_struct("Bounded")
             .field("bound", &self.bound)
             .finish_non_exhaustive()
     }
 }
 
-impl BoundedStore {
-    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
-    pub fn wrap(inner: Arc<dyn SessionStore>, bound: Duration) -> Arc<dyn SessionStore> {
-        Arc::new(Self {
+impl<B: ?Sized> Bounded<B> {
+    fn new(inner: Arc<B>, bound: Duration) -> Self {
+        Self {
             inner,
             bound: bound.max(Duration::from_millis(1)),
-        })
+        }
+    }
+}
+
+/// A [`SessionStore`] whose every call ends within a bound.
+pub type BoundedStore = Bounded<dyn SessionStore>;
+/// A [`SessionRegistry`] whose every call ends within a bound.
+pub type BoundedRegistry = Bounded<dyn SessionRegistry>;
+/// A [`Membership`] whose every call ends within a bound; a cluster node bounds its lease calls
+/// by the lease's TTL, past which their answer is moot.
+pub type BoundedMembership = Bounded<dyn Membership>;
+
+impl Bounded<dyn SessionStore> {
+    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
+    pub fn wrap(inner: Arc<dyn SessionStore>, bound: Duration) -> Arc<dyn SessionStore> {
+        Arc::new(Self::new(inner, bound))
+    }
+}
+
+impl Bounded<dyn SessionRegistry> {
+    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
+    pub fn wrap(inner: Arc<dyn SessionRegistry>, bound: Duration) -> Arc<dyn SessionRegistry> {
+        Arc::new(Self::new(inner, bound))
+    }
+}
+
+impl Bounded<dyn Membership> {
+    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
+    pub fn wrap(inner: Arc<dyn Membership>, bound: Duration) -> Arc<dyn Membership> {
+        Arc::new(Self::new(inner, bound))
     }
 }
 
 #[async_trait]
-impl SessionStore for BoundedStore {
+impl SessionStore for Bounded<dyn SessionStore> {
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
     }
@@ -163,32 +193,8 @@ impl SessionStore for BoundedStore {
     }
 }
 
-/// A [`SessionRegistry`] whose every call ends within a bound (see the [module docs](self)).
-pub struct BoundedRegistry {
-    inner: Arc<dyn SessionRegistry>,
-    bound: Duration,
-}
-
-impl std::fmt::Debug for BoundedRegistry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundedRegistry")
-            .field("bound", &self.bound)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BoundedRegistry {
-    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
-    pub fn wrap(inner: Arc<dyn SessionRegistry>, bound: Duration) -> Arc<dyn SessionRegistry> {
-        Arc::new(Self {
-            inner,
-            bound: bound.max(Duration::from_millis(1)),
-        })
-    }
-}
-
 #[async_trait]
-impl SessionRegistry for BoundedRegistry {
+impl SessionRegistry for Bounded<dyn SessionRegistry> {
     async fn register(&self, id: &SessionId, owner: &NodeId) -> Result<Placement> {
         bounded(
             self.bound,
@@ -220,33 +226,8 @@ impl SessionRegistry for BoundedRegistry {
     }
 }
 
-/// A [`Membership`] whose every call ends within a bound (see the [module docs](self)); a
-/// cluster node bounds its lease calls by the lease's TTL, past which their answer is moot.
-pub struct BoundedMembership {
-    inner: Arc<dyn Membership>,
-    bound: Duration,
-}
-
-impl std::fmt::Debug for BoundedMembership {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BoundedMembership")
-            .field("bound", &self.bound)
-            .finish_non_exhaustive()
-    }
-}
-
-impl BoundedMembership {
-    /// Wraps `inner` so that each call gives up after `bound` (at least 1 ms).
-    pub fn wrap(inner: Arc<dyn Membership>, bound: Duration) -> Arc<dyn Membership> {
-        Arc::new(Self {
-            inner,
-            bound: bound.max(Duration::from_millis(1)),
-        })
-    }
-}
-
 #[async_trait]
-impl Membership for BoundedMembership {
+impl Membership for Bounded<dyn Membership> {
     async fn join(&self, me: &Member, ttl: Duration) -> Result<JoinOutcome> {
         bounded(
             self.bound,

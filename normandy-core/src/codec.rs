@@ -21,8 +21,8 @@
 //! Decoding also bounds nesting at [`MAX_DEPTH`], so a damaged or hostile blob nested thousands
 //! deep is `Corrupt` rather than a stack overflow that aborts the process.
 
-use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
 use crate::model::{Entry, Seq, SessionId};

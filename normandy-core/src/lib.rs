@@ -51,7 +51,7 @@ pub mod store;
 pub mod template;
 pub mod tools;
 
-pub use bounded::{BoundedMembership, BoundedRegistry, BoundedStore};
+pub use bounded::{Bounded, BoundedMembership, BoundedRegistry, BoundedStore};
 pub use catalog::{CatalogEntry, SessionConfig, TemplateCatalog};
 pub use credentials::{
     CredentialProvider, Credentials, EnvCredentials, FromClient, StaticCredentials,
