@@ -35,13 +35,16 @@ pub mod config;
 mod conn;
 mod error;
 mod group;
+mod pages;
 mod raw;
 mod record;
 mod schema;
 mod store;
+pub mod verify;
 
 pub use config::{Durability, LmdbConfig};
 pub use store::{LmdbStore, WriteStats};
+pub use verify::{VerifyReport, verify};
 
 /// The heed version this crate is built on, for callers (and benchmarks) that need raw LMDB
 /// access with the same library.
