@@ -69,6 +69,18 @@ pub(crate) fn damaged(dir: &Path, reason: impl std::fmt::Display) -> Error {
     }
 }
 
+/// The error for a damaged meta page: `mdb_copy` cannot help (LMDB refuses such a file too).
+fn damaged_meta(dir: &Path, reason: impl std::fmt::Display) -> Error {
+    Error::Corrupt {
+        session: None,
+        what: format!("LMDB environment at {}", dir.display()),
+        reason: format!(
+            "{reason}; restore the environment from a backup (LMDB refuses a file with either \
+             meta page damaged, so `mdb_copy` cannot read it either)"
+        ),
+    }
+}
+
 /// One `MDB_db` record: a B-tree's shape and root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct DbRecord {
@@ -256,7 +268,7 @@ pub(crate) fn read_metas(dir: &Path) -> Result<Option<Metas>> {
     }
     let metas = match (first, second) {
         (Ok(a), Ok(b)) if a.page_size != b.page_size => {
-            return Err(damaged(
+            return Err(damaged_meta(
                 dir,
                 format!(
                     "{}: the meta pages disagree on the page size ({} and {} bytes)",
@@ -271,20 +283,13 @@ pub(crate) fn read_metas(dir: &Path) -> Result<Option<Metas>> {
             if a.contains("no LMDB magic") && b.contains("no LMDB magic") || b.contains("missing") {
                 return Err(not_lmdb());
             }
-            return Err(damaged(
+            return Err(damaged_meta(
                 dir,
                 format!("{}: both meta pages are damaged ({a}; {b})", path.display()),
             ));
         }
         (Err(e), Ok(_)) | (Ok(_), Err(e)) => {
-            return Err(damaged(
-                dir,
-                format!(
-                    "{}: {e} (LMDB refuses a file with either meta page damaged, and \
-                     `mdb_copy` with it)",
-                    path.display()
-                ),
-            ));
+            return Err(damaged_meta(dir, format!("{}: {e}", path.display())));
         }
     };
     Ok(Some(Metas {
