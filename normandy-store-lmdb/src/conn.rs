@@ -12,6 +12,7 @@ use normandy_core::{Error, Result, SessionId};
 
 use crate::config::{Durability, LmdbConfig, round_down};
 use crate::error::from_heed;
+use crate::pages::check_data_file;
 use crate::schema::{Dbs, MAX_DBS, check_format, create_dbs};
 
 /// An open environment, shared by the writer thread and the readers of one process.
@@ -93,6 +94,9 @@ impl EnvCore {
     pub(crate) fn open(config: &LmdbConfig) -> Result<Self> {
         let path = config.path.clone();
         let lock = lock_environment(&path)?;
+        // Before LMDB maps the file: a truncated file would be read past its end (SIGBUS), a
+        // damaged meta or root page followed blindly (SIGSEGV). See `pages`.
+        check_data_file(&path)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
         options
             .map_size(config.map_size)

@@ -102,7 +102,10 @@ impl LmdbStore {
     /// # Errors
     /// - `Config` for bad settings, a path that is not a directory, or an environment another
     ///   process has open (the error names its pid);
-    /// - `Corrupt` for a directory holding something that is not a Normandy LMDB environment;
+    /// - `Corrupt` for a directory holding something that is not a Normandy LMDB environment,
+    ///   or a damaged `data.mdb`: a file shorter than its meta page says, a damaged meta or
+    ///   root page (checked before LMDB maps the file, so it is an error, not a `SIGBUS`; see
+    ///   [the crate docs](crate#a-damaged-data-file) and [`verify`](crate::verify()));
     /// - `UnsupportedVersion` for an environment written by a newer layout;
     /// - `Backend` for a directory this process may not write (LMDB needs read-write access).
     pub fn open(config: LmdbConfig) -> Result<Self> {
