@@ -64,11 +64,24 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects (failing with `Unavailable` if the server does not answer) and loads the scripts.
+    /// Connects and loads the scripts, within the configured connect timeout plus response
+    /// timeout in all: a server that refuses, or does not answer in time, is `Unavailable`
+    /// naming its address and those bounds (one attempt; retrying is the caller's).
     pub async fn connect(config: RedisStoreConfig) -> Result<Self> {
         config.validate()?;
-        let shared = crate::conn::connect_shared(&config).await?;
-        let wait = WaitPool::new(&config).map(Arc::new);
+        // Each step has its own bound (one connect attempt, then one reply per command); this
+        // is the promise as a whole, whatever a step does.
+        tokio::time::timeout(
+            crate::conn::connect_bound(&config),
+            Self::connect_unbounded(&config),
+        )
+        .await
+        .unwrap_or_else(|_| Err(crate::conn::connect_timed_out(&config)))
+    }
+
+    async fn connect_unbounded(config: &RedisStoreConfig) -> Result<Self> {
+        let shared = crate::conn::connect_shared(config).await?;
+        let wait = WaitPool::new(config).map(Arc::new);
         let keys = Keys::new(&config.prefix);
         let committer = Arc::new(Committer::new(
             shared.clone(),
