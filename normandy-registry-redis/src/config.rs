@@ -78,7 +78,11 @@ impl RedisRegistryConfig {
         self
     }
 
-    /// How long connecting may take (default 2 s).
+    /// How long one connection attempt may take, TCP connect and handshake (default 2 s).
+    /// There is one attempt, no retry loop: `connect` fails with `Unavailable` naming the
+    /// address once the server refuses, or after this plus one
+    /// [`response_timeout`](Self::response_timeout) (loading the scripts) at most; a reconnect
+    /// after an outage is likewise one attempt per call.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

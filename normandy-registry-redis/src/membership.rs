@@ -4,13 +4,11 @@
 
 use std::time::Duration;
 
+use crate::lease::{Joined, Leases, taken};
+use crate::registry::bounded_connect;
 use normandy_core::{
     Error, JoinOutcome, LeaseStatus, Member, Membership, NodeId, Result, async_trait,
 };
-use redis::aio::ConnectionManagerConfig;
-
-use crate::error;
-use crate::lease::{Joined, Leases, taken};
 
 /// Node leases in Redis, with the policy of [`Membership`]: claimed only if absent, refreshed
 /// only while present and holding this node's address, never re-created. Cheap to clone.
@@ -29,20 +27,21 @@ impl RedisMembership {
     /// Connects to `client` with its own connection, under the registry key prefix `prefix`
     /// (the same prefix as the [`RedisRegistry`](crate::RedisRegistry)'s, so the leases are
     /// shared). Commands time out after `timeout`: a lease refresh that hangs must fail in time
-    /// for the node to stop serving before its lease can lapse.
+    /// for the node to stop serving before its lease can lapse. Connecting is one attempt of at
+    /// most `max(timeout, 500 ms)`; a server that refuses or does not answer is `Unavailable`.
     pub async fn connect(client: redis::Client, prefix: &str, timeout: Duration) -> Result<Self> {
         if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
             return Err(Error::Config(format!(
                 "membership key prefix {prefix:?} must be non-empty and without whitespace"
             )));
         }
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(timeout))
-            .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))));
-        let con = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(error::map)?;
+        let con = bounded_connect(
+            &client,
+            timeout.max(Duration::from_millis(500)),
+            timeout,
+            |con| async { Ok(con) },
+        )
+        .await?;
         Ok(Self {
             leases: Leases::new(con, prefix),
         })

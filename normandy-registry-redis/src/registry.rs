@@ -15,6 +15,62 @@ use crate::config::RedisRegistryConfig;
 use crate::error;
 use crate::lease::Leases;
 
+/// Opens a connection manager to `client` and runs `setup` on it, within `connect_timeout +
+/// response_timeout` in all: one connection attempt (the client's connect timeout covers the
+/// TCP connect and the handshake), then the setup's commands. A server that refuses or does
+/// not answer is `Unavailable`, naming the address and the bounds.
+///
+/// No retries inside the client: its default (6, with exponential backoff) made a closed port
+/// take 9.5 s and a silent listener 13 s with 500 ms timeouts configured (issue 15). The same
+/// setting governs its reconnects, so a call during an outage waits for one attempt, not for
+/// the client's backoff; retrying is the caller's (the lease refresh loop, the router).
+pub(crate) async fn bounded_connect<F, Fut>(
+    client: &redis::Client,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    setup: F,
+) -> Result<ConnectionManager>
+where
+    F: FnOnce(ConnectionManager) -> Fut,
+    Fut: std::future::Future<Output = Result<ConnectionManager>>,
+{
+    let target = format!(
+        "{} (connect timeout {} ms, response timeout {} ms)",
+        client.get_connection_info().addr(),
+        connect_timeout.as_millis(),
+        response_timeout.as_millis()
+    );
+    let bound = connect_timeout + response_timeout;
+    let named = |e: Error| match e {
+        Error::Unavailable { backend, message } => Error::Unavailable {
+            backend,
+            message: format!("cannot connect to {target}: {message}"),
+        },
+        other => other,
+    };
+    let manager_config = ConnectionManagerConfig::new()
+        .set_number_of_retries(0)
+        .set_response_timeout(Some(response_timeout))
+        .set_connection_timeout(Some(connect_timeout));
+    let connect = async {
+        let con = client
+            .get_connection_manager_with_config(manager_config)
+            .await
+            .map_err(error::map)?;
+        setup(con).await
+    };
+    match tokio::time::timeout(bound, connect).await {
+        Ok(result) => result.map_err(named),
+        Err(_) => Err(Error::Unavailable {
+            backend: error::BACKEND,
+            message: format!(
+                "cannot connect to {target}: no answer within {} ms",
+                bound.as_millis()
+            ),
+        }),
+    }
+}
+
 /// KEYS: placement. ARGV: owner, lease prefix, lease TTL in ms, '1' if the caller's lease must
 /// exist already.
 ///
@@ -105,25 +161,31 @@ impl std::fmt::Debug for RedisRegistry {
 }
 
 impl RedisRegistry {
-    /// Connects (failing with `Unavailable` if the server does not answer) and loads the scripts.
+    /// Connects and loads the scripts, within the configured connect timeout plus response
+    /// timeout in all: a server that refuses, or does not answer in time, is `Unavailable`
+    /// naming its address and those bounds (one attempt; retrying is the caller's).
     pub async fn connect(config: RedisRegistryConfig) -> Result<Self> {
         config.validate()?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.connect_timeout));
-        let mut con = config
-            .client
-            .get_connection_manager_with_config(manager_config)
-            .await
-            .map_err(error::map)?;
+        let (client, connect_timeout, response_timeout) = (
+            &config.client,
+            config.connect_timeout,
+            config.response_timeout,
+        );
         let scripts = Scripts {
             register: Script::new(REGISTER),
             lookup: Script::new(LOOKUP),
             unregister: Script::new(UNREGISTER),
         };
-        for s in [&scripts.register, &scripts.lookup, &scripts.unregister] {
-            s.load_async(&mut con).await.map_err(error::map)?;
-        }
+        let con = bounded_connect(client, connect_timeout, response_timeout, |mut con| {
+            let scripts = &scripts;
+            async move {
+                for s in [&scripts.register, &scripts.lookup, &scripts.unregister] {
+                    s.load_async(&mut con).await.map_err(error::map)?;
+                }
+                Ok(con)
+            }
+        })
+        .await?;
         Ok(Self {
             leases: Leases::new(con.clone(), &config.prefix),
             con,

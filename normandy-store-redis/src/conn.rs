@@ -14,16 +14,66 @@ use tokio::sync::Semaphore;
 use crate::config::{RedisStoreConfig, Wait};
 use crate::error::{self, Ctx};
 
-/// Opens the shared connection; a server that does not answer is `Unavailable`.
+/// Opens the shared connection: one attempt, bounded by the connect timeout (which in the
+/// client covers the TCP connect and the handshake). A server that does not answer is
+/// `Unavailable`, naming the address and the bound.
+///
+/// No retries inside the client: its default (6 retries with exponential backoff) made a
+/// closed port take 9.5 s and a silent listener 13–23.5 s with 500 ms timeouts configured
+/// (issue 15). The same setting governs its reconnects, so a call during an outage waits for
+/// one connection attempt, not for the client's backoff: retrying is the caller's (the
+/// engine's commit retry, the caller's resend), where it is bounded and named.
 pub(crate) async fn connect_shared(config: &RedisStoreConfig) -> Result<ConnectionManager> {
     let manager_config = ConnectionManagerConfig::new()
+        .set_number_of_retries(0)
         .set_response_timeout(Some(config.response_timeout))
         .set_connection_timeout(Some(config.connect_timeout));
     config
         .client
         .get_connection_manager_with_config(manager_config)
         .await
-        .map_err(|e| error::map(e, Ctx::default()))
+        .map_err(|e| connect_error(&connect_target(config), e))
+}
+
+/// What connecting may take in all: the connect timeout, then one reply (the first command).
+pub(crate) fn connect_bound(config: &RedisStoreConfig) -> std::time::Duration {
+    config.connect_timeout + config.response_timeout
+}
+
+/// A failed connection attempt as a typed error. Unreachable servers (refused, timed out,
+/// dropped) become `Unavailable` naming the address and the configured bounds; anything else
+/// (a wrong password, say) keeps its own mapping.
+pub(crate) fn connect_error(target: &str, e: RedisError) -> Error {
+    match error::map(e, Ctx::default()) {
+        Error::Unavailable { backend, message } => Error::Unavailable {
+            backend,
+            message: format!("cannot connect to {target}: {message}"),
+        },
+        other => other,
+    }
+}
+
+/// `Unavailable` for a connect that outlasted [`connect_bound`] as a whole.
+pub(crate) fn connect_timed_out(config: &RedisStoreConfig) -> Error {
+    Error::Unavailable {
+        backend: error::BACKEND,
+        message: format!(
+            "cannot connect to {}: no answer within {} ms",
+            connect_target(config),
+            connect_bound(config).as_millis()
+        ),
+    }
+}
+
+/// `<host:port> (connect timeout N ms, response timeout M ms)`; never the URL, which may
+/// carry a password.
+pub(crate) fn connect_target(config: &RedisStoreConfig) -> String {
+    format!(
+        "{} (connect timeout {} ms, response timeout {} ms)",
+        config.client.get_connection_info().addr(),
+        config.connect_timeout.as_millis(),
+        config.response_timeout.as_millis()
+    )
 }
 
 /// Dedicated connections for commits that `WAIT`: each carries one commit at a time, so a
@@ -31,6 +81,8 @@ pub(crate) async fn connect_shared(config: &RedisStoreConfig) -> Result<Connecti
 /// (a reconnected multiplexed connection could otherwise acknowledge an offset it never wrote).
 pub(crate) struct WaitPool {
     client: redis::Client,
+    /// The address and bounds, for a connect error ([`connect_target`]).
+    target: String,
     config: AsyncConnectionConfig,
     pub(crate) wait: Wait,
     // std Mutex: push/pop only, never held across an await.
@@ -43,8 +95,10 @@ impl WaitPool {
     pub(crate) fn new(config: &RedisStoreConfig) -> Option<Self> {
         config.wait.map(|wait| WaitPool {
             client: config.client.clone(),
+            target: connect_target(config),
             // The response timeout must outlast the WAIT itself, or a healthy but slow WAIT
             // would surface as a broken connection instead of a count of acknowledgements.
+            // One attempt per call, bounded by the connect timeout (no retry loop here).
             config: AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(config.connect_timeout))
                 .set_response_timeout(Some(config.response_timeout + wait.timeout)),
@@ -67,7 +121,7 @@ impl WaitPool {
                 .client
                 .get_multiplexed_async_connection_with_config(&self.config)
                 .await
-                .map_err(|e| error::map(e, Ctx::default()))?,
+                .map_err(|e| connect_error(&self.target, e))?,
         };
         Ok((permit, con))
     }

@@ -37,7 +37,8 @@ impl<'a> Ctx<'a> {
 ///   failing over or read-only (a demoted primary) are `Unavailable`: retryable.
 /// - Our scripts' codes: `NMNOTFOUND` → `NotFound`, `NMCLOSED` → `SessionClosed`,
 ///   `NMFENCED <current>` → `Fenced`, `NMCONFLICT <actual>` → `Conflict`,
-///   `NMEXISTS` → `AlreadyExists`.
+///   `NMEXISTS` → `AlreadyExists`, `NMWRONGTYPE <held> <wanted> <key>` → `Corrupt` naming
+///   the key (terminal: something else wrote under our prefix, and the script wrote nothing).
 /// - Anything else is a terminal `Backend` error carrying the server's message.
 pub(crate) fn map(err: RedisError, ctx: Ctx<'_>) -> Error {
     let unavailable = |err: &RedisError| Error::Unavailable {
@@ -97,8 +98,42 @@ pub(crate) fn script_error(code: &str, detail: Option<&str>, ctx: Ctx<'_>) -> Op
             expected: ctx.expected_seq,
             actual,
         }),
+        "NMWRONGTYPE" => {
+            let mut parts = detail?.trim().splitn(3, ' ');
+            let (held, wanted, key) = (parts.next()?, parts.next()?, parts.next()?);
+            Some(wrong_type(Some(&id), key, Some(held), wanted))
+        }
         _ => None,
     }
+}
+
+/// A key of ours that holds another type than the store writes there (`held`, when known):
+/// something other than this store wrote under its prefix. Terminal, and never repaired by
+/// the store: the key may be someone's data. Once it is moved away, the same call succeeds
+/// (the write scripts check every key before their first write, so nothing was written).
+pub(crate) fn wrong_type(
+    session: Option<&SessionId>,
+    key: &str,
+    held: Option<&str>,
+    wanted: &str,
+) -> Error {
+    let held = match held {
+        Some(held) => format!("holds a {held}"),
+        None => format!("is not a {wanted}"),
+    };
+    Error::corrupt(
+        session,
+        format!("redis key {key}"),
+        format!(
+            "{held}, expected a {wanted}; something other than this store wrote under its \
+             prefix (nothing was written: move that key away, then retry)"
+        ),
+    )
+}
+
+/// Whether `err` is the server's `WRONGTYPE` (a read of a key that holds another type).
+pub(crate) fn is_wrong_type(err: &RedisError) -> bool {
+    err.code() == Some("WRONGTYPE")
 }
 
 /// A reply whose shape our scripts never produce: a bug or a foreign writer under our prefix.

@@ -29,6 +29,13 @@
 //! without interleaving any other command, so nobody sees a half-done commit, and a reader never
 //! sees entries without their state.
 //!
+//! Redis does not roll a script back when a command fails midway, so before its first write
+//! every script checks the type of each key it will write (`TYPE`: the state hash, the stream,
+//! the inputs hash, the index sets). A key that something else wrote under the store's prefix
+//! fails the call with a terminal [`Error::Corrupt`](normandy_core::Error::Corrupt) naming the
+//! key, what it holds and what it should be — and nothing is written, so once the key is moved
+//! away the same commit (same input id) applies. Reads that meet such a key say the same.
+//!
 //! Commits of different sessions that arrive while earlier ones are in flight are grouped into
 //! one script call (group commit, with one `WAIT` for the group); each commit is still checked
 //! and applied on its own and gets its own outcome. A lone commit is sent at once, unbatched.

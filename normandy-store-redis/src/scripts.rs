@@ -8,7 +8,10 @@
 //! touches keys of several slots, which is the documented Cluster caveat of this crate.
 //!
 //! Errors are `redis.error_reply` with our own codes (`NMNOTFOUND`, `NMCLOSED`, `NMFENCED <cur>`,
-//! `NMCONFLICT <actual>`, `NMEXISTS`), mapped in `error::map`. Numbers that the client compares
+//! `NMCONFLICT <actual>`, `NMEXISTS`, `NMWRONGTYPE <held> <wanted> <key>`), mapped in
+//! `error::map`. Every script checks the type of each key it writes before its first write
+//! (Redis does not roll a script back when a command fails midway), so it writes all or
+//! nothing. Numbers that the client compares
 //! (epoch, seq) are kept as their decimal strings, so Lua's doubles never round a u64.
 //!
 //! Also here: the scripts hashed once for `EVALSHA` ([`Scripts`]) and the reading of a commit
@@ -19,7 +22,38 @@ use redis::{Script, Value};
 
 use crate::error::{self, Ctx};
 
-/// Moves a session between the resumable index sets when its flag or owner changed.
+/// Type checks, run before a script's first write: Redis scripts are not transactional, so a
+/// command that fails midway (WRONGTYPE on a key something else wrote under our prefix) would
+/// keep the writes before it. `wrong_type(kt)` takes key, type pairs and returns the first key
+/// holding another type (nothing is fine) as `NMWRONGTYPE <held> <wanted> <key>`, or nil.
+/// `index_keys` adds the index sets that `reindex` with the same arguments will write.
+const CHECK: &str = r"
+local function wrong_type(kt)
+  for i = 1, #kt, 2 do
+    local held = redis.call('TYPE', kt[i])['ok']
+    if held ~= 'none' and held ~= kt[i + 1] then
+      return 'NMWRONGTYPE ' .. held .. ' ' .. kt[i + 1] .. ' ' .. kt[i]
+    end
+  end
+  return nil
+end
+local function index_keys(kt, p, old_rs, old_own, new_rs, new_own)
+  if old_rs == new_rs and old_own == new_own then return kt end
+  local function add(k) kt[#kt + 1] = k; kt[#kt + 1] = 'zset' end
+  if old_rs == '1' then
+    add(p .. 'any')
+    if old_own then add(p .. 'node:' .. old_own) end
+  end
+  if new_rs == '1' then
+    add(p .. 'any')
+    if new_own then add(p .. 'node:' .. new_own) end
+  end
+  return kt
+end
+";
+
+/// Moves a session between the resumable index sets when its flag or owner changed (the keys
+/// it writes are `index_keys`' with the same arguments, checked first).
 const REINDEX: &str = r"
 local function reindex(p, id, old_rs, old_own, new_rs, new_own)
   if old_rs == new_rs and old_own == new_own then return end
@@ -35,7 +69,14 @@ end
 ";
 
 /// KEYS: state, stream, inputs. ARGV: policy, template blob ('' = none), state blob, now.
-pub(crate) const CREATE: &str = r"
+///
+/// A state key of another type is `NMWRONGTYPE` (not `NMEXISTS`: no session is there).
+pub(crate) fn create() -> String {
+    format!(
+        "{CHECK}{}",
+        r"
+local bad = wrong_type({KEYS[1], 'hash'})
+if bad then return redis.error_reply(bad) end
 if redis.call('EXISTS', KEYS[1]) == 1 then return redis.error_reply('NMEXISTS session') end
 -- Leftovers cannot exist (delete removes all three keys in one script), but a stray stream
 -- would hand a new session someone else's entries: clear them.
@@ -44,7 +85,9 @@ redis.call('HSET', KEYS[1], 'ep', '0', 'seq', '0', 'st', 'active', 'pol', ARGV[1
   'ts', ARGV[3], 'ca', ARGV[4], 'ua', ARGV[4], 'rs', '0')
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'tpl', ARGV[2]) end
 return 'ok'
-";
+"
+    )
+}
 
 /// KEYS: state. ARGV: id, index prefix, node, seq read by the client, state blob read by the
 /// client, now.
@@ -55,12 +98,16 @@ return 'ok'
 /// bandwidth, but spares every commit a version counter.
 pub(crate) fn activate() -> String {
     format!(
-        "{REINDEX}{}",
+        "{CHECK}{REINDEX}{}",
         r"
+local bad = wrong_type({KEYS[1], 'hash'})
+if bad then return redis.error_reply(bad) end
 local f = redis.call('HMGET', KEYS[1], 'ep', 'st', 'own', 'rs', 'seq', 'ts')
 if not f[1] then return redis.error_reply('NMNOTFOUND session') end
 if f[2] == 'terminal' then return redis.error_reply('NMCLOSED session') end
 if f[5] ~= ARGV[4] or f[6] ~= ARGV[5] then return {'stale'} end
+bad = wrong_type(index_keys({}, ARGV[2], f[4], f[3], f[4], ARGV[3]))
+if bad then return redis.error_reply(bad) end
 local ep = redis.call('HINCRBY', KEYS[1], 'ep', 1)
 redis.call('HSET', KEYS[1], 'own', ARGV[3], 'ua', ARGV[6])
 reindex(ARGV[2], ARGV[1], f[4], f[3], f[4], ARGV[3])
@@ -77,19 +124,28 @@ return {'ok', tostring(ep)}
 /// DuplicateInput, Conflict, and only then writes its entries, input ids, state and index
 /// together. The reply has one item per commit — `{'applied', seq}`, `{'dup', input, seq}` or
 /// `{'err', '<code> <detail>'}` — so commits of different sessions sharing one script never
-/// affect each other's outcome; Redis runs the whole script atomically, so each commit is. (A
-/// command error inside one commit, possible only if something else wrote a key of the wrong
-/// type under our prefix, is that commit's `NMSCRIPT` error; its writes before the failing
-/// command stay.)
+/// affect each other's outcome; Redis runs the whole script atomically, so each commit is.
+///
+/// Before its first write, each commit checks the type of every key it will write (state,
+/// stream, inputs, and the index sets its reindex touches): a key that something else wrote
+/// under our prefix fails that commit alone with `NMWRONGTYPE`, having written nothing, and the
+/// same commit applies once the key is gone. (Any other command error inside one commit is its
+/// `NMSCRIPT` error, caught by `pcall` so the batch's other commits keep their outcomes.)
 pub(crate) fn commit_many() -> String {
     format!(
-        "{REINDEX}{}",
+        "{CHECK}{REINDEX}{}",
         r"
 local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
+  local bad = wrong_type({ks, 'hash'})
+  if bad then return {'err', bad} end
   local f = redis.call('HMGET', ks, 'ep', 'seq', 'st', 'pol', 'own', 'rs')
   if not f[1] then return {'err', 'NMNOTFOUND session'} end
   if f[3] == 'terminal' then return {'err', 'NMCLOSED session'} end
   if f[1] ~= ep then return {'err', 'NMFENCED ' .. f[1]} end
+  local rs = '0'
+  if work == '1' and f[4] == 'eager' then rs = '1' end
+  bad = wrong_type(index_keys({ke, 'stream', ki, 'hash'}, p, f[6], f[5], rs, f[5]))
+  if bad then return {'err', bad} end
   -- HSETNX checks and records an input id in one call; a later check that fails (another
   -- duplicate, or Conflict) takes back what this commit set, before anyone can see it.
   local set = {}
@@ -116,8 +172,6 @@ local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
     local b = e0 + i * 3
     redis.call('XADD', ke, '0-' .. ARGV[b], 'e', ARGV[b + 1])
   end
-  local rs = '0'
-  if work == '1' and f[4] == 'eager' then rs = '1' end
   redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now, 'rs', rs)
   reindex(p, id, f[6], f[5], rs, f[5])
   return {'applied', new}
@@ -128,7 +182,7 @@ local a = 3
 local out = {}
 for c = 1, #KEYS / 3 do
   local n = tonumber(ARGV[a + 6])
-  -- pcall: a command error in one commit (a foreign key of the wrong type under our prefix)
+  -- pcall: a command error in one commit (which its type checks should leave impossible)
   -- must not abort the script and take the other sessions' outcomes with it.
   local ok, r = pcall(commit, KEYS[c * 3 - 2], KEYS[c * 3 - 1], KEYS[c * 3], p, now, ARGV[a],
     ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], n, a + 7)
@@ -151,7 +205,12 @@ return out
 /// still has that epoch, seq and state, the commit stands; the script writes `wa` so that the
 /// `WAIT` pipelined after it covers a write that is at or after the original one. `{'miss'}`
 /// when the record moved on (the caller then runs the ordinary commit, which reports why).
-pub(crate) const CONFIRM: &str = r"
+pub(crate) fn confirm() -> String {
+    format!(
+        "{CHECK}{}",
+        r"
+local bad = wrong_type({KEYS[1], 'hash'})
+if bad then return redis.error_reply(bad) end
 local f = redis.call('HMGET', KEYS[1], 'ep', 'seq', 'ts')
 if not f[1] then return redis.error_reply('NMNOTFOUND session') end
 if f[1] ~= ARGV[1] then return redis.error_reply('NMFENCED ' .. f[1]) end
@@ -160,13 +219,17 @@ if f[2] == ARGV[2] and f[3] == ARGV[3] then
   return {'applied', ARGV[2]}
 end
 return {'miss'}
-";
+"
+    )
+}
 
 /// KEYS: state. ARGV: id, index prefix, epoch, now.
 pub(crate) fn mark_terminal() -> String {
     format!(
-        "{REINDEX}{}",
+        "{CHECK}{REINDEX}{}",
         r"
+local bad = wrong_type({KEYS[1], 'hash'})
+if bad then return redis.error_reply(bad) end
 local f = redis.call('HMGET', KEYS[1], 'ep', 'st', 'own', 'rs')
 if not f[1] then return redis.error_reply('NMNOTFOUND session') end
 if f[2] == 'terminal' then
@@ -176,6 +239,8 @@ if f[2] == 'terminal' then
   return 'ok'
 end
 if f[1] ~= ARGV[3] then return redis.error_reply('NMFENCED ' .. f[1]) end
+bad = wrong_type(index_keys({}, ARGV[2], f[4], f[3], '0', f[3]))
+if bad then return redis.error_reply(bad) end
 redis.call('HSET', KEYS[1], 'st', 'terminal', 'rs', '0', 'ua', ARGV[4])
 reindex(ARGV[2], ARGV[1], f[4], f[3], '0', f[3])
 return 'ok'
@@ -184,15 +249,22 @@ return 'ok'
 }
 
 /// KEYS: state, stream, inputs. ARGV: id, index prefix. Returns 1 if the session existed.
+///
+/// `DEL` takes a key of any type, so only the state (which is read) and the index sets (which
+/// are edited) are type-checked.
 pub(crate) fn delete() -> String {
     format!(
-        "{REINDEX}{}",
+        "{CHECK}{REINDEX}{}",
         r"
+local bad = wrong_type({KEYS[1], 'hash'})
+if bad then return redis.error_reply(bad) end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[2], KEYS[3])
   return 0
 end
 local f = redis.call('HMGET', KEYS[1], 'own', 'rs')
+bad = wrong_type(index_keys({}, ARGV[2], f[2], f[1], '0', f[1]))
+if bad then return redis.error_reply(bad) end
 reindex(ARGV[2], ARGV[1], f[2], f[1], '0', f[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
@@ -229,9 +301,9 @@ pub(crate) struct Scripts {
 impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
-            create: Script::new(CREATE),
+            create: Script::new(&create()),
             activate: Script::new(&activate()),
-            confirm: Script::new(CONFIRM),
+            confirm: Script::new(&confirm()),
             mark_terminal: Script::new(&mark_terminal()),
             delete: Script::new(&delete()),
             overwrite_entry: Script::new(OVERWRITE_ENTRY),

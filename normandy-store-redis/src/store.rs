@@ -64,11 +64,24 @@ impl std::fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects (failing with `Unavailable` if the server does not answer) and loads the scripts.
+    /// Connects and loads the scripts, within the configured connect timeout plus response
+    /// timeout in all: a server that refuses, or does not answer in time, is `Unavailable`
+    /// naming its address and those bounds (one attempt; retrying is the caller's).
     pub async fn connect(config: RedisStoreConfig) -> Result<Self> {
         config.validate()?;
-        let shared = crate::conn::connect_shared(&config).await?;
-        let wait = WaitPool::new(&config).map(Arc::new);
+        // Each step has its own bound (one connect attempt, then one reply per command); this
+        // is the promise as a whole, whatever a step does.
+        tokio::time::timeout(
+            crate::conn::connect_bound(&config),
+            Self::connect_unbounded(&config),
+        )
+        .await
+        .unwrap_or_else(|_| Err(crate::conn::connect_timed_out(&config)))
+    }
+
+    async fn connect_unbounded(config: &RedisStoreConfig) -> Result<Self> {
+        let shared = crate::conn::connect_shared(config).await?;
+        let wait = WaitPool::new(config).map(Arc::new);
         let keys = Keys::new(&config.prefix);
         let committer = Arc::new(Committer::new(
             shared.clone(),
@@ -157,11 +170,21 @@ impl RedisStore {
 
     pub(crate) async fn read_fields(&self, id: &SessionId) -> Result<HashMap<String, Vec<u8>>> {
         let mut con = self.shared.clone();
-        redis::cmd("HGETALL")
-            .arg(self.keys.state(id))
-            .query_async(&mut con)
-            .await
-            .map_err(|e| error::map(e, Ctx::session(id)))
+        let key = self.keys.state(id);
+        match redis::cmd("HGETALL").arg(&key).query_async(&mut con).await {
+            Ok(fields) => Ok(fields),
+            Err(e) if error::is_wrong_type(&e) => {
+                Err(self.wrong_type_read(Some(id), &key, "hash").await)
+            }
+            Err(e) => Err(error::map(e, Ctx::session(id))),
+        }
+    }
+
+    /// The error for a read that met `WRONGTYPE` on `key`, naming what the key holds.
+    async fn wrong_type_read(&self, session: Option<&SessionId>, key: &str, wanted: &str) -> Error {
+        let mut con = self.shared.clone();
+        let held: Option<String> = redis::cmd("TYPE").arg(key).query_async(&mut con).await.ok();
+        error::wrong_type(session, key, held.as_deref(), wanted)
     }
 }
 
@@ -414,19 +437,36 @@ impl SessionStore for RedisStore {
         let Some(from) = after.checked_add(1) else {
             return Ok(Vec::new());
         };
-        let (exists, range): (bool, Value) = redis::pipe()
+        let stream = self.keys.stream(id);
+        // ignore_errors: each reply separately, so a WRONGTYPE on the stream (EXISTS takes any
+        // type) comes back as the server's own error, not as a pipeline failure.
+        let mut replies: Vec<redis::RedisResult<Value>> = redis::pipe()
             .cmd("EXISTS")
             .arg(self.keys.state(id))
             .cmd("XRANGE")
-            .arg(self.keys.stream(id))
+            .arg(&stream)
             .arg(format!("0-{from}"))
             .arg("+")
             .arg("COUNT")
             // Redis takes a signed 64-bit count; "everything" is usize::MAX from callers.
             .arg(limit.clamp(1, i64::MAX as usize))
+            .ignore_errors()
             .query_async(&mut con)
             .await
             .map_err(|e| error::map(e, ctx))?;
+        let (Some(range), Some(exists), None) = (replies.pop(), replies.pop(), replies.pop())
+        else {
+            return Err(error::unexpected(ctx, "EXISTS + XRANGE", &Value::Nil));
+        };
+        let exists = exists.map_err(|e| error::map(e, ctx))?;
+        let range = match range {
+            Ok(range) => range,
+            Err(e) if error::is_wrong_type(&e) => {
+                return Err(self.wrong_type_read(Some(id), &stream, "stream").await);
+            }
+            Err(e) => return Err(error::map(e, ctx)),
+        };
+        let exists = matches!(exists, Value::Int(1));
         if !exists {
             return Err(Error::NotFound {
                 session: id.clone(),
@@ -480,7 +520,7 @@ impl SessionStore for RedisStore {
             Some(c) => format!("({c}"),
             None => "-".to_string(),
         };
-        let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+        let ids: Vec<String> = match redis::cmd("ZRANGEBYLEX")
             .arg(&key)
             .arg(min)
             .arg("+")
@@ -489,7 +529,13 @@ impl SessionStore for RedisStore {
             .arg(limit.saturating_add(1).min(i64::MAX as usize))
             .query_async(&mut con)
             .await
-            .map_err(|e| error::map(e, ctx))?;
+        {
+            Ok(ids) => ids,
+            Err(e) if error::is_wrong_type(&e) => {
+                return Err(self.wrong_type_read(None, &key, "zset").await);
+            }
+            Err(e) => return Err(error::map(e, ctx)),
+        };
         let more = ids.len() > limit;
         let ids: Vec<SessionId> = ids
             .into_iter()

@@ -1,5 +1,5 @@
 //! Commits whose fate this process does not know: remembered per session so that the engine's
-//! retry of the same batch is confirmed (see [`scripts::CONFIRM`](crate::scripts::CONFIRM))
+//! retry of the same batch is confirmed (see [`scripts::confirm`](crate::scripts::confirm))
 //! rather than answered `DuplicateInput` or `Conflict`.
 
 use std::collections::HashMap;
@@ -14,7 +14,7 @@ const MAX_UNACKED: usize = 10_000;
 /// A commit whose outcome this process does not know for sure: its script ran but too few
 /// replicas acknowledged it (`DurabilityNotMet`), or the connection failed after it was sent
 /// (`Unavailable`). The engine retries such a commit with the same batch; the retry then runs
-/// [`scripts::CONFIRM`](crate::scripts::CONFIRM), which re-acknowledges the commit if the
+/// [`scripts::confirm`](crate::scripts::confirm), which re-acknowledges the commit if the
 /// store holds exactly its result, instead of answering `DuplicateInput` or `Conflict` to a
 /// writer whose own commit landed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
