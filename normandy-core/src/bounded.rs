@@ -75,6 +75,16 @@ impl<B: ?Sized> Bounded<B> {
             bound: bound.max(Duration::from_millis(1)),
         }
     }
+
+    /// Runs one call of the inner backend within the bound.
+    async fn run<T>(
+        &self,
+        session: Option<&SessionId>,
+        what: &'static str,
+        call: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        bounded(self.bound, session, what, call).await
+    }
 }
 
 /// A [`SessionStore`] whose every call ends within a bound.
@@ -114,23 +124,13 @@ impl SessionStore for Bounded<dyn SessionStore> {
 
     async fn create(&self, session: NewSession) -> Result<SessionRecord> {
         let id = session.id.clone();
-        bounded(
-            self.bound,
-            Some(&id),
-            "store create",
-            self.inner.create(session),
-        )
-        .await
+        self.run(Some(&id), "store create", self.inner.create(session))
+            .await
     }
 
     async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
-        bounded(
-            self.bound,
-            Some(id),
-            "store activate",
-            self.inner.activate(id, node),
-        )
-        .await
+        self.run(Some(id), "store activate", self.inner.activate(id, node))
+            .await
     }
 
     async fn commit(
@@ -140,8 +140,7 @@ impl SessionStore for Bounded<dyn SessionStore> {
         expected_seq: Seq,
         batch: &CommitBatch,
     ) -> Result<CommitAck> {
-        bounded(
-            self.bound,
+        self.run(
             Some(id),
             "store commit",
             self.inner.commit(id, epoch, expected_seq, batch),
@@ -150,12 +149,11 @@ impl SessionStore for Bounded<dyn SessionStore> {
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
-        bounded(self.bound, Some(id), "store load", self.inner.load(id)).await
+        self.run(Some(id), "store load", self.inner.load(id)).await
     }
 
     async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
-        bounded(
-            self.bound,
+        self.run(
             Some(id),
             "store entries",
             self.inner.entries(id, after, limit),
@@ -169,8 +167,7 @@ impl SessionStore for Bounded<dyn SessionStore> {
         cursor: Option<&SessionId>,
         limit: usize,
     ) -> Result<ResumablePage> {
-        bounded(
-            self.bound,
+        self.run(
             None,
             "store list_resumable",
             self.inner.list_resumable(owner, cursor, limit),
@@ -179,8 +176,7 @@ impl SessionStore for Bounded<dyn SessionStore> {
     }
 
     async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
-        bounded(
-            self.bound,
+        self.run(
             Some(id),
             "store mark_terminal",
             self.inner.mark_terminal(id, epoch),
@@ -189,15 +185,15 @@ impl SessionStore for Bounded<dyn SessionStore> {
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool> {
-        bounded(self.bound, Some(id), "store delete", self.inner.delete(id)).await
+        self.run(Some(id), "store delete", self.inner.delete(id))
+            .await
     }
 }
 
 #[async_trait]
 impl SessionRegistry for Bounded<dyn SessionRegistry> {
     async fn register(&self, id: &SessionId, owner: &NodeId) -> Result<Placement> {
-        bounded(
-            self.bound,
+        self.run(
             Some(id),
             "registry register",
             self.inner.register(id, owner),
@@ -206,18 +202,12 @@ impl SessionRegistry for Bounded<dyn SessionRegistry> {
     }
 
     async fn lookup(&self, id: &SessionId) -> Result<Option<Placement>> {
-        bounded(
-            self.bound,
-            Some(id),
-            "registry lookup",
-            self.inner.lookup(id),
-        )
-        .await
+        self.run(Some(id), "registry lookup", self.inner.lookup(id))
+            .await
     }
 
     async fn unregister(&self, id: &SessionId, owner: &NodeId) -> Result<bool> {
-        bounded(
-            self.bound,
+        self.run(
             Some(id),
             "registry unregister",
             self.inner.unregister(id, owner),
@@ -229,31 +219,23 @@ impl SessionRegistry for Bounded<dyn SessionRegistry> {
 #[async_trait]
 impl Membership for Bounded<dyn Membership> {
     async fn join(&self, me: &Member, ttl: Duration) -> Result<JoinOutcome> {
-        bounded(
-            self.bound,
-            None,
-            "membership join",
-            self.inner.join(me, ttl),
-        )
-        .await
+        self.run(None, "membership join", self.inner.join(me, ttl))
+            .await
     }
 
     async fn refresh(&self, me: &Member, ttl: Duration) -> Result<LeaseStatus> {
-        bounded(
-            self.bound,
-            None,
-            "membership refresh",
-            self.inner.refresh(me, ttl),
-        )
-        .await
+        self.run(None, "membership refresh", self.inner.refresh(me, ttl))
+            .await
     }
 
     async fn members(&self) -> Result<Vec<Member>> {
-        bounded(self.bound, None, "membership members", self.inner.members()).await
+        self.run(None, "membership members", self.inner.members())
+            .await
     }
 
     async fn leave(&self, node: &NodeId) -> Result<()> {
-        bounded(self.bound, None, "membership leave", self.inner.leave(node)).await
+        self.run(None, "membership leave", self.inner.leave(node))
+            .await
     }
 }
 

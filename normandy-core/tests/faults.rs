@@ -233,6 +233,26 @@ async fn wait_for_entry(store: &InMemoryStore, id: &SessionId, kind: &str) {
     panic!("no {kind} entry appeared");
 }
 
+/// Starts session "s" on node "a" over `store`, sends "pay 10" (input "in"), and kills a while
+/// its non-idempotent `pay` call runs, after the call's `ToolStarted` is committed.
+async fn crash_during_the_paid_call(
+    catalog: &TemplateCatalog,
+    store: &Arc<InMemoryStore>,
+    pay: &LogTool,
+) -> SessionId {
+    let node_a = runtime(catalog, store.clone(), "a");
+    let id = start(&node_a, "t", "s").await;
+    let a = node_a.clone();
+    let id2 = id.clone();
+    let send =
+        tokio::spawn(async move { a.send(&id2, Input::text("pay 10").with_id(iid("in"))).await });
+    wait_for_entry(store, &id, "tool_started").await;
+    wait_until(|| pay.count("start:") == 1, "the paid call runs").await;
+    assert!(node_a.kill(&id), "node a dies mid-call");
+    send.abort();
+    id
+}
+
 /// Records in the stored state of `id`'s turn that it has run `ms` already, as its owner would
 /// have committed had it run that long before it died. (The deadline counts run time measured on
 /// monotonic clocks; time while no node ran the turn is not counted, since wall clocks of two
@@ -464,16 +484,7 @@ async fn an_in_doubt_call_resumed_past_the_deadline_is_recorded_in_doubt() {
         CatalogEntry::with_client(one_tool_client("pay")).tool(pay.clone()),
     );
     let store = Arc::new(InMemoryStore::new());
-    let node_a = runtime(&catalog, store.clone(), "a");
-    let id = start(&node_a, "t", "s").await;
-    let a = node_a.clone();
-    let id2 = id.clone();
-    let send =
-        tokio::spawn(async move { a.send(&id2, Input::text("pay 10").with_id(iid("in"))).await });
-    wait_for_entry(&store, &id, "tool_started").await;
-    wait_until(|| pay.count("start:") == 1, "the paid call runs").await;
-    assert!(node_a.kill(&id), "node a dies mid-call");
-    send.abort();
+    let id = crash_during_the_paid_call(&catalog, &store, &pay).await;
     // The turn had run past its deadline before a died (see `spend_turn_budget`).
     spend_turn_budget(&store, &id, 400).await;
 
@@ -1198,16 +1209,7 @@ async fn an_interrupted_call_is_recorded_in_doubt_under_its_key() {
         CatalogEntry::with_client(one_tool_client("pay")).tool(pay.clone()),
     );
     let store = Arc::new(InMemoryStore::new());
-    let node_a = runtime(&catalog, store.clone(), "a");
-    let id = start(&node_a, "t", "s").await;
-    let a = node_a.clone();
-    let id2 = id.clone();
-    let send =
-        tokio::spawn(async move { a.send(&id2, Input::text("pay 10").with_id(iid("in"))).await });
-    wait_for_entry(&store, &id, "tool_started").await;
-    wait_until(|| pay.count("start:") == 1, "the paid call runs").await;
-    assert!(node_a.kill(&id), "node a dies mid-call");
-    send.abort();
+    let id = crash_during_the_paid_call(&catalog, &store, &pay).await;
 
     let node_b = runtime(&catalog, store.clone(), "b");
     let out = node_b
