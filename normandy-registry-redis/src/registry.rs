@@ -410,7 +410,8 @@ impl SessionRegistry for RedisRegistry {
             b"nolease" => Err(Error::Unavailable {
                 backend: "redis registry",
                 message: format!(
-                    "node {owner} has no live lease (it lapsed or was never claimed), so it may                      not place session {id}; it must rejoin first"
+                    "node {owner} has no live lease (it lapsed or was never claimed), so it may \
+                     not place session {id}; it must rejoin first"
                 ),
             }),
             _ => Err(bad()),

@@ -382,41 +382,38 @@ impl SessionStore for RedisStore {
                 }
             }
         };
-        match reply {
-            Reply::Applied(seq) => {
-                if let (Some(pool), Some(acked)) = (&self.wait, acked)
-                    && acked < pool.wait.replicas
-                {
-                    warn!(session = %id, seq, acked, wanted = pool.wait.replicas,
-                        "commit applied on the primary but not acknowledged by enough replicas");
-                    self.unacked.remember(id, this);
-                    return Err(Error::DurabilityNotMet {
-                        session: id.clone(),
-                        wanted: pool.wait.replicas,
-                        acked,
-                    });
-                }
-                Ok(CommitAck::Applied { seq })
-            }
-            // The script wrote a counter so that the WAIT covers the original input: with too
-            // few acknowledgements the original may still be lost in a failover, so the
-            // duplicate is not reported (a caller would take it as done). Nothing was written
-            // by this call, so there is nothing to confirm on a retry.
-            Reply::Duplicate(_, _) if matches!((&self.wait, acked), (Some(pool), Some(acked)) if acked < pool.wait.replicas) =>
-            {
-                let (wanted, acked) = (
-                    self.wait.as_ref().map_or(0, |p| p.wait.replicas),
-                    acked.unwrap_or(0),
-                );
-                warn!(session = %id, acked, wanted,
-                    "duplicate input found, but its original is not acknowledged by enough replicas");
-                Err(Error::DurabilityNotMet {
+        // Too few acknowledgements: the write (or, for a duplicate, the original input, which
+        // the script's counter write makes the WAIT cover) may be lost in a failover, so it is
+        // not reported done.
+        let short = match (&self.wait, acked) {
+            (Some(pool), Some(acked)) if acked < pool.wait.replicas => {
+                Some(Error::DurabilityNotMet {
                     session: id.clone(),
-                    wanted,
+                    wanted: pool.wait.replicas,
                     acked,
                 })
             }
-            Reply::Duplicate(input_id, seq) => Ok(CommitAck::DuplicateInput { input_id, seq }),
+            _ => None,
+        };
+        match reply {
+            Reply::Applied(seq) => match short {
+                Some(e) => {
+                    warn!(session = %id, seq, error = %e,
+                        "commit applied on the primary but not acknowledged by enough replicas");
+                    self.unacked.remember(id, this);
+                    Err(e)
+                }
+                None => Ok(CommitAck::Applied { seq }),
+            },
+            // This call wrote nothing, so there is nothing to confirm on a retry.
+            Reply::Duplicate(input_id, seq) => match short {
+                Some(e) => {
+                    warn!(session = %id, error = %e,
+                        "duplicate input found, but its original is not acknowledged by enough replicas");
+                    Err(e)
+                }
+                None => Ok(CommitAck::DuplicateInput { input_id, seq }),
+            },
             Reply::Miss => Err(Error::Internal(format!(
                 "session {id}: commit script answered like the confirm script"
             ))),
