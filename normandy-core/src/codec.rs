@@ -15,7 +15,7 @@
 //! [`Error::Corrupt`]; neither panics. The checksum is what stops a flipped bit from decoding as
 //! different but valid data (an input id "t1" read back as "u1", a `false` as `true`):
 //! MessagePack has no redundancy of its own. CRC-32C (Castagnoli, as iSCSI, ext4 and RocksDB use
-//! it) catches every single-bit and every odd-bit error and every burst of up to 32 bits.
+//! it) catches every single-bit error and every burst of up to 32 bits.
 //! Version 1 blobs, written before checksums, still load, unchecked.
 //!
 //! Decoding also bounds nesting at [`MAX_DEPTH`], so a damaged or hostile blob nested thousands
@@ -32,7 +32,7 @@ pub const FORMAT_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = *b"NM";
 /// Header length of a version-2 blob: magic, version, kind, checksum.
 const HEADER_V2: usize = 8;
-/// The checksum: CRC-32C, slice-by-16 (a 16 KiB table, some GB/s on one core).
+/// The checksum: CRC-32C, table-driven slice-by-16 (a 16 KiB table).
 const CRC32C: crc::Crc<u32, crc::Table<16>> =
     crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_ISCSI);
 

@@ -7,8 +7,10 @@
 //! `idle_timeout` passivates: it releases its placement and its task ends.
 //!
 //! This file holds the handle and its calls; `slots` holds the whole lifecycle of a session's
-//! slot on this node — activation, the live map, and the release when an actor ends.
+//! slot on this node — activation, the live map, and the release when an actor ends; `restart`
+//! brings back an eager session whose actor failed.
 
+mod restart;
 mod slots;
 
 use std::pin::Pin;
@@ -104,7 +106,7 @@ struct Inner {
     /// Asked before every commit; see [`SessionsBuilder::commit_gate`].
     gate: Option<CommitGate>,
     /// When an eager session's actor fails, how long before it is resumed here.
-    restarts: slots::Restarts,
+    restarts: restart::Restarts,
 }
 
 /// A check every actor of a runtime makes before each commit: `Err` and the commit is not
@@ -125,7 +127,7 @@ pub struct SessionsBuilder {
     send_timeout: Duration,
     gate: Option<CommitGate>,
     call_timeout: Duration,
-    restart: slots::RestartPolicy,
+    restart: restart::RestartPolicy,
 }
 
 impl std::fmt::Debug for SessionsBuilder {
@@ -215,7 +217,7 @@ impl SessionsBuilder {
     /// than ten minutes after the last starts again from `first`. Lazy sessions are not
     /// resumed: their next request rebuilds them.
     pub fn restart_backoff(mut self, first: Duration, max: Duration) -> Self {
-        self.restart = slots::RestartPolicy::new(first, max);
+        self.restart = restart::RestartPolicy::new(first, max);
         self
     }
 
@@ -248,7 +250,7 @@ impl SessionsBuilder {
                 send_timeout: self.send_timeout,
                 accepting: AtomicBool::new(true),
                 gate: self.gate,
-                restarts: slots::Restarts::new(self.restart),
+                restarts: restart::Restarts::new(self.restart),
             }),
         })
     }
@@ -287,7 +289,7 @@ impl Sessions {
             send_timeout: Duration::from_secs(5),
             gate: None,
             call_timeout: crate::bounded::DEFAULT_CALL_TIMEOUT,
-            restart: slots::RestartPolicy::default(),
+            restart: restart::RestartPolicy::default(),
         }
     }
 

@@ -83,29 +83,25 @@ impl Cluster {
     }
 }
 
-/// What a node needs, beside its store and registry, to build its local runtime again for a
-/// new incarnation.
+/// What a node needs to build its local runtime again for a new incarnation. It keeps the
+/// store and registry as given: the runtime bounds their calls itself.
 pub(super) struct Recipe {
     catalog: TemplateCatalog,
     credentials: Arc<dyn CredentialProvider>,
     idle_timeout: Option<Duration>,
+    store: Arc<dyn SessionStore>,
+    registry: Arc<dyn SessionRegistry>,
 }
 
 impl Recipe {
-    /// A runtime over `store` and `registry` whose sessions are registered and activated as
-    /// `node`, committing only while `clock` says `node`'s lease is surely alive.
-    pub(super) fn build(
-        &self,
-        node: NodeId,
-        clock: &Arc<lease::Clock>,
-        store: &Arc<dyn SessionStore>,
-        registry: &Arc<dyn SessionRegistry>,
-    ) -> Result<Sessions> {
+    /// A runtime whose sessions are registered and activated as `node`, committing only while
+    /// `clock` says `node`'s lease is surely alive.
+    pub(super) fn build(&self, node: NodeId, clock: &Arc<lease::Clock>) -> Result<Sessions> {
         let mut sessions = Sessions::builder(self.catalog.clone())
             .commit_gate(clock.gate(&node))
             .node(node)
-            .store(store.clone())
-            .registry(registry.clone())
+            .store(self.store.clone())
+            .registry(self.registry.clone())
             .credentials(self.credentials.clone());
         if let Some(t) = self.idle_timeout {
             sessions = sessions.idle_timeout(t);
@@ -216,8 +212,9 @@ impl ClusterBuilder {
         }
         check_store(&*store, self.volatile_store_for_tests)?;
         // The node's own calls (routing lookups, the reaper's listings) are bounded like its
-        // runtime's, which wraps what it is given itself.
+        // runtime's; the runtime wraps the unbounded ones the recipe keeps itself.
         let bound = normandy_core::bounded::DEFAULT_CALL_TIMEOUT;
+        let (raw_store, raw_registry) = (store.clone(), registry.clone());
         let store = normandy_core::BoundedStore::wrap(store, bound);
         let registry = normandy_core::BoundedRegistry::wrap(registry, bound);
         // A lease call answered after the lease's TTL is moot.
@@ -257,10 +254,12 @@ impl ClusterBuilder {
             catalog: self.catalog,
             credentials,
             idle_timeout: self.idle_timeout,
+            store: raw_store,
+            registry: raw_registry,
         };
         // Renewed from the claim's send time once the lease is ours.
         let clock = lease::Clock::new(&node, lease::LeaseInstant::now());
-        let sessions = recipe.build(node.clone(), &clock, &store, &registry)?;
+        let sessions = recipe.build(node.clone(), &clock)?;
         let me = Member {
             node: node.clone(),
             address: address.clone(),

@@ -316,9 +316,7 @@ impl Node {
                 return false;
             }
         };
-        let built = self
-            .recipe
-            .build(node.clone(), &self.lease.clock, &self.store, &self.registry);
+        let built = self.recipe.build(node.clone(), &self.lease.clock);
         let sessions: Sessions = match built {
             Ok(s) => s,
             Err(e) => {

@@ -239,14 +239,20 @@ impl Actor {
         let tool = self.config.tools.get(&call.name).cloned();
         let timeout = Duration::from_millis(self.config.template.limits.tool_call_timeout_ms);
         let session = self.id.clone();
+        let key = call.idempotency_key(&self.id);
         let ctx = ToolContext {
             session: self.id.clone(),
             call_id: call.id.clone(),
-            idempotency_key: call.idempotency_key(&self.id),
+            idempotency_key: key.clone(),
         };
-        // Built before the call moves into the step: the record of a panic or timeout.
-        let doubt = |reason| in_doubt(&session, &call, reason);
-        let (panicked, timed_out) = (doubt(DoubtReason::Panicked), doubt(DoubtReason::TimedOut));
+        // The record of a panic or a timeout, made only then (the name as the model gave it:
+        // hooks may edit the call).
+        let tool_name = call.name.clone();
+        let doubt = move |reason| InDoubt {
+            reason,
+            tool: tool_name,
+            idempotency_key: key,
+        };
         Box::pin(async move {
             let mut tc = ToolCall {
                 id: call.id,
@@ -286,14 +292,14 @@ impl Actor {
                                 "tool {} panicked; its outcome is unknown",
                                 tc.name
                             )),
-                            Some(panicked),
+                            Some(doubt(DoubtReason::Panicked)),
                         ),
                         Err(_) => (
                             ToolOutput::error(format!(
                                 "tool {} timed out after {timeout:?}; its outcome is unknown",
                                 tc.name
                             )),
-                            Some(timed_out),
+                            Some(doubt(DoubtReason::TimedOut)),
                         ),
                     }
                 }
