@@ -157,6 +157,20 @@ fn one_tool_client(tool: &'static str) -> ScriptedClient {
     })
 }
 
+/// A model that asks for tools `a` and `b` under one call id, "dup", then answers "done".
+fn two_calls_sharing_one_id() -> ScriptedClient {
+    ScriptedClient::from_fn(|req| {
+        Ok(if req.last_tool_results().is_empty() {
+            ModelResponse::tool_calls(vec![
+                ("dup".into(), "a".into(), json!({})),
+                ("dup".into(), "b".into(), json!({})),
+            ])
+        } else {
+            ModelResponse::text("done")
+        })
+    })
+}
+
 fn catalog_with(template: ConfigTemplate, entry: CatalogEntry) -> TemplateCatalog {
     TemplateCatalog::new().with(template, entry).unwrap()
 }
@@ -512,16 +526,7 @@ async fn an_in_doubt_call_resumed_past_the_deadline_is_recorded_in_doubt() {
 async fn duplicate_call_ids_in_one_response_each_get_a_result() {
     let a = LogTool::new("a", true);
     let b = LogTool::new("b", true);
-    let client = ScriptedClient::from_fn(|req| {
-        Ok(if req.last_tool_results().is_empty() {
-            ModelResponse::tool_calls(vec![
-                ("dup".into(), "a".into(), json!({})),
-                ("dup".into(), "b".into(), json!({})),
-            ])
-        } else {
-            ModelResponse::text("done")
-        })
-    });
+    let client = two_calls_sharing_one_id();
     let catalog = catalog_with(
         ConfigTemplate::new("t", "m"),
         CatalogEntry::with_client(client)
@@ -1274,16 +1279,7 @@ async fn a_panicked_call_is_recorded_in_doubt_under_its_key() {
 async fn only_the_call_in_flight_is_in_doubt_when_the_turn_ends() {
     let a = LogTool::new("a", true).behaviour(Behaviour::Hang);
     let b = LogTool::new("b", true);
-    let client = ScriptedClient::from_fn(|req| {
-        Ok(if req.last_tool_results().is_empty() {
-            ModelResponse::tool_calls(vec![
-                ("dup".into(), "a".into(), json!({})),
-                ("dup".into(), "b".into(), json!({})),
-            ])
-        } else {
-            ModelResponse::text("done")
-        })
-    });
+    let client = two_calls_sharing_one_id();
     let catalog = catalog_with(
         ConfigTemplate::new("t", "m").limits(TurnLimits {
             turn_deadline_ms: 300,
