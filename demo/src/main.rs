@@ -248,6 +248,7 @@ fn describe(event: &TurnEvent) -> Option<String> {
                 content,
                 is_error,
                 in_doubt,
+                ..
             } => format!(
                 "#{:<3} ← [{call_id}] {}{}{content}",
                 e.seq,

@@ -206,6 +206,17 @@ pub enum WireEvent {
     },
     /// A turn ended.
     TurnFinished(WireOutcome),
+    /// A piece of a streaming model answer (last, so older readers fail only on it).
+    ModelDelta {
+        /// The turn's input.
+        turn: InputId,
+        /// The model call of the turn.
+        step: u32,
+        /// Which try of the call.
+        attempt: normandy_core::Attempt,
+        /// The piece.
+        delta: normandy_core::ModelDelta,
+    },
 }
 
 impl WireEvent {
@@ -218,6 +229,17 @@ impl WireEvent {
                 WireEvent::ToolCallStarted { call_id, tool }
             }
             TurnEvent::TurnFinished(o) => WireEvent::TurnFinished(o.into()),
+            TurnEvent::ModelDelta {
+                turn,
+                step,
+                attempt,
+                delta,
+            } => WireEvent::ModelDelta {
+                turn,
+                step,
+                attempt,
+                delta,
+            },
             _ => return None,
         })
     }
@@ -231,6 +253,17 @@ impl WireEvent {
                 TurnEvent::ToolCallStarted { call_id, tool }
             }
             WireEvent::TurnFinished(o) => TurnEvent::TurnFinished(o.into()),
+            WireEvent::ModelDelta {
+                turn,
+                step,
+                attempt,
+                delta,
+            } => TurnEvent::ModelDelta {
+                turn,
+                step,
+                attempt,
+                delta,
+            },
         }
     }
 }

@@ -261,6 +261,9 @@ pub enum Error {
         /// Whether a retry may succeed (rate limit, 5xx).
         retryable: bool,
     },
+    /// A model provider refused or failed a call: what its HTTP answer and error body said.
+    #[error("{0}")]
+    Provider(Box<ProviderError>),
     /// Not enough replicas acknowledged the write.
     #[error("session {session}: durability not met, {acked} of {wanted} replicas acknowledged")]
     DurabilityNotMet {
@@ -323,6 +326,53 @@ fn for_session(session: &Option<SessionId>) -> String {
     }
 }
 
+/// What a model provider said when it refused or failed a call (carried by
+/// [`Error::Provider`]). Never holds a credential: adapters send keys in headers only, and the
+/// engine redacts the session's credential values from any error text it logs or stores.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderError {
+    /// Which adapter: `anthropic`, `openai` (or the name given to an OpenAI-compatible server).
+    pub provider: String,
+    /// The HTTP status, when the provider answered with one (`None` for a connection error, a
+    /// timeout, or an error event inside a stream that had begun with 200).
+    pub status: Option<u16>,
+    /// The provider's error type (`overloaded_error`, `rate_limit_error`, `invalid_request_error`).
+    pub error_type: Option<String>,
+    /// The provider's error code (`insufficient_quota`, `context_length_exceeded`).
+    pub code: Option<String>,
+    /// The provider's request id, for its support.
+    pub request_id: Option<String>,
+    /// How long the provider asked callers to wait (`retry-after-ms`, else `retry-after`).
+    pub retry_after_ms: Option<u64>,
+    /// The provider's message (or what went wrong reading its answer).
+    pub message: String,
+    /// Whether a later retry may succeed (rate limits, overload, 5xx, a cut stream); `false`
+    /// for a bad request, a bad key, a quota or billing refusal.
+    pub retryable: bool,
+}
+
+impl std::fmt::Display for ProviderError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "model provider {}", self.provider)?;
+        if let Some(status) = self.status {
+            write!(f, " answered {status}")?;
+        }
+        match (&self.error_type, &self.code) {
+            (Some(t), Some(c)) => write!(f, " ({t}, {c})")?,
+            (Some(x), None) | (None, Some(x)) => write!(f, " ({x})")?,
+            (None, None) => {}
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(id) = &self.request_id {
+            write!(f, " [request id {id}]")?;
+        }
+        if let Some(ms) = self.retry_after_ms {
+            write!(f, " [retry after {ms} ms]")?;
+        }
+        Ok(())
+    }
+}
+
 impl Error {
     /// The kind of this error, for matching.
     pub fn kind(&self) -> ErrorKind {
@@ -347,7 +397,7 @@ impl Error {
             Error::MissingMigration { .. } => ErrorKind::MissingMigration,
             Error::TemplateNotFound { .. } => ErrorKind::TemplateNotFound,
             Error::Credentials { .. } => ErrorKind::Credentials,
-            Error::Model { .. } => ErrorKind::Model,
+            Error::Model { .. } | Error::Provider(_) => ErrorKind::Model,
             Error::DurabilityNotMet { .. } => ErrorKind::DurabilityNotMet,
             Error::Unavailable { .. } => ErrorKind::Unavailable,
             Error::Backend { .. } => ErrorKind::Backend,
@@ -364,6 +414,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Model { retryable, .. } | Error::Backend { retryable, .. } => *retryable,
+            Error::Provider(e) => e.retryable,
             Error::Resend { error, .. } => error.is_retryable(),
             Error::Busy { .. }
             | Error::Overloaded { .. }
@@ -601,6 +652,16 @@ mod tests {
                 message: "429 rate limited".into(),
                 retryable: true,
             },
+            Error::Provider(Box::new(ProviderError {
+                provider: "anthropic".into(),
+                status: Some(529),
+                error_type: Some("overloaded_error".into()),
+                code: None,
+                request_id: Some("req_011".into()),
+                retry_after_ms: Some(2_000),
+                message: "Overloaded".into(),
+                retryable: true,
+            })),
             Error::DurabilityNotMet {
                 session: s.clone(),
                 wanted: 1,
@@ -654,6 +715,7 @@ mod tests {
             Error::Config(_) => 24,
             Error::Internal(_) => 25,
             Error::Resend { .. } => 26,
+            Error::Provider(_) => 27,
         }
     }
 
@@ -665,7 +727,7 @@ mod tests {
         seen.dedup();
         assert_eq!(
             seen,
-            (0..27).collect::<Vec<_>>(),
+            (0..28).collect::<Vec<_>>(),
             "one_of_each misses a variant"
         );
         for e in all {

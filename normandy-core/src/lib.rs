@@ -57,15 +57,20 @@ pub use credentials::{
     CredentialProvider, Credentials, EnvCredentials, FromClient, StaticCredentials,
 };
 pub use engine::{
-    ActiveTurn, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState,
+    ActiveTurn, Attempt, Conversation, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome,
+    TurnState,
 };
-pub use error::{Error, ErrorKind, Result};
+pub use error::{Error, ErrorKind, ProviderError, Result};
 pub use hooks::{Hook, HookDecision, ToolCall};
-pub use llm::{LlmClient, ModelRequest, ModelResponse, ScriptedClient, ToolSpec};
+pub use llm::{
+    LlmClient, ModelDelta, ModelEvent, ModelRequest, ModelResponse, ModelStream, ScriptedClient,
+    ToolSpec, collect_response,
+};
 pub use membership::{JoinOutcome, LeaseStatus, Member, Membership};
 pub use model::{
-    ContentBlock, DoubtReason, Entry, EntryPayload, Epoch, InDoubt, InputId, Message, NodeId, Role,
-    Seq, SessionId, StopReason, TurnStatus, Usage,
+    CallInfo, ContentBlock, DoubtReason, Entry, EntryPayload, Epoch, InDoubt, InputId,
+    MAX_INLINE_MEDIA_BYTES, MediaSource, Message, NodeId, Role, Seq, SessionId, StopReason,
+    TurnStatus, Usage,
 };
 pub use registry::{LocalRegistry, Placement, SessionRegistry};
 pub use runtime::{CommitGate, EventStream, Input, Sessions, SessionsBuilder, StartOptions};

@@ -3,15 +3,17 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{ContentBlock, Message, Role, SessionId, StopReason, Usage};
+use crate::model::{CallInfo, ContentBlock, Message, Role, SessionId, StopReason, Usage};
 
 /// A tool as the model sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +60,7 @@ impl ModelRequest {
                         tool_use_id,
                         content,
                         is_error,
+                        ..
                     } => Some((tool_use_id.as_str(), content.as_str(), *is_error)),
                     _ => None,
                 })
@@ -84,12 +87,14 @@ impl ModelRequest {
 /// The model's answer to one call.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelResponse {
-    /// Content blocks (text and tool calls).
+    /// Content blocks (text, thinking, tool calls), in the provider's order.
     pub content: Vec<ContentBlock>,
     /// Why it stopped.
     pub stop_reason: StopReason,
     /// Tokens used.
     pub usage: Usage,
+    /// The provider's model, request id and own stop reason (stored with the response entry).
+    pub call: CallInfo,
 }
 
 impl ModelResponse {
@@ -99,6 +104,7 @@ impl ModelResponse {
             content: vec![ContentBlock::text(text)],
             stop_reason: StopReason::EndTurn,
             usage: Usage::default(),
+            call: CallInfo::default(),
         }
     }
 
@@ -120,15 +126,13 @@ impl ModelResponse {
                 .collect(),
             stop_reason: StopReason::ToolUse,
             usage: Usage::default(),
+            call: CallInfo::default(),
         }
     }
 
     /// Sets usage.
     pub fn with_usage(mut self, input_tokens: u64, output_tokens: u64) -> Self {
-        self.usage = Usage {
-            input_tokens,
-            output_tokens,
-        };
+        self.usage = Usage::new(input_tokens, output_tokens);
         self
     }
 
@@ -158,13 +162,113 @@ impl ModelResponse {
 ///     }
 /// }
 /// ```
+///
+/// A client that can stream also implements [`LlmClient::stream`]; the engine always calls
+/// `stream`, whose default runs `complete` and yields its response whole, so a non-streaming
+/// client works unchanged.
 #[async_trait]
 pub trait LlmClient: Send + Sync + 'static {
-    /// Calls the model.
+    /// Calls the model and returns its whole answer.
     ///
     /// # Behavior
-    /// - A failure that may pass (rate limit, overload, 5xx) is `Error::Model { retryable: true }`.
+    /// - A failure that may pass (rate limit, overload, 5xx) is retryable
+    ///   (`Error::Model { retryable: true }`, or an [`Error::Provider`] saying so); the engine
+    ///   retries it a few times, then fails the turn.
+    /// - A malformed answer (bad JSON in a tool call's arguments, a block it cannot read) is an
+    ///   error, never a half-read response.
     async fn complete(&self, request: ModelRequest) -> Result<ModelResponse>;
+
+    /// Calls the model and streams its answer: [`ModelEvent::Delta`]s as they come, then one
+    /// [`ModelEvent::Done`] with the whole response, which is what the engine commits.
+    ///
+    /// # Behavior
+    /// - The stream ends after `Done`; a stream that ends without one is a retryable error (the
+    ///   engine treats it as a call that failed midway).
+    /// - An error before the first event is returned from `stream` itself or as the stream's
+    ///   first item; an error after deltas ends the stream.
+    /// - A client that starts the call over after deltas were sent (its own retry of a cut
+    ///   stream) yields [`ModelEvent::Restart`] first, so consumers drop the deltas so far.
+    /// - Dropping the stream cancels the call.
+    /// - The default runs [`complete`](Self::complete) and yields `Done` alone.
+    async fn stream(&self, request: ModelRequest) -> Result<ModelStream> {
+        let response = self.complete(request).await?;
+        Ok(futures::stream::iter([Ok(ModelEvent::Done(response))]).boxed())
+    }
+}
+
+/// A model's answer as it streams: see [`LlmClient::stream`].
+pub type ModelStream = Pin<Box<dyn Stream<Item = Result<ModelEvent>> + Send>>;
+
+/// One event of a streamed model call.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ModelEvent {
+    /// A piece of the answer (never stored).
+    Delta(ModelDelta),
+    /// The client starts the call over (it retries a stream cut before its end): drop every
+    /// delta received since the call began.
+    Restart {
+        /// Why, for logs.
+        reason: String,
+    },
+    /// The whole response: the last event.
+    Done(ModelResponse),
+}
+
+/// A piece of a model's answer as it streams. Subscribers get them as
+/// [`TurnEvent::ModelDelta`](crate::engine::TurnEvent::ModelDelta); they are never stored: the
+/// committed response is the accumulated answer.
+///
+/// `index` is the content block's position in the response, as the provider numbers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelDelta {
+    /// Answer text.
+    Text {
+        /// The block's position in the response.
+        index: u32,
+        /// The text added.
+        text: String,
+    },
+    /// Reasoning text.
+    Thinking {
+        /// The block's position in the response.
+        index: u32,
+        /// The text added.
+        text: String,
+    },
+    /// A tool call begins.
+    ToolUseStart {
+        /// The block's position in the response.
+        index: u32,
+        /// The model's call id.
+        id: String,
+        /// The tool's name.
+        name: String,
+    },
+    /// A piece of a tool call's input, as JSON text (the pieces joined are the input).
+    ToolInput {
+        /// The block's position in the response.
+        index: u32,
+        /// The JSON text added.
+        partial_json: String,
+    },
+}
+
+/// Runs a stream to its [`ModelEvent::Done`] and returns the response: how a streaming client
+/// can implement [`LlmClient::complete`]. A stream that ends without `Done` is a retryable
+/// error naming `provider`.
+pub async fn collect_response(mut stream: ModelStream, provider: &str) -> Result<ModelResponse> {
+    while let Some(event) = stream.next().await {
+        if let ModelEvent::Done(response) = event? {
+            return Ok(response);
+        }
+    }
+    Err(Error::Model {
+        message: format!("{provider}: the stream ended before the response was complete"),
+        retryable: true,
+    })
 }
 
 type ScriptFn = dyn Fn(&ModelRequest) -> Result<ModelResponse> + Send + Sync;
@@ -178,6 +282,8 @@ pub struct ScriptedClient {
     script: Arc<ScriptFn>,
     latency: Duration,
     calls: Arc<AtomicU64>,
+    /// Stream text in pieces of this many characters, this far apart (`None`: one `Done`).
+    chunks: Option<(usize, Duration)>,
 }
 
 impl fmt::Debug for ScriptedClient {
@@ -198,6 +304,7 @@ impl ScriptedClient {
             script: Arc::new(f),
             latency: Duration::ZERO,
             calls: Arc::new(AtomicU64::new(0)),
+            chunks: None,
         }
     }
 
@@ -232,6 +339,14 @@ impl ScriptedClient {
         self
     }
 
+    /// Streams each response's text in pieces of `chars` characters, `every` apart (after the
+    /// latency), then the whole response — as a streaming provider would. Tool calls and
+    /// thinking arrive as one delta each.
+    pub fn streaming(mut self, chars: usize, every: Duration) -> Self {
+        self.chunks = Some((chars.max(1), every));
+        self
+    }
+
     /// How many calls this client (and its clones) answered.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::Relaxed)
@@ -246,5 +361,50 @@ impl LlmClient for ScriptedClient {
         }
         self.calls.fetch_add(1, Ordering::Relaxed);
         (self.script)(&request)
+    }
+
+    async fn stream(&self, request: ModelRequest) -> Result<ModelStream> {
+        let Some((chars, every)) = self.chunks else {
+            let response = self.complete(request).await?;
+            return Ok(futures::stream::iter([Ok(ModelEvent::Done(response))]).boxed());
+        };
+        let response = self.complete(request).await?;
+        let mut deltas = Vec::new();
+        for (index, block) in (0u32..).zip(&response.content) {
+            match block {
+                ContentBlock::Text { text } => {
+                    let all: Vec<char> = text.chars().collect();
+                    for piece in all.chunks(chars) {
+                        deltas.push(ModelDelta::Text {
+                            index,
+                            text: piece.iter().collect(),
+                        });
+                    }
+                }
+                ContentBlock::Thinking { thinking, .. } => deltas.push(ModelDelta::Thinking {
+                    index,
+                    text: thinking.clone(),
+                }),
+                ContentBlock::ToolUse { id, name, input } => {
+                    deltas.push(ModelDelta::ToolUseStart {
+                        index,
+                        id: id.clone(),
+                        name: name.clone(),
+                    });
+                    deltas.push(ModelDelta::ToolInput {
+                        index,
+                        partial_json: input.to_string(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        let events = futures::stream::iter(deltas)
+            .then(move |delta| async move {
+                tokio::time::sleep(every).await;
+                Ok(ModelEvent::Delta(delta))
+            })
+            .chain(futures::stream::iter([Ok(ModelEvent::Done(response))]));
+        Ok(events.boxed())
     }
 }

@@ -27,8 +27,8 @@ use crate::bounded::{BoundedRegistry, BoundedStore};
 use crate::catalog::TemplateCatalog;
 use crate::credentials::{CredentialProvider, Credentials, EnvCredentials, FromClient};
 use crate::engine::{
-    ActorHandle, Command, InputRequest, TurnEvent, TurnOutcome, input_size, read_entries,
-    stored_outcome,
+    ActorHandle, Command, InputRequest, TurnEvent, TurnOutcome, check_input, input_size,
+    read_entries, stored_outcome,
 };
 use crate::error::{Error, Result};
 use crate::model::{ContentBlock, Entry, InputId, NodeId, Seq, SessionId};
@@ -413,6 +413,8 @@ impl Sessions {
         content: Vec<ContentBlock>,
     ) -> Result<TurnOutcome> {
         let input_id = input_id.clone();
+        // Refused before activation: a bad input must not bump the session's epoch.
+        check_input(&content).map_err(|reason| Error::invalid_input(Some(id), reason))?;
         let size = input_size(&content);
         let mut content = Some(content);
         let mut reason = None;

@@ -40,7 +40,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::llm::ToolSpec;
-use crate::model::{Seq, SessionId};
+use crate::model::{ContentBlock, Seq, SessionId};
 
 /// What a tool call knows about where it runs.
 #[derive(Debug, Clone)]
@@ -70,12 +70,18 @@ pub(crate) fn legacy_idempotency_key(session: &SessionId, call_id: &str) -> Stri
 }
 
 /// A tool's result as the model will see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ToolOutput {
     /// Result text.
     pub content: String,
     /// Whether it is an error result.
     pub is_error: bool,
+    /// A machine-readable result beside the text (MCP's `structuredContent`), stored with it.
+    pub structured: Option<serde_json::Value>,
+    /// Images, documents or further text the tool returns (a screenshot, a fetched PDF).
+    /// Inline media is checked like an input's: a block the engine cannot send on turns the
+    /// result into an error result saying why.
+    pub blocks: Vec<ContentBlock>,
 }
 
 impl ToolOutput {
@@ -84,6 +90,8 @@ impl ToolOutput {
         Self {
             content: content.into(),
             is_error: false,
+            structured: None,
+            blocks: Vec::new(),
         }
     }
 
@@ -92,7 +100,23 @@ impl ToolOutput {
         Self {
             content: content.into(),
             is_error: true,
+            structured: None,
+            blocks: Vec::new(),
         }
+    }
+
+    /// A successful result carrying JSON: its text is the JSON, and the value is kept as the
+    /// structured result.
+    pub fn json(value: serde_json::Value) -> Self {
+        let mut out = Self::ok(value.to_string());
+        out.structured = Some(value);
+        out
+    }
+
+    /// Adds a block (an image, a document) to the result.
+    pub fn with_block(mut self, block: ContentBlock) -> Self {
+        self.blocks.push(block);
+        self
     }
 }
 

@@ -193,6 +193,8 @@ async fn a_state_only_retry_after_durability_not_met_is_confirmed() {
             message: normandy_core::Message::assistant("hi"),
             stop_reason: normandy_core::StopReason::EndTurn,
             usage: Default::default(),
+            call: Default::default(),
+            incomplete: false,
         },
     };
     let b = batch(vec![answer]);

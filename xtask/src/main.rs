@@ -8,6 +8,7 @@
 
 mod alloc;
 mod bench;
+mod llm_server;
 mod migrate;
 
 #[global_allocator]
@@ -20,6 +21,8 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bench <engine|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
+  llm-server [--port N] [--print-env]
+                      local OpenAI-compatible llama-server (Gemma 3 270M) for the e2e LLM test
   migrate <up [--only base]|down|status|export --to DIR> [--database-url URL]
                       Postgres store migrations (DATABASE_URL when no flag)
   test                runs the test suite as CI does (cargo nextest run --workspace)";
@@ -32,6 +35,7 @@ fn main() -> Result<()> {
     };
     match cmd.as_str() {
         "bench" => bench::run(rest),
+        "llm-server" => llm_server::run(rest),
         "migrate" => migrate::run(rest),
         "test" => {
             let sh = xshell::Shell::new()?;

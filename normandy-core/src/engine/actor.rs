@@ -7,7 +7,8 @@
 //! ends it reports why ([`Exited`]); the runtime, which owns the session's slot, does the release.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -132,8 +133,9 @@ pub(crate) struct Actor {
     draining: Vec<oneshot::Sender<()>>,
     /// Callers waiting for the turn of their input (a resubmission waits beside the original).
     pub(super) waiters: HashMap<InputId, Vec<oneshot::Sender<Result<TurnOutcome>>>>,
-    /// Created on the first subscription, so an idle session without subscribers costs nothing.
-    events: Option<broadcast::Sender<TurnEvent>>,
+    /// The event channel (created on the first subscription, so a session without subscribers
+    /// pays for none) and what the model step in flight has streamed, shared with that step.
+    pub(super) live: Arc<Live>,
     /// A cancellation waiting for the next boundary.
     pub(super) cancel: Option<TurnStatus>,
     /// When the current turn must end.
@@ -141,6 +143,59 @@ pub(crate) struct Actor {
     /// The turn timed on this node: its input, when this node started timing it, and how long
     /// it had run by then (see `ActiveTurn::ran_ms`).
     pub(super) turn_clock: Option<(InputId, Instant, u64)>,
+}
+
+/// What the actor shares with its model step: the event channel, so deltas reach subscribers
+/// as they stream (a subscriber that arrives mid-call gets the rest), and the text streamed so
+/// far, so a turn cut short mid-stream keeps it (an incomplete response) instead of losing it.
+#[derive(Default)]
+pub(crate) struct Live {
+    pub(super) events: OnceLock<broadcast::Sender<TurnEvent>>,
+    /// Tries of model calls made by this actor (numbers [`Attempt`](super::Attempt)s).
+    attempts: AtomicU32,
+    /// Text blocks streamed by the try in flight, by block index. std `Mutex`: held for an
+    /// append, never across an await.
+    partial: Mutex<Vec<(u32, String)>>,
+}
+
+impl Live {
+    /// Whether anyone listens.
+    pub(super) fn listened(&self) -> bool {
+        self.events.get().is_some_and(|tx| tx.receiver_count() > 0)
+    }
+
+    pub(super) fn emit(&self, event: TurnEvent) {
+        if let Some(tx) = self.events.get()
+            && tx.receiver_count() > 0
+        {
+            let _ = tx.send(event);
+        }
+    }
+
+    /// A new try of a model call: its number, and nothing streamed yet.
+    pub(super) fn next_attempt(&self) -> u32 {
+        self.partial_text().clear();
+        self.attempts.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Appends streamed text to block `index`.
+    pub(super) fn push_text(&self, index: u32, text: &str) {
+        let mut partial = self.partial_text();
+        match partial.last_mut() {
+            Some((i, buf)) if *i == index => buf.push_str(text),
+            _ => partial.push((index, text.to_owned())),
+        }
+    }
+
+    /// Takes the text streamed so far (empty once taken).
+    pub(super) fn take_partial(&self) -> Vec<(u32, String)> {
+        std::mem::take(&mut *self.partial_text())
+    }
+
+    fn partial_text(&self) -> std::sync::MutexGuard<'_, Vec<(u32, String)>> {
+        // A panic while appending leaves a valid Vec: the poison carries no broken invariant.
+        self.partial.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// What a handled command asks of the loop.
@@ -168,7 +223,7 @@ impl Actor {
             in_flight: None,
             draining: Vec::new(),
             waiters: HashMap::new(),
-            events: None,
+            live: Arc::default(),
             cancel: None,
             deadline: None,
             turn_clock: None,
@@ -289,18 +344,12 @@ impl Actor {
     }
 
     pub(super) fn emit(&self, event: TurnEvent) {
-        if let Some(tx) = &self.events
-            && tx.receiver_count() > 0
-        {
-            let _ = tx.send(event);
-        }
+        self.live.emit(event);
     }
 
     pub(super) fn emit_entry(&self, entry: Entry) {
-        if let Some(tx) = &self.events
-            && tx.receiver_count() > 0
-        {
-            let _ = tx.send(TurnEvent::Entry(Arc::new(entry)));
+        if self.live.listened() {
+            self.live.emit(TurnEvent::Entry(Arc::new(entry)));
         }
     }
 
@@ -327,8 +376,9 @@ impl Actor {
                     }
                 }
                 let tx = self
+                    .live
                     .events
-                    .get_or_insert_with(|| broadcast::channel(EVENT_CAPACITY).0);
+                    .get_or_init(|| broadcast::channel(EVENT_CAPACITY).0);
                 let rx = tx.subscribe();
                 // Replay is read while no commit can interleave (we are the writer), so the
                 // subscriber sees each seq once: replayed up to `self.seq`, live after it.

@@ -28,16 +28,8 @@ impl Actor {
         let limits = self.config.template.limits;
         // An input is user text: tool blocks are the engine's to write, and an empty input would
         // sit in every later model request.
-        let valid = !input.content.is_empty()
-            && input
-                .content
-                .iter()
-                .all(|b| matches!(b, ContentBlock::Text { text } if !text.is_empty()));
-        if !valid {
-            let _ = reply.send(Err(Error::invalid_input(
-                Some(&self.id),
-                "an input must be one or more non-empty text blocks",
-            )));
+        if let Err(reason) = check_input(&input.content) {
+            let _ = reply.send(Err(Error::invalid_input(Some(&self.id), reason)));
             return Ok(Flow::Continue);
         }
         let size = input_size(&input.content);
@@ -181,12 +173,49 @@ impl Actor {
 
 /// The size an input counts against `max_input_bytes`: its text (inputs are text only, which
 /// is checked before the size).
+/// What an input may hold: one or more blocks, each non-empty text, an image or a document
+/// whose inline bytes are valid base64 within [`MAX_INLINE_MEDIA_BYTES`](crate::model::MAX_INLINE_MEDIA_BYTES).
+/// Checked before the session is activated, and again by the actor.
+pub(crate) fn check_input(content: &[ContentBlock]) -> std::result::Result<(), String> {
+    if content.is_empty() {
+        return Err("an input must hold at least one block".into());
+    }
+    for (i, block) in content.iter().enumerate() {
+        match block {
+            ContentBlock::Text { text } if text.is_empty() => {
+                return Err(format!("block {i} of the input is empty text"));
+            }
+            ContentBlock::Text { .. }
+            | ContentBlock::Image { .. }
+            | ContentBlock::Document { .. } => {
+                block
+                    .validate()
+                    .map_err(|e| format!("block {i} of the input: {e}"))?;
+            }
+            other => {
+                return Err(format!(
+                    "block {i} of the input is a {} block; an input holds text, images and \
+                     documents",
+                    block_name(other)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn block_name(block: &ContentBlock) -> &'static str {
+    match block {
+        ContentBlock::Text { .. } => "text",
+        ContentBlock::ToolUse { .. } => "tool_use",
+        ContentBlock::ToolResult { .. } => "tool_result",
+        ContentBlock::Thinking { .. } => "thinking",
+        ContentBlock::RedactedThinking { .. } => "redacted_thinking",
+        ContentBlock::Image { .. } => "image",
+        ContentBlock::Document { .. } => "document",
+    }
+}
+
 pub(crate) fn input_size(content: &[ContentBlock]) -> usize {
-    content
-        .iter()
-        .map(|block| match block {
-            ContentBlock::Text { text } => text.len(),
-            _ => 0,
-        })
-        .sum()
+    content.iter().map(ContentBlock::stored_size).sum()
 }

@@ -26,10 +26,11 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::model::{Entry, InputId, Message, Seq, SessionId, TurnStatus, Usage};
+use crate::llm::ModelDelta;
+use crate::model::{Entry, Epoch, InputId, Message, Seq, SessionId, TurnStatus, Usage};
 
 pub(crate) use actor::{Actor, ActorHandle, ActorParams, Command, Exit, Exited, InputRequest};
-pub(crate) use input::input_size;
+pub(crate) use input::{check_input, input_size};
 pub use view::Conversation;
 pub(crate) use view::{read_entries, stored_outcome};
 
@@ -193,6 +194,23 @@ pub enum TurnEvent {
         /// Model calls in this turn so far, this one included.
         step: u32,
     },
+    /// A piece of the model's answer as it streams (not stored: the committed
+    /// [`Assistant`](crate::model::EntryPayload::Assistant) entry is the whole answer).
+    ///
+    /// A call may be made more than once — retried after an error, or re-issued by the node that
+    /// resumed the session after a crash — and each try streams from the start. Keep the deltas
+    /// of one `(turn, step)` under their `attempt`, and drop them when a delta of that turn and
+    /// step arrives with another attempt.
+    ModelDelta {
+        /// The input whose turn is running.
+        turn: InputId,
+        /// The model call of the turn, as in `ModelCallStarted`.
+        step: u32,
+        /// Which try of the call.
+        attempt: Attempt,
+        /// The piece.
+        delta: ModelDelta,
+    },
     /// A tool call started (not stored).
     ToolCallStarted {
         /// The call id.
@@ -202,6 +220,16 @@ pub enum TurnEvent {
     },
     /// A turn ended.
     TurnFinished(TurnOutcome),
+}
+
+/// Which try of a model call a [`TurnEvent::ModelDelta`] belongs to: unique per call, across
+/// retries and across the nodes that resumed the session (each activation has its own epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The epoch of the activation that made the try.
+    pub epoch: Epoch,
+    /// The try's number within that activation (1 first).
+    pub number: u32,
 }
 
 impl TurnEvent {

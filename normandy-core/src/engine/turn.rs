@@ -8,17 +8,21 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::time::Duration;
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::actor::Actor;
-use super::{ActiveTurn, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState};
+use super::actor::Live;
+use super::{
+    ActiveTurn, Attempt, PendingCall, Phase, QueuedInput, TurnEvent, TurnOutcome, TurnState,
+};
 use crate::error::{Error, Result};
 use crate::hooks::{HookDecision, ToolCall};
-use crate::llm::{ModelRequest, ModelResponse};
+use crate::llm::{LlmClient, ModelDelta, ModelEvent, ModelRequest, ModelResponse};
 use crate::model::{
-    DoubtReason, Entry, EntryPayload, InDoubt, InputId, Message, Role, SessionId, TurnStatus, Usage,
+    CallInfo, ContentBlock, DoubtReason, Entry, EntryPayload, InDoubt, InputId, Message, Role,
+    SessionId, StopReason, TurnStatus, Usage,
 };
 use crate::store::{CommitAck, CommitBatch, now_ms};
 use crate::tools::{self, ToolContext, ToolOutput};
@@ -172,6 +176,13 @@ impl Actor {
         let client = self.config.client.clone();
         let timeout = Duration::from_millis(template.limits.model_call_timeout_ms);
         let session = self.id.clone();
+        let live = self.live.clone();
+        let redactor = self.config.redactor.clone();
+        let epoch = self.epoch;
+        let (turn, step) = match &self.state.turn {
+            Some(t) => (t.input_id.clone(), t.steps + 1),
+            None => (InputId::generate(), 0),
+        };
         Box::pin(async move {
             for (name, hook) in hooks.iter() {
                 let decision = guarded(
@@ -193,8 +204,20 @@ impl Actor {
             }
             let mut attempt = 0;
             let result = loop {
+                let mut tag = Attempt {
+                    epoch,
+                    number: live.next_attempt(),
+                };
                 // A panicking client fails the turn instead of killing the session's task.
-                let call = AssertUnwindSafe(client.complete(request.clone())).catch_unwind();
+                let call = AssertUnwindSafe(stream_call(
+                    &*client,
+                    request.clone(),
+                    &live,
+                    &turn,
+                    step,
+                    &mut tag,
+                ))
+                .catch_unwind();
                 let err = match tokio::time::timeout(timeout, call).await {
                     Ok(Ok(Ok(response))) => break Ok(response),
                     Ok(Ok(Err(e))) => e,
@@ -211,7 +234,8 @@ impl Actor {
                     break Err(err);
                 }
                 attempt += 1;
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+                debug!(error = %redactor.redact(&err.to_string()), attempt, "model call failed; retrying");
+                tokio::time::sleep(retry_delay(&err, attempt)).await;
             };
             let result = match result {
                 Ok(mut response) => {
@@ -329,6 +353,7 @@ impl Actor {
     pub(super) async fn finish_step(&mut self, result: StepResult) -> Result<()> {
         match result {
             StepResult::Model(Ok(response)) => {
+                self.live.take_partial();
                 let message = Message {
                     role: Role::Assistant,
                     content: response.content,
@@ -359,6 +384,8 @@ impl Actor {
                     message: message.clone(),
                     stop_reason: response.stop_reason,
                     usage: response.usage,
+                    call: response.call,
+                    incomplete: false,
                 };
                 if calls.is_empty() {
                     self.state.turn = state.turn;
@@ -370,7 +397,10 @@ impl Actor {
                     Ok(())
                 }
             }
-            StepResult::Model(Err(e)) => self.fail_turn(&e, "model call failed").await,
+            StepResult::Model(Err(e)) => {
+                self.live.take_partial();
+                self.fail_turn(&e, "model call failed").await
+            }
             StepResult::Tool {
                 call_id,
                 output,
@@ -427,6 +457,8 @@ impl Actor {
             call_id,
             content: output.content,
             is_error: output.is_error,
+            structured: output.structured,
+            blocks: output.blocks,
             in_doubt,
         };
         self.commit(vec![payload], state).await?;
@@ -449,6 +481,27 @@ impl Actor {
             Phase::RunningTools { calls } => calls.clone(),
             _ => Vec::new(),
         };
+        // A model call cut short mid-stream: what it streamed is kept, marked incomplete.
+        let partial = self.live.take_partial();
+        if matches!(self.state.phase, Phase::CallingModel) && !partial.is_empty() {
+            let content: Vec<ContentBlock> = partial
+                .into_iter()
+                .map(|(_, text)| ContentBlock::Text { text })
+                .collect();
+            entries.insert(
+                0,
+                EntryPayload::Assistant {
+                    message: Message {
+                        role: Role::Assistant,
+                        content,
+                    },
+                    stop_reason: StopReason::Other,
+                    usage: Usage::default(),
+                    call: CallInfo::default(),
+                    incomplete: true,
+                },
+            );
+        }
         let in_flight = self.in_flight.take();
         for (i, call) in pending.into_iter().enumerate() {
             // Only the first pending call can be in flight (they run in order), whatever ids
@@ -477,6 +530,8 @@ impl Actor {
                 call_id: call.id,
                 content,
                 is_error: true,
+                structured: None,
+                blocks: Vec::new(),
                 in_doubt: doubt,
             });
         }
@@ -723,6 +778,63 @@ async fn guarded<T>(
             ))
         })
 }
+
+/// One try of a model call: streams the answer, forwarding each delta to subscribers tagged with
+/// its turn, step and try (a restart by the client is a new try) and keeping the streamed text,
+/// and returns the whole response.
+async fn stream_call(
+    client: &dyn LlmClient,
+    request: ModelRequest,
+    live: &Live,
+    turn: &InputId,
+    step: u32,
+    attempt: &mut Attempt,
+) -> Result<ModelResponse> {
+    let mut stream = client.stream(request).await?;
+    while let Some(event) = stream.next().await {
+        match event? {
+            ModelEvent::Delta(delta) => {
+                if let ModelDelta::Text { index, text } = &delta {
+                    live.push_text(*index, text);
+                }
+                if live.listened() {
+                    live.emit(TurnEvent::ModelDelta {
+                        turn: turn.clone(),
+                        step,
+                        attempt: *attempt,
+                        delta,
+                    });
+                }
+            }
+            ModelEvent::Restart { reason } => {
+                debug!(%reason, "the model client restarted its call");
+                attempt.number = live.next_attempt();
+            }
+            ModelEvent::Done(response) => return Ok(response),
+        }
+    }
+    Err(Error::Model {
+        message: "the model's stream ended before its response was complete".into(),
+        retryable: true,
+    })
+}
+
+/// How long to wait before retrying a failed model call: what the provider asked for, within
+/// reason, else exponential from 200 ms.
+fn retry_delay(err: &Error, attempt: u32) -> Duration {
+    let asked = match err.inner() {
+        Error::Provider(p) => p.retry_after_ms,
+        _ => None,
+    };
+    match asked {
+        Some(ms) => Duration::from_millis(ms.min(MAX_RETRY_AFTER_MS)),
+        None => Duration::from_millis(100 << attempt),
+    }
+}
+
+/// The longest provider-asked wait the engine honours between tries of one call; a provider
+/// asking for longer fails the turn sooner rather than holding it.
+const MAX_RETRY_AFTER_MS: u64 = 30_000;
 
 /// The in-doubt record of `call`, under the key its tool was (or would have been) handed.
 fn in_doubt(session: &SessionId, call: &PendingCall, reason: DoubtReason) -> InDoubt {

@@ -50,6 +50,11 @@ impl Conversation {
                     self.append(Role::User, content.clone());
                 }
             }
+            // A response cut short mid-stream stays in history, out of the model's view: its
+            // text may stop mid-word, and the turn it belonged to has ended.
+            EntryPayload::Assistant {
+                incomplete: true, ..
+            } => {}
             EntryPayload::Assistant { message, .. } => {
                 self.append(Role::Assistant, message.content.clone())
             }
@@ -57,6 +62,8 @@ impl Conversation {
                 call_id,
                 content,
                 is_error,
+                structured,
+                blocks,
                 ..
             } => self.append(
                 Role::User,
@@ -64,6 +71,8 @@ impl Conversation {
                     tool_use_id: call_id.clone(),
                     content: content.clone(),
                     is_error: *is_error,
+                    structured: structured.clone(),
+                    blocks: blocks.clone(),
                 }],
             ),
             EntryPayload::ToolStarted { .. } => {}
@@ -258,6 +267,8 @@ mod tests {
                     },
                     stop_reason: StopReason::ToolUse,
                     usage: Usage::default(),
+                    call: crate::model::CallInfo::default(),
+                    incomplete: false,
                 },
             ),
             input(3, "b", "second"),
@@ -267,6 +278,8 @@ mod tests {
                     call_id: "c1".into(),
                     content: "ok".into(),
                     is_error: false,
+                    structured: None,
+                    blocks: Vec::new(),
                     in_doubt: None,
                 },
             ),
@@ -276,6 +289,8 @@ mod tests {
                     message: Message::assistant("done"),
                     stop_reason: StopReason::EndTurn,
                     usage: Usage::default(),
+                    call: crate::model::CallInfo::default(),
+                    incomplete: false,
                 },
             ),
             entry(

@@ -128,10 +128,9 @@ fn reply(seq: Seq) -> Entry {
         payload: EntryPayload::Assistant {
             message: Message::assistant(format!("reply {seq}")),
             stop_reason: StopReason::EndTurn,
-            usage: Usage {
-                input_tokens: seq,
-                output_tokens: 1,
-            },
+            usage: Usage::new(seq, 1),
+            call: Default::default(),
+            incomplete: false,
         },
     }
 }
