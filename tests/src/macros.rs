@@ -67,6 +67,7 @@ macro_rules! __store_cases {
             entries_and_state_are_never_seen_apart,
             entries_pages_by_after_and_limit,
             entries_unknown_is_not_found,
+            provider_content_is_stored_exactly,
             list_resumable_lists_only_eager_open_sessions_with_work,
             list_resumable_filters_by_owner,
             list_resumable_pages_with_cursor,

@@ -53,7 +53,10 @@ pub use create::{
     create_existing_is_already_exists_and_changes_nothing, create_returns_a_fresh_record,
     load_unknown_is_none,
 };
-pub use entries::{entries_pages_by_after_and_limit, entries_unknown_is_not_found};
+pub use entries::{
+    entries_pages_by_after_and_limit, entries_unknown_is_not_found,
+    provider_content_is_stored_exactly,
+};
 pub use lifecycle::{
     delete_removes_session_and_entries, mark_terminal_is_fenced_and_idempotent,
     mark_terminal_unknown_is_not_found,
