@@ -1,8 +1,10 @@
 //! The main job: a trip-budget agent with real tools, whose turns survive being killed.
 //!
-//! The "model" is scripted (no API key needed) but the turn is real: the engine calls a
-//! calculator tool for each item, sums them with another call, records the total in a ledger
-//! file (a non-idempotent side effect), then answers. State lives in an LMDB environment
+//! By default the "model" is scripted (no API key needed) but the turn is real: the engine calls
+//! a calculator tool for each item, sums them with another call, records the total in a ledger
+//! file (a non-idempotent side effect), then answers, streaming its answer. Given a model server
+//! (`--base-url`, any OpenAI-compatible API) or `--anthropic`, the same agent runs on that real
+//! model, its answer streamed to the terminal as it comes. State lives in an LMDB environment
 //! (`./normandy-data` by default), so killing the process mid-turn and running it again resumes
 //! the interrupted turn without repeating the tool calls that had finished.
 //!
@@ -12,6 +14,8 @@
 //! cargo run -p normandy-demo                      # ...and resume the interrupted turn
 //! cargo run -p normandy-demo -- --fresh           # start over
 //! cargo run -p normandy-demo -- --memory          # tier 0: in-memory, nothing kept
+//! cargo run -p normandy-demo -- --base-url http://127.0.0.1:8088/v1   # a local model server
+//! cargo run -p normandy-demo -- --anthropic       # Claude (ANTHROPIC_API_KEY)
 //! ```
 
 mod tools;
@@ -23,10 +27,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use normandy_core::{
-    CatalogEntry, ConfigTemplate, ContentBlock, EntryPayload, ErrorKind, Input, InputId,
-    ModelRequest, ModelResponse, Phase, ResumePolicy, Role, ScriptedClient, SessionId,
+    Attempt, CatalogEntry, ConfigTemplate, ContentBlock, EntryPayload, ErrorKind, Input, InputId,
+    ModelDelta, ModelRequest, ModelResponse, Phase, ResumePolicy, Role, ScriptedClient, SessionId,
     SessionStore, Sessions, StartOptions, TemplateCatalog, TurnEvent,
 };
+use normandy_llm::anthropic::{self, AnthropicConfig};
+use normandy_llm::openai::{self, OpenAiClient, OpenAiConfig};
 use normandy_store_lmdb::{LmdbConfig, LmdbStore};
 use serde_json::json;
 
@@ -34,6 +40,7 @@ use tools::{AfterCall, Calculator, Counter, Ledger};
 
 const USAGE: &str = "usage: normandy-demo [--data DIR] [--memory] [--fresh] [--kill-after N]
                      [--delay-ms MS] [--session ID] [--question TEXT]
+                     [--base-url URL [--key-env VAR] | --anthropic] [--model NAME]
 
   --data DIR        where the LMDB environment lives (default ./normandy-data)
   --memory          tier 0: in-memory store, nothing survives the process
@@ -41,12 +48,32 @@ const USAGE: &str = "usage: normandy-demo [--data DIR] [--memory] [--fresh] [--k
   --kill-after N    SIGKILL this process after N tool calls, to show a resume
   --delay-ms MS     how long each tool call takes (default 400)
   --session ID      session id (default trip-demo)
-  --question TEXT   the items, as `label: expression; ...`";
+  --question TEXT   the items, as `label: expression; ...`
+  --base-url URL    run on an OpenAI-compatible model server (OpenAI, vLLM, llama.cpp,
+                    Ollama: http://HOST:PORT/v1) instead of the scripted model
+  --key-env VAR     the environment variable holding that server's API key (none by default)
+  --anthropic       run on Anthropic's API, key from ANTHROPIC_API_KEY
+  --model NAME      the model (default: the server's own; claude-sonnet-4-5 with --anthropic)";
 
 const DEFAULT_QUESTION: &str =
     "hotel: 3 * 89.90; flights: 2 * 210.25; dinners: 4 * 35; museum: 2 * (18 + 4.5)";
 
+/// Which model runs the agent.
+enum Model {
+    /// The scripted planner: no server, no key.
+    Scripted,
+    /// An OpenAI-compatible server, with the variable holding its key, if any.
+    OpenAi {
+        base_url: String,
+        key_env: Option<String>,
+    },
+    /// Anthropic's API.
+    Anthropic,
+}
+
 struct Args {
+    model: Model,
+    model_name: Option<String>,
     data: PathBuf,
     memory: bool,
     fresh: bool,
@@ -58,6 +85,8 @@ struct Args {
 
 fn parse_args() -> Result<Args> {
     let mut args = Args {
+        model: Model::Scripted,
+        model_name: None,
         data: PathBuf::from("normandy-data"),
         memory: false,
         fresh: false,
@@ -77,6 +106,23 @@ fn parse_args() -> Result<Args> {
             "--delay-ms" => args.delay = Duration::from_millis(value("--delay-ms")?.parse()?),
             "--session" => args.session = value("--session")?,
             "--question" => args.question = value("--question")?,
+            "--base-url" => {
+                let base_url = value("--base-url")?;
+                let key_env = match &args.model {
+                    Model::OpenAi { key_env, .. } => key_env.clone(),
+                    _ => None,
+                };
+                args.model = Model::OpenAi { base_url, key_env };
+            }
+            "--key-env" => {
+                let var = value("--key-env")?;
+                match &mut args.model {
+                    Model::OpenAi { key_env, .. } => *key_env = Some(var),
+                    _ => bail!("--key-env goes after --base-url"),
+                }
+            }
+            "--anthropic" => args.model = Model::Anthropic,
+            "--model" => args.model_name = Some(value("--model")?),
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -193,6 +239,60 @@ fn planner(req: &ModelRequest) -> normandy_core::Result<ModelResponse> {
     })
 }
 
+const SYSTEM_PROMPT: &str = "You add up trip expenses. Call the calculator tool once for each \
+    item's expression, then once more to add the items' results, then call record_expense once \
+    with the label \"trip\" and the total, and finally answer with the total in one short line.";
+
+/// The template's model and the catalog entry that builds its client on this node.
+fn model(args: &Args) -> Result<(ConfigTemplate, CatalogEntry)> {
+    Ok(match &args.model {
+        Model::Scripted => (
+            ConfigTemplate::new("trip-planner", "scripted-planner"),
+            // Streams its answer a few characters at a time, as a provider would.
+            CatalogEntry::with_client(
+                ScriptedClient::from_fn(planner).streaming(4, Duration::from_millis(12)),
+            ),
+        ),
+        Model::OpenAi { base_url, key_env } => {
+            println!("model: the OpenAI-compatible server at {base_url}");
+            let name = args.model_name.clone().unwrap_or_else(|| "default".into());
+            let config = OpenAiConfig::default().base_url(base_url);
+            // Low temperature and a bounded answer: the same question should take the same
+            // path every run. The key, if any, is a credential: resolved on this node, never
+            // stored.
+            let template = ConfigTemplate::new("trip-planner", name)
+                .param("temperature", 0.0)
+                .param("max_tokens", 512);
+            match key_env {
+                Some(var) => {
+                    let credential = var.to_lowercase();
+                    (
+                        template.credential(&credential),
+                        openai::catalog_entry(&credential, config),
+                    )
+                }
+                None => (
+                    template,
+                    CatalogEntry::with_client(OpenAiClient::new(config)?),
+                ),
+            }
+        }
+        Model::Anthropic => {
+            let name = args
+                .model_name
+                .clone()
+                .unwrap_or_else(|| "claude-sonnet-4-5".into());
+            println!("model: Anthropic {name} (key from ANTHROPIC_API_KEY)");
+            (
+                ConfigTemplate::new("trip-planner", name)
+                    .credential("anthropic-api-key")
+                    .param("max_tokens", 1024),
+                anthropic::catalog_entry("anthropic-api-key", AnthropicConfig::new()),
+            )
+        }
+    })
+}
+
 fn kill_switch(limit: Option<usize>, calc: Counter, ledger: Counter) -> AfterCall {
     Arc::new(move |_| {
         if let Some(limit) = limit
@@ -212,6 +312,60 @@ fn kill_self() {
     }
 }
 
+/// Prints a session's events: committed entries and progress a line each, and the model's text
+/// as it streams.
+#[derive(Default)]
+struct Printer {
+    /// The try whose text is being printed, if a line of streamed text is open.
+    streaming: Option<(u32, Attempt)>,
+}
+
+impl Printer {
+    fn show(&mut self, event: &TurnEvent) {
+        use std::io::Write as _;
+        if let TurnEvent::ModelDelta {
+            step,
+            attempt,
+            delta,
+            ..
+        } = event
+        {
+            let same = self.streaming == Some((*step, *attempt));
+            match delta {
+                ModelDelta::Text { text, .. } => {
+                    if !same {
+                        if self.streaming.is_some_and(|(s, _)| s == *step) {
+                            println!("\n  (the call was retried; its answer starts over)");
+                        } else if self.streaming.is_some() {
+                            println!();
+                        }
+                        print!("  model: ");
+                        self.streaming = Some((*step, *attempt));
+                    }
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                }
+                ModelDelta::ToolUseStart { name, .. } => {
+                    self.end_line();
+                    println!("  ⋯ model is streaming a call to {name}");
+                }
+                _ => {}
+            }
+            return;
+        }
+        if let Some(line) = describe(event) {
+            self.end_line();
+            println!("{line}");
+        }
+    }
+
+    fn end_line(&mut self) {
+        if self.streaming.take().is_some() {
+            println!();
+        }
+    }
+}
+
 fn describe(event: &TurnEvent) -> Option<String> {
     Some(match event {
         TurnEvent::ModelCallStarted { step } => format!("· model call {step}"),
@@ -226,15 +380,29 @@ fn describe(event: &TurnEvent) -> Option<String> {
                 }
                 .text()
             ),
-            EntryPayload::Assistant { message, .. } => {
+            EntryPayload::Assistant {
+                message,
+                call,
+                incomplete,
+                ..
+            } => {
                 let calls: Vec<String> = message
                     .tool_uses()
                     .map(|(_, name, input)| format!("{name}({})", compact(input)))
                     .collect();
-                if calls.is_empty() {
-                    format!("#{:<3} model answers", e.seq)
+                let stop = call
+                    .stop
+                    .as_ref()
+                    .map_or(String::new(), |s| format!(" [stop: {s}]"));
+                if *incomplete {
+                    format!(
+                        "#{:<3} model's answer cut short (kept, marked incomplete)",
+                        e.seq
+                    )
+                } else if calls.is_empty() {
+                    format!("#{:<3} model answers{stop}", e.seq)
                 } else {
-                    format!("#{:<3} model asks for {}", e.seq, calls.join(", "))
+                    format!("#{:<3} model asks for {}{stop}", e.seq, calls.join(", "))
                 }
             }
             EntryPayload::ToolStarted { tool, .. } => {
@@ -259,8 +427,18 @@ fn describe(event: &TurnEvent) -> Option<String> {
                 )),
             ),
             EntryPayload::TurnEnd { status, usage, .. } => format!(
-                "#{:<3} turn ended: {status:?} ({} tokens in, {} out)",
-                e.seq, usage.input_tokens, usage.output_tokens
+                "#{:<3} turn ended: {status:?} ({} tokens in, {} out{})",
+                e.seq,
+                usage.input_tokens,
+                usage.output_tokens,
+                if usage.cache_read_tokens + usage.cache_write_tokens > 0 {
+                    format!(
+                        ", {} read from the prompt cache, {} written",
+                        usage.cache_read_tokens, usage.cache_write_tokens
+                    )
+                } else {
+                    String::new()
+                }
             ),
         },
         TurnEvent::TurnFinished(_) => return None,
@@ -305,12 +483,13 @@ async fn main() -> Result<()> {
     let calc_runs = Counter::default();
     let ledger_runs = Counter::default();
     let after = kill_switch(args.kill_after, calc_runs.clone(), ledger_runs.clone());
-    let template = ConfigTemplate::new("trip-planner", "scripted-planner")
-        .system_prompt("You add up trip expenses with the calculator and record the total.")
+    let (template, entry) = model(&args)?;
+    let template = template
+        .system_prompt(SYSTEM_PROMPT)
         .resume_policy(ResumePolicy::Eager);
     let catalog = TemplateCatalog::new().with(
         template,
-        CatalogEntry::with_client(ScriptedClient::from_fn(planner))
+        entry
             .tool(Calculator {
                 delay: args.delay,
                 runs: calc_runs.clone(),
@@ -369,10 +548,9 @@ async fn main() -> Result<()> {
     // Watch the turn as it runs: committed entries (numbered) and progress events.
     let mut events = sessions.subscribe(&id, since).await?;
     let printer = tokio::spawn(async move {
+        let mut out = Printer::default();
         while let Some(Ok(event)) = events.next().await {
-            if let Some(line) = describe(&event) {
-                println!("{line}");
-            }
+            out.show(&event);
             if matches!(event, TurnEvent::TurnFinished(_)) {
                 break;
             }

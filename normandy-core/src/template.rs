@@ -155,6 +155,13 @@ impl ConfigTemplate {
         self
     }
 
+    /// Sets a model parameter (`temperature`, `max_tokens`, a provider's own key), sent with
+    /// every model call of the template's sessions.
+    pub fn param(mut self, key: impl Into<String>, value: impl Into<serde_json::Value>) -> Self {
+        self.params.insert(key.into(), value.into());
+        self
+    }
+
     /// Sets the turn limits.
     pub fn limits(mut self, limits: TurnLimits) -> Self {
         self.limits = limits;

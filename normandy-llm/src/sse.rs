@@ -1,0 +1,71 @@
+//! Server-sent events over a response body. Framing is `sse-stream`'s (CRLF, bare CR, multi-line
+//! `data:`, events split anywhere across chunks); this module only maps its items and errors.
+//!
+//! `sse-stream` drops a partial event at EOF without a word, so a stream that ends early looks
+//! like one that ended cleanly: the adapters' parsers detect that by the provider's end marker.
+
+use futures::{Stream, StreamExt};
+use normandy_core::{Error, ProviderError, Result};
+use sse_stream::SseByteStream;
+
+/// One event: its `event:` name, if any, and its `data:` lines joined with `\n`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    /// The `event:` field (Anthropic names every event; OpenAI names none).
+    pub(crate) event: Option<String>,
+    /// The `data:` payload.
+    pub(crate) data: String,
+}
+
+/// The events of a streamed response. Blocks without data (comments, `retry:` alone) are skipped.
+///
+/// A read error (the connection cut, the read timeout) is a retryable [`Error::Provider`] whose
+/// message begins "stream cut:"; its `provider` is empty, for the driver to fill in (it knows
+/// the adapter's name and the request id).
+pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent>> + Send {
+    SseByteStream::new(response.bytes_stream()).filter_map(|item| async move {
+        match item {
+            Ok(sse) => sse.data.map(|data| {
+                Ok(SseEvent {
+                    event: sse.event,
+                    data,
+                })
+            }),
+            Err(e) => Some(Err(read_error(&e))),
+        }
+    })
+}
+
+fn read_error(e: &sse_stream::Error) -> Error {
+    let message = match e {
+        sse_stream::Error::Body(source) => {
+            let timeout = source
+                .downcast_ref::<reqwest::Error>()
+                .is_some_and(reqwest::Error::is_timeout);
+            let mut text = if timeout {
+                "no data within the read timeout (HttpConfig::read_timeout)".to_owned()
+            } else {
+                "the connection broke".to_owned()
+            };
+            // reqwest's own text names the URL; its sources say what broke.
+            let mut cur = std::error::Error::source(source.as_ref());
+            while let Some(c) = cur {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cur = c.source();
+            }
+            format!("stream cut: {text}")
+        }
+        other => format!("stream cut: unreadable event: {other}"),
+    };
+    Error::Provider(Box::new(ProviderError {
+        provider: String::new(),
+        status: None,
+        error_type: None,
+        code: None,
+        request_id: None,
+        retry_after_ms: None,
+        message,
+        retryable: true,
+    }))
+}

@@ -1,0 +1,845 @@
+//! The Anthropic adapter against local servers: wiremock for request shapes and status
+//! sequences, the raw-TCP script server (`support`) for streams split mid-frame, error events
+//! after a 200, and cut connections. No internet; no sleeps to wait for anything.
+
+#![cfg(feature = "anthropic")]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use normandy_core::{
+    ContentBlock, Error, LlmClient, Message, ModelDelta, ModelEvent, ModelRequest, ModelStream,
+    ProviderError, Role, SessionId, StopReason, ToolSpec, Usage,
+};
+use normandy_llm::HttpConfig;
+use normandy_llm::anthropic::{AnthropicClient, AnthropicConfig};
+use serde_json::{Value, json};
+use support::{Reply, ScriptServer};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const KEY: &str = "sk-ant-canary-7f3a9c1e5b";
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// Retries that wait next to nothing, so a retried test is fast.
+fn fast() -> HttpConfig {
+    HttpConfig::default()
+        .retry_base(Duration::from_millis(1))
+        .max_retry_wait(Duration::from_millis(20))
+}
+
+fn client(url: &str, http: HttpConfig) -> AnthropicClient {
+    AnthropicClient::new(KEY, AnthropicConfig::new().base_url(url).http(http)).unwrap()
+}
+
+fn request(messages: Vec<Message>) -> ModelRequest {
+    ModelRequest {
+        session: SessionId::new("s-1").unwrap(),
+        model: "claude-test".into(),
+        system: Some("You are terse.".into()),
+        messages: Arc::new(messages),
+        tools: Arc::from(vec![ToolSpec {
+            name: "get_weather".into(),
+            description: "Current weather in a city".into(),
+            input_schema: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        }]),
+        params: Arc::new(BTreeMap::new()),
+    }
+}
+
+/// An SSE body: `event:` and `data:` lines per event, with this line ending.
+fn sse(events: &[(&str, Value)], eol: &str) -> String {
+    events
+        .iter()
+        .map(|(name, data)| format!("event: {name}{eol}data: {data}{eol}{eol}"))
+        .collect()
+}
+
+fn message_start() -> (&'static str, Value) {
+    (
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": "msg_01XYZ", "type": "message", "role": "assistant", "content": [],
+            "model": "claude-test-20250101", "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 12, "output_tokens": 1,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 340}}}),
+    )
+}
+
+fn block_start(index: u32, block: Value) -> (&'static str, Value) {
+    (
+        "content_block_start",
+        json!({"type": "content_block_start", "index": index, "content_block": block}),
+    )
+}
+
+fn delta(index: u32, delta: Value) -> (&'static str, Value) {
+    (
+        "content_block_delta",
+        json!({"type": "content_block_delta", "index": index, "delta": delta}),
+    )
+}
+
+fn text(index: u32, text: &str) -> (&'static str, Value) {
+    delta(index, json!({"type": "text_delta", "text": text}))
+}
+
+fn block_stop(index: u32) -> (&'static str, Value) {
+    (
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": index}),
+    )
+}
+
+fn message_end(stop: &str, output_tokens: u64) -> [(&'static str, Value); 2] {
+    [
+        (
+            "message_delta",
+            json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null},
+                   "usage": {"output_tokens": output_tokens}}),
+        ),
+        ("message_stop", json!({"type": "message_stop"})),
+    ]
+}
+
+fn ping() -> (&'static str, Value) {
+    ("ping", json!({"type": "ping"}))
+}
+
+/// A whole text answer as a stream.
+fn text_stream(answer: &str) -> Vec<(&'static str, Value)> {
+    let mut events = vec![
+        message_start(),
+        block_start(0, json!({"type": "text", "text": ""})),
+        text(0, answer),
+        block_stop(0),
+    ];
+    events.extend(message_end("end_turn", 7));
+    events
+}
+
+/// Every event of a stream, or the error it ended with.
+async fn drain(mut stream: ModelStream) -> (Vec<ModelEvent>, Option<Error>) {
+    let mut events = Vec::new();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(event) => events.push(event),
+            Err(e) => return (events, Some(e)),
+        }
+    }
+    (events, None)
+}
+
+fn provider(e: &Error) -> &ProviderError {
+    match e {
+        Error::Provider(p) => p,
+        other => panic!("not a provider error: {other:?}"),
+    }
+}
+
+fn texts(events: &[ModelEvent]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            ModelEvent::Delta(ModelDelta::Text { text, .. }) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn done(events: &[ModelEvent]) -> &normandy_core::ModelResponse {
+    match events.last() {
+        Some(ModelEvent::Done(r)) => r,
+        other => panic!("the stream did not end with Done: {other:?}"),
+    }
+}
+
+fn restarts(events: &[ModelEvent]) -> usize {
+    events
+        .iter()
+        .filter(|e| matches!(e, ModelEvent::Restart { .. }))
+        .count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Streams
+
+#[tokio::test]
+async fn text_stream_with_pings_split_mid_frame() {
+    let mut events = vec![
+        message_start(),
+        ping(),
+        block_start(0, json!({"type": "text", "text": ""})),
+        text(0, "Bonjour, "),
+        ping(),
+        text(0, "le monde — ça va?"),
+        block_stop(0),
+    ];
+    events.extend(message_end("end_turn", 15));
+    let body = sse(&events, "\r\n");
+    // Pieces of 7 bytes: splits inside field names, JSON, CRLF pairs and UTF-8 characters.
+    let server = ScriptServer::start(vec![
+        Reply::sse()
+            .header("request-id", "req_011CS")
+            .every(&body, 7),
+    ])
+    .await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("salut")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(texts(&events), "Bonjour, le monde — ça va?");
+    let response = done(&events);
+    assert_eq!(
+        response.content,
+        [ContentBlock::text("Bonjour, le monde — ça va?")]
+    );
+    assert_eq!(response.stop_reason, StopReason::EndTurn);
+    assert_eq!(
+        response.usage,
+        Usage {
+            input_tokens: 12,
+            output_tokens: 15,
+            cache_read_tokens: 340,
+            ..Usage::default()
+        }
+    );
+    assert_eq!(response.call.request_id.as_deref(), Some("req_011CS"));
+    assert_eq!(response.call.model.as_deref(), Some("claude-test-20250101"));
+    assert_eq!(response.call.stop.as_deref(), Some("end_turn"));
+
+    let sent = &server.requests()[0];
+    assert_eq!(sent.request_line, "POST /v1/messages HTTP/1.1");
+    assert_eq!(sent.json()["stream"], true);
+    assert_eq!(sent.header("x-api-key"), Some(KEY));
+}
+
+#[tokio::test]
+async fn tool_use_stream_with_input_split_at_odd_places() {
+    let fragments = [
+        "",
+        "{\"ci",
+        "ty\": \"São ",
+        "Paulo\", \"units\"",
+        ": [\"°C\"",
+        "]}",
+    ];
+    let mut events = vec![
+        message_start(),
+        block_start(0, json!({"type": "text", "text": ""})),
+        text(0, "Let me check."),
+        block_stop(0),
+        block_start(
+            1,
+            json!({"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {}}),
+        ),
+    ];
+    for f in fragments {
+        events.push(delta(
+            1,
+            json!({"type": "input_json_delta", "partial_json": f}),
+        ));
+    }
+    events.push(block_stop(1));
+    events.extend(message_end("tool_use", 40));
+    let body = sse(&events, "\n");
+    let server = ScriptServer::start(vec![Reply::sse().every(&body, 13)]).await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("weather?")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    let deltas: Vec<&ModelDelta> = events
+        .iter()
+        .filter_map(|e| match e {
+            ModelEvent::Delta(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert!(deltas.contains(&&ModelDelta::ToolUseStart {
+        index: 1,
+        id: "toolu_01A".into(),
+        name: "get_weather".into(),
+    }));
+    let joined: String = deltas
+        .iter()
+        .filter_map(|d| match d {
+            ModelDelta::ToolInput { partial_json, .. } => Some(partial_json.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(joined, fragments.concat());
+    let response = done(&events);
+    assert_eq!(response.stop_reason, StopReason::ToolUse);
+    assert_eq!(
+        response.content,
+        [
+            ContentBlock::text("Let me check."),
+            ContentBlock::ToolUse {
+                id: "toolu_01A".into(),
+                name: "get_weather".into(),
+                input: json!({"city": "São Paulo", "units": ["°C"]}),
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn thinking_and_redacted_thinking_go_back_unchanged_with_the_signature() {
+    let signature = "EqQBCgIYAhIM1gbcDa9GJwZA2b3hGgwhEQ+/=";
+    let mut events = vec![
+        message_start(),
+        block_start(0, json!({"type": "thinking", "thinking": ""})),
+        delta(
+            0,
+            json!({"type": "thinking_delta", "thinking": "The user wants "}),
+        ),
+        delta(
+            0,
+            json!({"type": "thinking_delta", "thinking": "the weather.\n"}),
+        ),
+        delta(
+            0,
+            json!({"type": "signature_delta", "signature": &signature[..20]}),
+        ),
+        delta(
+            0,
+            json!({"type": "signature_delta", "signature": &signature[20..]}),
+        ),
+        block_stop(0),
+        block_start(
+            1,
+            json!({"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}),
+        ),
+        block_stop(1),
+        block_start(
+            2,
+            json!({"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {}}),
+        ),
+        delta(
+            2,
+            json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Oslo\"}"}),
+        ),
+        block_stop(2),
+    ];
+    events.extend(message_end("tool_use", 90));
+    let server = ScriptServer::start(vec![
+        Reply::sse().every(sse(&events, "\n"), 64),
+        Reply::sse().chunk(sse(&text_stream("It is cold."), "\n")),
+    ])
+    .await;
+    let client = client(&server.url(), fast());
+    let mut params = BTreeMap::new();
+    params.insert(
+        "thinking".to_owned(),
+        json!({"type": "enabled", "budget_tokens": 2048}),
+    );
+    let first = ModelRequest {
+        params: Arc::new(params),
+        ..request(vec![Message::user("Weather in Oslo?")])
+    };
+    let (events, err) = drain(client.stream(first.clone()).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert!(events.iter().any(|e| matches!(
+        e,
+        ModelEvent::Delta(ModelDelta::Thinking { index: 0, text }) if text == "The user wants "
+    )));
+    let response = done(&events).clone();
+    assert_eq!(
+        response.content[..2],
+        [
+            ContentBlock::Thinking {
+                thinking: "The user wants the weather.\n".into(),
+                signature: Some(signature.into()),
+            },
+            ContentBlock::RedactedThinking {
+                data: "EmwKAhgBEgy3va3pzix/LafPsn4a".into()
+            },
+        ]
+    );
+
+    // The tool loop's next call sends the assistant turn back as it came.
+    let mut messages = (*first.messages).clone();
+    messages.push(Message {
+        role: Role::Assistant,
+        content: response.content.clone(),
+    });
+    messages.push(Message {
+        role: Role::User,
+        content: vec![ContentBlock::tool_result("toolu_01B", "-3 °C", false)],
+    });
+    let second = ModelRequest {
+        messages: Arc::new(messages),
+        ..first
+    };
+    let (events, err) = drain(client.stream(second).await.unwrap()).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(texts(&events), "It is cold.");
+    let sent = server.requests()[1].json();
+    assert_eq!(
+        sent["thinking"],
+        json!({"type": "enabled", "budget_tokens": 2048})
+    );
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "The user wants the weather.\n", "signature": signature},
+            {"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"},
+            {"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {"city": "Oslo"}},
+        ]})
+    );
+    assert_eq!(sent["messages"][2]["content"][0]["type"], "tool_result");
+    assert_eq!(
+        sent["messages"][2]["content"][0]["tool_use_id"],
+        "toolu_01B"
+    );
+}
+
+#[tokio::test]
+async fn unknown_event_types_and_block_types_are_ignored() {
+    let mut events = vec![
+        message_start(),
+        (
+            "brand_new_event",
+            json!({"type": "brand_new_event", "payload": [1, 2, 3]}),
+        ),
+        block_start(0, json!({"type": "future_block", "whatever": true})),
+        delta(0, json!({"type": "future_delta", "x": 1})),
+        block_stop(0),
+        block_start(1, json!({"type": "text", "text": ""})),
+        text(1, "still here"),
+        block_stop(1),
+    ];
+    events.extend(message_end("end_turn", 3));
+    let server = ScriptServer::start(vec![Reply::sse().chunk(sse(&events, "\n"))]).await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(done(&events).content, [ContentBlock::text("still here")]);
+}
+
+#[tokio::test]
+async fn an_overloaded_error_event_after_200_is_retried() {
+    let failing = [
+        message_start(),
+        block_start(0, json!({"type": "text", "text": ""})),
+        text(0, "Half an ans"),
+        (
+            "error",
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ),
+    ];
+    let server = ScriptServer::start(vec![
+        Reply::sse().chunk(sse(&failing, "\n")),
+        Reply::sse().chunk(sse(&text_stream("A whole answer."), "\n")),
+    ])
+    .await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(restarts(&events), 1, "{events:?}");
+    // Deltas after the restart are the new answer's.
+    let after: Vec<ModelEvent> = events
+        .iter()
+        .skip_while(|e| !matches!(e, ModelEvent::Restart { .. }))
+        .cloned()
+        .collect();
+    assert_eq!(texts(&after), "A whole answer.");
+    assert_eq!(
+        done(&events).content,
+        [ContentBlock::text("A whole answer.")]
+    );
+    assert_eq!(server.request_count(), 2);
+}
+
+#[tokio::test]
+async fn a_terminal_error_event_ends_the_stream_without_a_retry() {
+    let failing = [
+        message_start(),
+        (
+            "error",
+            json!({"type": "error", "error": {"type": "invalid_request_error", "message": "prompt is too long"}}),
+        ),
+    ];
+    let server = ScriptServer::start(vec![
+        Reply::sse()
+            .header("request-id", "req_bad")
+            .chunk(sse(&failing, "\n")),
+    ])
+    .await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (_, err) = drain(stream).await;
+    let err = err.expect("the error event ends the stream");
+    let p = provider(&err);
+    assert!(!p.retryable);
+    assert_eq!(p.error_type.as_deref(), Some("invalid_request_error"));
+    assert_eq!(p.request_id.as_deref(), Some("req_bad"));
+    assert_eq!(p.status, None);
+    assert_eq!(server.request_count(), 1);
+}
+
+#[tokio::test]
+async fn bad_tool_json_is_a_malformed_error_naming_the_call() {
+    let mut events = vec![
+        message_start(),
+        block_start(
+            0,
+            json!({"type": "tool_use", "id": "toolu_01C", "name": "get_weather", "input": {}}),
+        ),
+        delta(
+            0,
+            json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Lim"}),
+        ),
+        block_stop(0),
+    ];
+    events.extend(message_end("tool_use", 9));
+    let server = ScriptServer::start(vec![Reply::sse().chunk(sse(&events, "\n"))]).await;
+    let stream = client(&server.url(), fast().max_retries(0))
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(!events.iter().any(|e| matches!(e, ModelEvent::Done(_))));
+    let err = err.expect("malformed");
+    let p = provider(&err);
+    assert_eq!(p.error_type.as_deref(), Some("malformed_response"));
+    assert!(
+        p.message.contains("toolu_01C") && p.message.contains("get_weather"),
+        "{p}"
+    );
+    assert!(p.retryable, "a new sample usually parses");
+}
+
+#[tokio::test]
+async fn a_stream_cut_before_message_stop_restarts_then_succeeds() {
+    let partial = [
+        message_start(),
+        block_start(0, json!({"type": "text", "text": ""})),
+        text(0, "The first try"),
+    ];
+    let server = ScriptServer::start(vec![
+        // A connection dropped mid-body (chunked: a read error).
+        Reply::sse().chunk(sse(&partial, "\n")).cut(),
+        // A body that ends cleanly but before `message_stop` (close-delimited: an early EOF).
+        Reply::sse()
+            .close_delimited()
+            .chunk(sse(&partial, "\n"))
+            .chunk("event: content_block_delta\ndata: {\"type\": \"content_bl"),
+        Reply::sse().chunk(sse(&text_stream("The third try."), "\n")),
+    ])
+    .await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(restarts(&events), 2, "{events:?}");
+    assert_eq!(
+        done(&events).content,
+        [ContentBlock::text("The third try.")]
+    );
+    assert_eq!(server.request_count(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_cut_every_time_fails_retryable_once_the_budget_is_spent() {
+    let partial = [
+        message_start(),
+        block_start(0, json!({"type": "text", "text": ""})),
+    ];
+    let cut = Reply::sse().chunk(sse(&partial, "\n")).cut();
+    let server = ScriptServer::start(vec![cut.clone(), cut.clone(), cut]).await;
+    let stream = client(&server.url(), fast().max_retries(2))
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(!events.iter().any(|e| matches!(e, ModelEvent::Done(_))));
+    let err = err.expect("out of retries");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(provider(&err).provider, "anthropic");
+    assert_eq!(server.request_count(), 3);
+}
+
+#[tokio::test]
+async fn a_stream_answered_529_then_200_is_retried() {
+    let server = ScriptServer::start(vec![
+        Reply::json(
+            529,
+            r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+        ),
+        Reply::sse().chunk(sse(&text_stream("fine"), "\n")),
+    ])
+    .await;
+    let stream = client(&server.url(), fast())
+        .stream(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let (events, err) = drain(stream).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        restarts(&events),
+        0,
+        "nothing was streamed before the retry"
+    );
+    assert_eq!(done(&events).content, [ContentBlock::text("fine")]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request shapes and statuses (wiremock)
+
+fn whole_response() -> Value {
+    json!({
+        "id": "msg_01W", "type": "message", "role": "assistant", "model": "claude-test-20250101",
+        "content": [{"type": "text", "text": "Hi there."}],
+        "stop_reason": "end_turn", "stop_sequence": null,
+        "usage": {"input_tokens": 20, "output_tokens": 4,
+                  "cache_creation_input_tokens": 1500, "cache_read_input_tokens": 0},
+    })
+}
+
+#[tokio::test]
+async fn complete_sends_the_documented_headers_and_body() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", KEY))
+        .and(header("anthropic-version", "2023-06-01"))
+        .and(header("content-type", "application/json"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .insert_header("request-id", "req_w1")
+                .set_body_json(whole_response()),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let r = request(vec![
+        Message::user("earlier"),
+        Message::assistant("noted"),
+        Message {
+            role: Role::User,
+            content: vec![
+                ContentBlock::text("What is in this picture?"),
+                ContentBlock::image_bytes("image/png", b"\x89PNG\r\n").unwrap(),
+            ],
+        },
+    ]);
+    let response = client(&server.uri(), fast()).complete(r).await.unwrap();
+    assert_eq!(response.content, [ContentBlock::text("Hi there.")]);
+    assert_eq!(response.call.request_id.as_deref(), Some("req_w1"));
+    assert_eq!(response.usage.cache_write_tokens, 1500);
+    assert_eq!(response.usage.input_tokens, 20);
+
+    let received = server.received_requests().await.unwrap();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].headers.get("anthropic-beta").is_none());
+    let body: Value = received[0].body_json().unwrap();
+    let ephemeral = json!({"type": "ephemeral"});
+    assert_eq!(body["model"], "claude-test");
+    assert_eq!(body["max_tokens"], 4096);
+    assert!(body.get("stream").is_none());
+    assert_eq!(
+        body["system"],
+        json!([{"type": "text", "text": "You are terse.", "cache_control": ephemeral}])
+    );
+    assert_eq!(body["tools"][0]["name"], "get_weather");
+    assert_eq!(body["tools"][0]["cache_control"], ephemeral);
+    assert!(body["tools"][0]["input_schema"].is_object());
+    let last = &body["messages"][2]["content"];
+    assert_eq!(
+        last[1],
+        json!({"type": "image", "source": {"type": "base64", "media_type": "image/png",
+               "data": "iVBORw0K"}, "cache_control": ephemeral})
+    );
+    assert!(last[0].get("cache_control").is_none());
+    assert!(
+        body["messages"][0]["content"][0]
+            .get("cache_control")
+            .is_none()
+    );
+    assert_eq!(body.to_string().matches("cache_control").count(), 3);
+}
+
+#[tokio::test]
+async fn caching_off_betas_and_params_shape_the_request() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(whole_response()))
+        .mount(&server)
+        .await;
+    let config = AnthropicConfig::new()
+        .base_url(format!("{}/", server.uri()))
+        .http(fast())
+        .prompt_caching(false)
+        .beta("context-1m-2025-08-07");
+    let client = AnthropicClient::new(KEY, config).unwrap();
+    let mut params = BTreeMap::new();
+    params.insert("max_tokens".to_owned(), json!(256));
+    params.insert("temperature".to_owned(), json!(0.2));
+    params.insert("stop".to_owned(), json!(["###"]));
+    params.insert("tool_choice".to_owned(), json!({"type": "any"}));
+    let r = ModelRequest {
+        params: Arc::new(params),
+        ..request(vec![Message {
+            role: Role::User,
+            content: vec![ContentBlock::Document {
+                media_type: "application/pdf".into(),
+                source: normandy_core::MediaSource::File {
+                    file_id: "file_011CN".into(),
+                },
+                title: Some("Report".into()),
+            }],
+        }])
+    };
+    client.complete(r).await.unwrap();
+    let received = server.received_requests().await.unwrap();
+    let beta = received[0].headers.get("anthropic-beta").unwrap();
+    assert_eq!(beta, "context-1m-2025-08-07,files-api-2025-04-14");
+    let body: Value = received[0].body_json().unwrap();
+    assert!(!body.to_string().contains("cache_control"));
+    assert_eq!(body["system"], "You are terse.");
+    assert_eq!(body["max_tokens"], 256);
+    assert_eq!(body["temperature"], 0.2);
+    assert_eq!(body["stop_sequences"], json!(["###"]));
+    assert_eq!(body["tool_choice"], json!({"type": "any"}));
+    assert_eq!(
+        body["messages"][0]["content"][0],
+        json!({"type": "document", "source": {"type": "file", "file_id": "file_011CN"},
+               "title": "Report"})
+    );
+}
+
+#[tokio::test]
+async fn a_529_then_200_is_retried() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(529).set_body_json(
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+        ))
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(whole_response()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    let response = client(&server.uri(), fast())
+        .complete(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    assert_eq!(response.content, [ContentBlock::text("Hi there.")]);
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_401_is_terminal_and_never_shows_the_key() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(401)
+                .insert_header("request-id", "req_401")
+                .set_body_json(json!({"type": "error", "error": {
+                    "type": "authentication_error",
+                    "message": format!("invalid x-api-key: {KEY}")}})),
+        )
+        .mount(&server)
+        .await;
+    let client = client(&server.uri(), fast());
+    for streaming in [false, true] {
+        let r = request(vec![Message::user("hi")]);
+        let err = if streaming {
+            drain(client.stream(r).await.unwrap())
+                .await
+                .1
+                .expect("a 401 fails the stream")
+        } else {
+            client.complete(r).await.unwrap_err()
+        };
+        let p = provider(&err);
+        assert_eq!(p.status, Some(401));
+        assert!(!p.retryable);
+        assert_eq!(p.error_type.as_deref(), Some("authentication_error"));
+        assert_eq!(p.request_id.as_deref(), Some("req_401"));
+        assert!(!err.to_string().contains(KEY), "{err}");
+        assert!(!format!("{err:?}").contains(KEY), "{err:?}");
+    }
+    assert!(!format!("{client:?}").contains(KEY));
+    // One request each: a terminal status is never retried.
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(429)
+                .insert_header("retry-after", "1")
+                .set_body_json(json!({"type": "error", "error": {
+                    "type": "rate_limit_error", "message": "Number of request tokens has exceeded your per-minute rate limit"}})),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(whole_response()))
+        .with_priority(2)
+        .mount(&server)
+        .await;
+    // The backoff alone would wait about a millisecond; the provider asks for a second.
+    let http = HttpConfig::default().retry_base(Duration::from_millis(1));
+    let started = Instant::now();
+    client(&server.uri(), http)
+        .complete(request(vec![Message::user("hi")]))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "waited only {waited:?}"
+    );
+    assert_eq!(server.received_requests().await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn an_unknown_block_in_a_whole_response_is_a_malformed_error() {
+    let server = MockServer::start().await;
+    let mut body = whole_response();
+    body["content"] = json!([{"type": "mystery_block", "data": 1}]);
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(&server)
+        .await;
+    let err = client(&server.uri(), fast())
+        .complete(request(vec![Message::user("hi")]))
+        .await
+        .unwrap_err();
+    let p = provider(&err);
+    assert_eq!(p.error_type.as_deref(), Some("malformed_response"));
+    assert!(p.message.contains("mystery_block"), "{p}");
+    assert_eq!(p.request_id.as_deref(), Some("msg_01W"));
+}
