@@ -57,9 +57,20 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
             })
         })) as Arc<dyn LlmClient>)
     });
+    // A third through the real OpenAI-compatible adapter, against a local server that answers
+    // 401 quoting the bearer key it was sent, as OpenAI's own "Incorrect API key provided"
+    // does.
+    let server = echo_401_server().await;
+    let http_id = format!("canary-http-{}", token());
+    let http = ConfigTemplate::new(http_id.clone(), "gpt-canary").credential("api-key");
+    let http_entry = normandy_llm::openai::catalog_entry(
+        "api-key",
+        normandy_llm::openai::OpenAiConfig::default().base_url(server),
+    );
     let catalog = TemplateCatalog::new()
         .with(template, entry)
         .and_then(|c| c.with(failing, echoing))
+        .and_then(|c| c.with(http, http_entry))
         .expect("valid templates");
     let sessions = Sessions::builder(catalog)
         .node(node("canary-node"))
@@ -84,6 +95,11 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
         .send(&failed_id, "this turn fails")
         .await
         .expect_err("the echoing model fails the turn");
+    let http_session = ok(sessions.start(&http_id).await, "start the HTTP session");
+    let http_failed = sessions
+        .send(&http_session, "this call gets a 401")
+        .await
+        .expect_err("the provider refuses the key");
     sessions.shutdown().await;
     assert!(
         read_secret.load(Ordering::SeqCst),
@@ -133,10 +149,69 @@ pub async fn canary_secret_never_stored_or_logged(h: Arc<dyn StoreHarness>) {
         !logs.contains(canary.as_bytes()) && !logs.contains(secret_token.as_bytes()),
         "the canary credential appears in the logs"
     );
+    assert!(
+        all_entries(&*store, &http_session)
+            .await
+            .iter()
+            .any(|e| e.payload.kind_name() == "turn_end"),
+        "the 401 turn's end must be stored for the scan to test it"
+    );
     // Checked last, so a leak shows first where it matters most: at rest and in the logs.
     let text = failed.to_string();
     assert!(
         text.contains("invalid api key [redacted credential api-key]"),
         "the caller hears the provider's error with the key redacted: {text}"
     );
+    let text = http_failed.to_string();
+    assert!(
+        text.contains("401")
+            && text.contains("Incorrect API key provided")
+            && !text.contains(&canary),
+        "the caller hears the provider's 401 without the key: {text}"
+    );
+}
+
+/// A server on loopback that answers every request 401, quoting the bearer key it was sent.
+async fn echo_401_server() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !logs::find(&head, b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head);
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .starts_with("authorization: bearer ")
+                            .then(|| l["authorization: bearer ".len()..].trim().to_string())
+                    })
+                    .unwrap_or_default();
+                let body = serde_json::json!({"error": {
+                    "message": format!("Incorrect API key provided: {key}."),
+                    "type": "invalid_request_error",
+                    "code": "invalid_api_key",
+                }})
+                .to_string();
+                let reply = format!(
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    format!("http://{addr}/v1")
 }
