@@ -100,6 +100,12 @@ pub(crate) fn transport_error(
     } else {
         format!("reading the answer from{to} failed: {cause}")
     };
+    local_error(provider, message, !(e.is_builder() || e.is_redirect()))
+}
+
+/// An error with only a message, from a failure that got no error answer from the provider (a
+/// timeout, a cut connection): no status, type, code, request id or `retry-after`.
+pub(crate) fn local_error(provider: &str, message: String, retryable: bool) -> ProviderError {
     ProviderError {
         provider: provider.to_owned(),
         status: None,
@@ -108,7 +114,7 @@ pub(crate) fn transport_error(
         request_id: None,
         retry_after_ms: None,
         message,
-        retryable: !(e.is_builder() || e.is_redirect()),
+        retryable,
     }
 }
 
@@ -122,14 +128,9 @@ pub(crate) fn stream_error(
     retryable: bool,
 ) -> ProviderError {
     ProviderError {
-        provider: provider.to_owned(),
-        status: None,
         error_type,
-        code: None,
         request_id: request_id.map(str::to_owned),
-        retry_after_ms: None,
-        message,
-        retryable,
+        ..local_error(provider, message, retryable)
     }
 }
 
@@ -140,24 +141,16 @@ pub(crate) fn stream_error(
 /// `malformed_response` and `what` as the message.
 pub(crate) fn malformed(provider: &str, request_id: Option<&str>, what: String) -> Error {
     Error::Provider(Box::new(ProviderError {
-        provider: provider.to_owned(),
-        status: None,
         error_type: Some("malformed_response".to_owned()),
-        code: None,
         request_id: request_id.map(str::to_owned),
-        retry_after_ms: None,
-        message: what,
-        retryable: true,
+        ..local_error(provider, what, true)
     }))
 }
 
-/// Hides `secret` in every text of a provider error: a provider may echo the key it was sent in
-/// its error body (a 401 saying which key is wrong). Secrets shorter than 8 bytes are left
-/// alone: no real key is that short, and hiding a short string would garble the message.
 /// What the shared layers may say of a failure in a log line or a `Restart` reason: its status,
 /// type, code and request id, and the message only where this crate wrote it — never a
-/// provider's message. A provider may echo the key it was
-/// sent in its message, and these layers run before the adapter's [`redact`].
+/// provider's message. A provider may echo the key it was sent in its message, and these layers
+/// run before the adapter's [`redact`].
 pub(crate) fn summary(error: &Error) -> String {
     match error.inner() {
         Error::Provider(e) => {
@@ -182,6 +175,9 @@ pub(crate) fn summary(error: &Error) -> String {
     }
 }
 
+/// Hides `secret` in every text of a provider error: a provider may echo the key it was sent in
+/// its error body (a 401 saying which key is wrong). Secrets shorter than 8 bytes are left
+/// alone: no real key is that short, and hiding a short string would garble the message.
 pub(crate) fn redact(error: Error, secret: &str) -> Error {
     const MASK: &str = "[redacted]";
     if secret.len() < 8 {

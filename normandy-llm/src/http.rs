@@ -1,6 +1,7 @@
 //! [`HttpConfig`]: timeouts and the retry budget of an adapter's HTTP calls, and the one place
 //! the HTTP client is built.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use normandy_core::{Error, Result};
@@ -120,4 +121,22 @@ pub(crate) fn build_client(cfg: &HttpConfig) -> Result<reqwest::Client> {
                  and the system's TLS root certificates)"
             ))
         })
+}
+
+/// One HTTP client (one connection pool) shared by the sessions of a catalog entry, built by the
+/// first session that asks for it rather than when the entry is made: building can fail (a
+/// broken TLS setup), and a node should then fail that session with the error instead of
+/// failing to start.
+#[derive(Debug, Default)]
+pub(crate) struct SharedClient(Mutex<Option<reqwest::Client>>);
+
+impl SharedClient {
+    /// The shared client, built with `cfg` on the first call.
+    pub(crate) fn get(&self, cfg: &HttpConfig) -> Result<reqwest::Client> {
+        let mut pool = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*pool {
+            Some(client) => Ok(client.clone()),
+            None => Ok(pool.insert(build_client(cfg)?).clone()),
+        }
+    }
 }

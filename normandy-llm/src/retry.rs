@@ -7,7 +7,7 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use normandy_core::{Error, ProviderError, Result};
 
-use crate::error::{status_error, transport_error};
+use crate::error::{local_error, status_error, transport_error};
 use crate::http::HttpConfig;
 
 /// Most bytes of an error body read: enough for any provider's error JSON, and a cap on what a
@@ -81,20 +81,12 @@ async fn once(
         Ok(Ok(response)) => response,
         Ok(Err(e)) => return Err(provider_error(transport_error(provider, &e, true))),
         Err(_) => {
-            return Err(provider_error(ProviderError {
-                provider: provider.to_owned(),
-                status: None,
-                error_type: None,
-                code: None,
-                request_id: None,
-                retry_after_ms: None,
-                message: format!(
-                    "no response headers within {:?} (raise HttpConfig::first_byte_timeout if the \
-                     provider queues requests for longer)",
-                    cfg.first_byte_timeout
-                ),
-                retryable: true,
-            }));
+            let message = format!(
+                "no response headers within {:?} (raise HttpConfig::first_byte_timeout if the \
+                 provider queues requests for longer)",
+                cfg.first_byte_timeout
+            );
+            return Err(provider_error(local_error(provider, message, true)));
         }
     };
     let status = response.status();

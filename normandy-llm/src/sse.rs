@@ -5,8 +5,11 @@
 //! like one that ended cleanly: the adapters' parsers detect that by the provider's end marker.
 
 use futures::{Stream, StreamExt};
-use normandy_core::{Error, ProviderError, Result};
+use normandy_core::{Error, Result};
 use sse_stream::SseByteStream;
+
+use crate::error::local_error;
+use crate::retry::provider_error;
 
 /// One event: its `event:` name, if any, and its `data:` lines joined with `\n`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,14 +61,5 @@ fn read_error(e: &sse_stream::Error) -> Error {
         }
         other => format!("stream cut: unreadable event: {other}"),
     };
-    Error::Provider(Box::new(ProviderError {
-        provider: String::new(),
-        status: None,
-        error_type: None,
-        code: None,
-        request_id: None,
-        retry_after_ms: None,
-        message,
-        retryable: true,
-    }))
+    provider_error(local_error("", message, true))
 }

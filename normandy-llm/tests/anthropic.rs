@@ -90,6 +90,40 @@ fn text(index: u32, text: &str) -> (&'static str, Value) {
     delta(index, json!({"type": "text_delta", "text": text}))
 }
 
+/// The start of an empty text block.
+fn text_start(index: u32) -> (&'static str, Value) {
+    block_start(index, json!({"type": "text", "text": ""}))
+}
+
+/// The start of a `get_weather` call with this id.
+fn tool_use_start(index: u32, id: &str) -> (&'static str, Value) {
+    block_start(
+        index,
+        json!({"type": "tool_use", "id": id, "name": "get_weather", "input": {}}),
+    )
+}
+
+fn tool_input(index: u32, partial_json: &str) -> (&'static str, Value) {
+    delta(
+        index,
+        json!({"type": "input_json_delta", "partial_json": partial_json}),
+    )
+}
+
+fn thinking(index: u32, thinking: &str) -> (&'static str, Value) {
+    delta(
+        index,
+        json!({"type": "thinking_delta", "thinking": thinking}),
+    )
+}
+
+fn signature_delta(index: u32, signature: &str) -> (&'static str, Value) {
+    delta(
+        index,
+        json!({"type": "signature_delta", "signature": signature}),
+    )
+}
+
 fn block_stop(index: u32) -> (&'static str, Value) {
     (
         "content_block_stop",
@@ -116,7 +150,7 @@ fn ping() -> (&'static str, Value) {
 fn text_stream(answer: &str) -> Vec<(&'static str, Value)> {
     let mut events = vec![
         message_start(),
-        block_start(0, json!({"type": "text", "text": ""})),
+        text_start(0),
         text(0, answer),
         block_stop(0),
     ];
@@ -134,6 +168,20 @@ async fn drain(mut stream: ModelStream) -> (Vec<ModelEvent>, Option<Error>) {
         }
     }
     (events, None)
+}
+
+/// Streams an answer to `user` from `server` with a client using `http`: every event, or the
+/// error the stream ended with.
+async fn stream_from(
+    server: &ScriptServer,
+    http: HttpConfig,
+    user: &str,
+) -> (Vec<ModelEvent>, Option<Error>) {
+    let stream = client(&server.url(), http)
+        .stream(request(vec![Message::user(user)]))
+        .await
+        .unwrap();
+    drain(stream).await
 }
 
 fn provider(e: &Error) -> &ProviderError {
@@ -175,7 +223,7 @@ async fn text_stream_with_pings_split_mid_frame() {
     let mut events = vec![
         message_start(),
         ping(),
-        block_start(0, json!({"type": "text", "text": ""})),
+        text_start(0),
         text(0, "Bonjour, "),
         ping(),
         text(0, "le monde — ça va?"),
@@ -190,11 +238,7 @@ async fn text_stream_with_pings_split_mid_frame() {
             .every(&body, 7),
     ])
     .await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("salut")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "salut").await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(texts(&events), "Bonjour, le monde — ça va?");
     let response = done(&events);
@@ -234,29 +278,19 @@ async fn tool_use_stream_with_input_split_at_odd_places() {
     ];
     let mut events = vec![
         message_start(),
-        block_start(0, json!({"type": "text", "text": ""})),
+        text_start(0),
         text(0, "Let me check."),
         block_stop(0),
-        block_start(
-            1,
-            json!({"type": "tool_use", "id": "toolu_01A", "name": "get_weather", "input": {}}),
-        ),
+        tool_use_start(1, "toolu_01A"),
     ];
     for f in fragments {
-        events.push(delta(
-            1,
-            json!({"type": "input_json_delta", "partial_json": f}),
-        ));
+        events.push(tool_input(1, f));
     }
     events.push(block_stop(1));
     events.extend(message_end("tool_use", 40));
     let body = sse(&events, "\n");
     let server = ScriptServer::start(vec![Reply::sse().every(&body, 13)]).await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("weather?")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "weather?").await;
     assert!(err.is_none(), "{err:?}");
     let deltas: Vec<&ModelDelta> = events
         .iter()
@@ -299,36 +333,18 @@ async fn thinking_and_redacted_thinking_go_back_unchanged_with_the_signature() {
     let mut events = vec![
         message_start(),
         block_start(0, json!({"type": "thinking", "thinking": ""})),
-        delta(
-            0,
-            json!({"type": "thinking_delta", "thinking": "The user wants "}),
-        ),
-        delta(
-            0,
-            json!({"type": "thinking_delta", "thinking": "the weather.\n"}),
-        ),
-        delta(
-            0,
-            json!({"type": "signature_delta", "signature": &signature[..20]}),
-        ),
-        delta(
-            0,
-            json!({"type": "signature_delta", "signature": &signature[20..]}),
-        ),
+        thinking(0, "The user wants "),
+        thinking(0, "the weather.\n"),
+        signature_delta(0, &signature[..20]),
+        signature_delta(0, &signature[20..]),
         block_stop(0),
         block_start(
             1,
             json!({"type": "redacted_thinking", "data": "EmwKAhgBEgy3va3pzix/LafPsn4a"}),
         ),
         block_stop(1),
-        block_start(
-            2,
-            json!({"type": "tool_use", "id": "toolu_01B", "name": "get_weather", "input": {}}),
-        ),
-        delta(
-            2,
-            json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Oslo\"}"}),
-        ),
+        tool_use_start(2, "toolu_01B"),
+        tool_input(2, "{\"city\": \"Oslo\"}"),
         block_stop(2),
     ];
     events.extend(message_end("tool_use", 90));
@@ -415,17 +431,13 @@ async fn unknown_event_types_and_block_types_are_ignored() {
         block_start(0, json!({"type": "future_block", "whatever": true})),
         delta(0, json!({"type": "future_delta", "x": 1})),
         block_stop(0),
-        block_start(1, json!({"type": "text", "text": ""})),
+        text_start(1),
         text(1, "still here"),
         block_stop(1),
     ];
     events.extend(message_end("end_turn", 3));
     let server = ScriptServer::start(vec![Reply::sse().chunk(sse(&events, "\n"))]).await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "hi").await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(done(&events).content, [ContentBlock::text("still here")]);
 }
@@ -434,7 +446,7 @@ async fn unknown_event_types_and_block_types_are_ignored() {
 async fn an_overloaded_error_event_after_200_is_retried() {
     let failing = [
         message_start(),
-        block_start(0, json!({"type": "text", "text": ""})),
+        text_start(0),
         text(0, "Half an ans"),
         (
             "error",
@@ -446,11 +458,7 @@ async fn an_overloaded_error_event_after_200_is_retried() {
         Reply::sse().chunk(sse(&text_stream("A whole answer."), "\n")),
     ])
     .await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "hi").await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(restarts(&events), 1, "{events:?}");
     // Deltas after the restart are the new answer's.
@@ -482,11 +490,7 @@ async fn a_terminal_error_event_ends_the_stream_without_a_retry() {
             .chunk(sse(&failing, "\n")),
     ])
     .await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (_, err) = drain(stream).await;
+    let (_, err) = stream_from(&server, fast(), "hi").await;
     let err = err.expect("the error event ends the stream");
     let p = provider(&err);
     assert!(!p.retryable);
@@ -500,23 +504,13 @@ async fn a_terminal_error_event_ends_the_stream_without_a_retry() {
 async fn bad_tool_json_is_a_malformed_error_naming_the_call() {
     let mut events = vec![
         message_start(),
-        block_start(
-            0,
-            json!({"type": "tool_use", "id": "toolu_01C", "name": "get_weather", "input": {}}),
-        ),
-        delta(
-            0,
-            json!({"type": "input_json_delta", "partial_json": "{\"city\": \"Lim"}),
-        ),
+        tool_use_start(0, "toolu_01C"),
+        tool_input(0, "{\"city\": \"Lim"),
         block_stop(0),
     ];
     events.extend(message_end("tool_use", 9));
     let server = ScriptServer::start(vec![Reply::sse().chunk(sse(&events, "\n"))]).await;
-    let stream = client(&server.url(), fast().max_retries(0))
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast().max_retries(0), "hi").await;
     assert!(!events.iter().any(|e| matches!(e, ModelEvent::Done(_))));
     let err = err.expect("malformed");
     let p = provider(&err);
@@ -530,11 +524,7 @@ async fn bad_tool_json_is_a_malformed_error_naming_the_call() {
 
 #[tokio::test]
 async fn a_stream_cut_before_message_stop_restarts_then_succeeds() {
-    let partial = [
-        message_start(),
-        block_start(0, json!({"type": "text", "text": ""})),
-        text(0, "The first try"),
-    ];
+    let partial = [message_start(), text_start(0), text(0, "The first try")];
     let server = ScriptServer::start(vec![
         // A connection dropped mid-body (chunked: a read error).
         Reply::sse().chunk(sse(&partial, "\n")).cut(),
@@ -546,11 +536,7 @@ async fn a_stream_cut_before_message_stop_restarts_then_succeeds() {
         Reply::sse().chunk(sse(&text_stream("The third try."), "\n")),
     ])
     .await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "hi").await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(restarts(&events), 2, "{events:?}");
     assert_eq!(
@@ -562,17 +548,10 @@ async fn a_stream_cut_before_message_stop_restarts_then_succeeds() {
 
 #[tokio::test]
 async fn a_stream_cut_every_time_fails_retryable_once_the_budget_is_spent() {
-    let partial = [
-        message_start(),
-        block_start(0, json!({"type": "text", "text": ""})),
-    ];
+    let partial = [message_start(), text_start(0)];
     let cut = Reply::sse().chunk(sse(&partial, "\n")).cut();
     let server = ScriptServer::start(vec![cut.clone(), cut.clone(), cut]).await;
-    let stream = client(&server.url(), fast().max_retries(2))
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast().max_retries(2), "hi").await;
     assert!(!events.iter().any(|e| matches!(e, ModelEvent::Done(_))));
     let err = err.expect("out of retries");
     assert!(err.is_retryable(), "{err}");
@@ -590,11 +569,7 @@ async fn a_stream_answered_529_then_200_is_retried() {
         Reply::sse().chunk(sse(&text_stream("fine"), "\n")),
     ])
     .await;
-    let stream = client(&server.url(), fast())
-        .stream(request(vec![Message::user("hi")]))
-        .await
-        .unwrap();
-    let (events, err) = drain(stream).await;
+    let (events, err) = stream_from(&server, fast(), "hi").await;
     assert!(err.is_none(), "{err:?}");
     assert_eq!(
         restarts(&events),
@@ -733,19 +708,11 @@ async fn caching_off_betas_and_params_shape_the_request() {
 #[tokio::test]
 async fn a_529_then_200_is_retried() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(529).set_body_json(
-            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
-        ))
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(whole_response()))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let overloaded = ResponseTemplate::new(529).set_body_json(
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    );
+    let ok = ResponseTemplate::new(200).set_body_json(whole_response());
+    support::mount_then(&server, overloaded, 1, ok).await;
     let response = client(&server.uri(), fast())
         .complete(request(vec![Message::user("hi")]))
         .await
@@ -794,22 +761,12 @@ async fn a_401_is_terminal_and_never_shows_the_key() {
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let server = MockServer::start().await;
-    Mock::given(method("POST"))
-        .respond_with(
-            ResponseTemplate::new(429)
-                .insert_header("retry-after", "1")
-                .set_body_json(json!({"type": "error", "error": {
-                    "type": "rate_limit_error", "message": "Number of request tokens has exceeded your per-minute rate limit"}})),
-        )
-        .up_to_n_times(1)
-        .with_priority(1)
-        .mount(&server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(whole_response()))
-        .with_priority(2)
-        .mount(&server)
-        .await;
+    let limited = ResponseTemplate::new(429)
+        .insert_header("retry-after", "1")
+        .set_body_json(json!({"type": "error", "error": {
+            "type": "rate_limit_error", "message": "Number of request tokens has exceeded your per-minute rate limit"}}));
+    let ok = ResponseTemplate::new(200).set_body_json(whole_response());
+    support::mount_then(&server, limited, 1, ok).await;
     // The backoff alone would wait about a millisecond; the provider asks for a second.
     let http = HttpConfig::default().retry_base(Duration::from_millis(1));
     let started = Instant::now();

@@ -40,6 +40,17 @@ fn client(base: &str, http: HttpConfig) -> OpenAiClient {
     .unwrap()
 }
 
+/// A client of a llama.cpp server at `base`.
+fn llama_client(base: &str, http: HttpConfig) -> OpenAiClient {
+    OpenAiClient::new(
+        OpenAiConfig::default()
+            .base_url(format!("{base}/v1"))
+            .provider("llama.cpp")
+            .http(http),
+    )
+    .unwrap()
+}
+
 fn request(messages: Vec<Message>) -> ModelRequest {
     ModelRequest {
         session: SessionId::new("s-1").unwrap(),
@@ -229,9 +240,7 @@ async fn no_authorization_header_without_a_key_and_request_id_from_header() {
         )
         .mount(&server)
         .await;
-    let response = bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap();
+    let response = complete_hello(&server, fast()).await.unwrap();
     assert_eq!(response.call.request_id.as_deref(), Some("req_hdr_1"));
     let received = server.received_requests().await.unwrap();
     assert!(received[0].headers.get("authorization").is_none());
@@ -248,16 +257,17 @@ async fn no_authorization_header_without_a_key_and_request_id_from_header() {
 // Statuses and retries (wiremock)
 // ---------------------------------------------------------------------------------------------
 
-async fn mount_then_ok(server: &MockServer, first: ResponseTemplate, times: u64) {
-    Mock::given(method("POST"))
-        .respond_with(first)
-        .up_to_n_times(times)
-        .mount(server)
-        .await;
-    Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(completion("after retry")))
-        .mount(server)
-        .await;
+/// A server answering `first` to the first `times` requests, then a completion "after retry".
+async fn server_then_ok(first: ResponseTemplate, times: u64) -> MockServer {
+    let server = MockServer::start().await;
+    let ok = ResponseTemplate::new(200).set_body_json(completion("after retry"));
+    support::mount_then(&server, first, times, ok).await;
+    server
+}
+
+/// `complete(hello())` against `server`, within the test's bound.
+async fn complete_hello(server: &MockServer, http: HttpConfig) -> Result<ModelResponse, Error> {
+    bounded(client(&server.uri(), http).complete(hello())).await
 }
 
 async fn request_count(server: &MockServer) -> usize {
@@ -266,27 +276,21 @@ async fn request_count(server: &MockServer) -> usize {
 
 #[tokio::test]
 async fn overloaded_529_then_200_is_retried() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(529).set_body_json(
             json!({ "error": { "message": "Overloaded", "type": "overloaded_error" } }),
         ),
         1,
     )
     .await;
-    let response = bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap();
+    let response = complete_hello(&server, fast()).await.unwrap();
     assert_eq!(response.content, vec![ContentBlock::text("after retry")]);
     assert_eq!(request_count(&server).await, 2);
 }
 
 #[tokio::test]
 async fn retry_after_ms_is_honoured() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(429)
             .insert_header("retry-after-ms", "400")
             .insert_header("retry-after", "30")
@@ -295,9 +299,7 @@ async fn retry_after_ms_is_honoured() {
     )
     .await;
     let started = Instant::now();
-    bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap();
+    complete_hello(&server, fast()).await.unwrap();
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(390),
@@ -310,17 +312,13 @@ async fn retry_after_ms_is_honoured() {
 
 #[tokio::test]
 async fn retry_after_seconds_is_honoured() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(503).insert_header("retry-after", "1"),
         1,
     )
     .await;
     let started = Instant::now();
-    bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap();
+    complete_hello(&server, fast()).await.unwrap();
     let waited = started.elapsed();
     assert!(
         waited >= Duration::from_millis(900),
@@ -330,18 +328,14 @@ async fn retry_after_seconds_is_honoured() {
 
 #[tokio::test]
 async fn retry_after_is_capped_by_max_retry_wait() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(429).insert_header("retry-after", "3600"),
         1,
     )
     .await;
     let http = fast().max_retry_wait(Duration::from_millis(50));
     let started = Instant::now();
-    bounded(client(&server.uri(), http).complete(hello()))
-        .await
-        .unwrap();
+    complete_hello(&server, http).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
@@ -352,9 +346,7 @@ async fn bad_request_and_bad_key_are_terminal_without_retry() {
         (401, "invalid_request_error"),
         (404, "invalid_request_error"),
     ] {
-        let server = MockServer::start().await;
-        mount_then_ok(
-            &server,
+        let server = server_then_ok(
             ResponseTemplate::new(status)
                 .insert_header("x-request-id", "req_bad")
                 .set_body_json(
@@ -363,9 +355,7 @@ async fn bad_request_and_bad_key_are_terminal_without_retry() {
             1,
         )
         .await;
-        let e = bounded(client(&server.uri(), fast()).complete(hello()))
-            .await
-            .unwrap_err();
+        let e = complete_hello(&server, fast()).await.unwrap_err();
         let p = provider_error(&e);
         assert_eq!(p.status, Some(status));
         assert!(!e.is_retryable(), "{status}: {e}");
@@ -377,9 +367,7 @@ async fn bad_request_and_bad_key_are_terminal_without_retry() {
 
 #[tokio::test]
 async fn a_quota_429_is_terminal() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(429).set_body_json(json!({ "error": {
             "message": "You exceeded your current quota, please check your plan and billing details.",
             "type": "insufficient_quota", "param": null, "code": "insufficient_quota"
@@ -387,9 +375,7 @@ async fn a_quota_429_is_terminal() {
         1,
     )
     .await;
-    let e = bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap_err();
+    let e = complete_hello(&server, fast()).await.unwrap_err();
     assert!(!e.is_retryable(), "{e}");
     assert_eq!(
         provider_error(&e).code.as_deref(),
@@ -400,32 +386,24 @@ async fn a_quota_429_is_terminal() {
 
 #[tokio::test]
 async fn x_should_retry_false_is_terminal() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(503).insert_header("x-should-retry", "false"),
         1,
     )
     .await;
-    let e = bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap_err();
+    let e = complete_hello(&server, fast()).await.unwrap_err();
     assert!(!e.is_retryable(), "{e}");
     assert_eq!(request_count(&server).await, 1);
 }
 
 #[tokio::test]
 async fn out_of_retries_returns_the_last_error() {
-    let server = MockServer::start().await;
-    mount_then_ok(
-        &server,
+    let server = server_then_ok(
         ResponseTemplate::new(502).set_body_string("<html>bad gateway</html>"),
         10,
     )
     .await;
-    let e = bounded(client(&server.uri(), fast()).complete(hello()))
-        .await
-        .unwrap_err();
+    let e = complete_hello(&server, fast()).await.unwrap_err();
     assert!(e.is_retryable());
     let p = provider_error(&e);
     assert_eq!(p.status, Some(502));
@@ -474,13 +452,7 @@ async fn a_refused_connection_is_retryable_and_names_the_server() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let client = OpenAiClient::new(
-        OpenAiConfig::default()
-            .base_url(format!("http://127.0.0.1:{port}/v1"))
-            .provider("llama.cpp")
-            .http(fast().max_retries(1)),
-    )
-    .unwrap();
+    let client = llama_client(&format!("http://127.0.0.1:{port}"), fast().max_retries(1));
     let e = bounded(client.complete(hello())).await.unwrap_err();
     assert!(e.is_retryable(), "{e}");
     let text = e.to_string();
@@ -554,6 +526,14 @@ fn done(events: &[Result<ModelEvent, Error>]) -> &ModelResponse {
     match events.last() {
         Some(Ok(ModelEvent::Done(r))) => r,
         other => panic!("the stream did not end with Done: {other:?}"),
+    }
+}
+
+/// The error the stream ended with.
+fn last_error(events: &[Result<ModelEvent, Error>]) -> &Error {
+    match events.last() {
+        Some(Err(e)) => e,
+        _ => panic!("expected an error last: {events:?}"),
     }
 }
 
@@ -690,18 +670,9 @@ async fn a_truncated_stream_out_of_retries_is_a_retryable_error_naming_server_an
             .close_delimited()
     };
     let server = ScriptServer::start(vec![cut(), cut()]).await;
-    let client = OpenAiClient::new(
-        OpenAiConfig::default()
-            .base_url(format!("{}/v1", server.url()))
-            .provider("llama.cpp")
-            .http(fast().max_retries(1)),
-    )
-    .unwrap();
+    let client = llama_client(&server.url(), fast().max_retries(1));
     let events = run(&client, hello()).await;
-    let e = match events.last() {
-        Some(Err(e)) => e,
-        other => panic!("expected an error last: {other:?}"),
-    };
+    let e = last_error(&events);
     assert!(e.is_retryable(), "{e}");
     let p = provider_error(e);
     assert_eq!(p.provider, "llama.cpp");
@@ -740,9 +711,7 @@ async fn a_stalled_stream_hits_the_read_timeout() {
         .read_timeout(Duration::from_millis(300));
     let started = Instant::now();
     let events = run(&client(&server.url(), http), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     assert!(e.is_retryable(), "{e}");
     assert!(e.to_string().contains("stream cut"), "{e}");
     assert!(e.to_string().contains("read_timeout"), "{e}");
@@ -868,9 +837,7 @@ async fn bad_tool_json_is_a_malformed_error_and_no_tool_call() {
     ]);
     let server = ScriptServer::start(vec![Reply::sse().chunk(body)]).await;
     let events = run(&client(&server.url(), fast().max_retries(0)), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     let p = provider_error(e);
     assert_eq!(p.error_type.as_deref(), Some("malformed_response"));
     assert!(
@@ -934,9 +901,7 @@ async fn an_error_chunk_mid_stream_is_retried_then_reported() {
     };
     let server = ScriptServer::start(vec![failing(), failing()]).await;
     let events = run(&client(&server.url(), fast().max_retries(1)), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     let p = provider_error(e);
     assert_eq!(p.status, None);
     assert_eq!(p.error_type.as_deref(), Some("server_error"));
@@ -951,9 +916,7 @@ async fn an_error_chunk_mid_stream_is_retried_then_reported() {
     ))])
     .await;
     let events = run(&client(&server.url(), fast()), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     assert!(!e.is_retryable(), "{e}");
     assert_eq!(
         provider_error(e).code.as_deref(),
@@ -1042,9 +1005,7 @@ async fn no_response_headers_within_the_first_byte_timeout_is_retryable() {
         .max_retries(0)
         .first_byte_timeout(Duration::from_millis(300));
     let events = run(&client(&server.url(), http), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     assert!(e.is_retryable(), "{e}");
     assert!(e.to_string().contains("first_byte_timeout"), "{e}");
 }
@@ -1078,13 +1039,7 @@ async fn a_llama_cpp_shaped_stream_with_usage_in_the_finish_chunk() {
         })),
     ]);
     let server = ScriptServer::start(vec![Reply::sse().chunk(body)]).await;
-    let client = OpenAiClient::new(
-        OpenAiConfig::default()
-            .base_url(format!("{}/v1", server.url()))
-            .provider("llama.cpp")
-            .http(fast()),
-    )
-    .unwrap();
+    let client = llama_client(&server.url(), fast());
     let events = run(&client, hello()).await;
     let response = done(&events);
     assert_eq!(
@@ -1105,9 +1060,7 @@ async fn an_error_line_then_done_is_an_error_not_an_empty_answer() {
     let body = "error: {\"code\":500,\"message\":\"the request exceeds the available context size\",\"type\":\"exceed_context_size_error\"}\n\ndata: [DONE]\n\n";
     let server = ScriptServer::start(vec![Reply::sse().chunk(body)]).await;
     let events = run(&client(&server.url(), fast().max_retries(0)), hello()).await;
-    let Some(Err(e)) = events.last() else {
-        panic!("expected an error: {events:?}")
-    };
+    let e = last_error(&events);
     assert!(e.to_string().contains("without a finish reason"), "{e}");
     assert!(!events.iter().any(|e| matches!(e, Ok(ModelEvent::Done(_)))));
 }

@@ -24,7 +24,7 @@ mod parse;
 mod wire;
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures::StreamExt;
 use normandy_core::{
@@ -34,7 +34,7 @@ use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error;
-use crate::http::{HttpConfig, build_client};
+use crate::http::{HttpConfig, SharedClient, build_client};
 use crate::{driver, retry};
 
 /// The adapter's name in errors and logs.
@@ -281,18 +281,10 @@ impl LlmClient for AnthropicClient {
 /// with the key resolved when it is built, so a rotated key is used by the next session built.
 pub fn catalog_entry(credential: &str, config: AnthropicConfig) -> CatalogEntry {
     let credential = credential.to_owned();
-    // Built by the first session rather than here, so that a node whose TLS setup is broken
-    // fails the session with the error instead of failing to start.
-    let pool: Mutex<Option<reqwest::Client>> = Mutex::new(None);
+    let pool = SharedClient::default();
     CatalogEntry::new(move |_template, creds| {
         let key = creds.expose(&credential)?;
-        let http = {
-            let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-            match &*pool {
-                Some(http) => http.clone(),
-                None => pool.insert(build_client(&config.http)?).clone(),
-            }
-        };
+        let http = pool.get(&config.http)?;
         let client = AnthropicClient::with_http(key.to_owned(), config.clone(), http)?;
         Ok(Arc::new(client) as Arc<dyn LlmClient>)
     })

@@ -43,7 +43,7 @@ mod response;
 mod stream;
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -54,7 +54,7 @@ use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::error::{self, transport_error};
-use crate::http::{HttpConfig, build_client};
+use crate::http::{HttpConfig, SharedClient, build_client};
 use crate::retry::provider_error;
 use crate::{driver, retry};
 
@@ -306,21 +306,10 @@ impl LlmClient for OpenAiClient {
 /// `CatalogEntry::with_client(OpenAiClient::new(config)?)` instead.
 pub fn catalog_entry(credential: &str, config: OpenAiConfig) -> CatalogEntry {
     let credential = credential.to_owned();
-    // Built on first use, since building can fail and this function cannot; then shared.
-    let pool: Mutex<Option<reqwest::Client>> = Mutex::new(None);
+    let pool = SharedClient::default();
     CatalogEntry::new(move |_template, creds| {
         let key = creds.expose(&credential)?;
-        let client = {
-            let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
-            match &*pool {
-                Some(client) => client.clone(),
-                None => {
-                    let client = build_client(&config.http)?;
-                    *pool = Some(client.clone());
-                    client
-                }
-            }
-        };
+        let client = pool.get(&config.http)?;
         let client = OpenAiClient::with_http_client(config.clone().api_key(key), client)?;
         Ok(Arc::new(client) as Arc<dyn LlmClient>)
     })

@@ -365,3 +365,23 @@ async fn read_request(socket: &mut TcpStream) -> std::io::Result<Received> {
         body,
     })
 }
+
+/// Mounts on a wiremock `server`: `first` for the first `times` POSTs, then `then`.
+pub(crate) async fn mount_then(
+    server: &wiremock::MockServer,
+    first: wiremock::ResponseTemplate,
+    times: u64,
+    then: wiremock::ResponseTemplate,
+) {
+    use wiremock::Mock;
+    use wiremock::matchers::method;
+    Mock::given(method("POST"))
+        .respond_with(first)
+        .up_to_n_times(times)
+        .mount(server)
+        .await;
+    Mock::given(method("POST"))
+        .respond_with(then)
+        .mount(server)
+        .await;
+}
