@@ -230,7 +230,7 @@ async fn image_inputs_reach_the_model_and_bad_ones_never_activate_the_session() 
         content: vec![ContentBlock::text("what is this?"), image.clone()],
     };
     assert_eq!(sessions.send(&id, input).await.unwrap().text(), "a cat");
-    let first = &seen.lock().unwrap()[0];
+    let first = seen.lock().unwrap()[0].clone();
     assert_eq!(first.messages[0].content[1], image);
 
     let epoch = store.load(&id).await.unwrap().unwrap().epoch;
