@@ -5,7 +5,7 @@
 //! Every tool call has two names; this is the one place that defines them.
 //!
 //! - The **call id** ([`ToolContext::call_id`], the model's
-//!   [`ContentBlock::ToolUse`](crate::model::ContentBlock::ToolUse) `id`, and the `call_id` of
+//!   [`ContentBlock::ToolUse`] `id`, and the `call_id` of
 //!   the history's tool entries) is the model's own id, kept verbatim because the call's result
 //!   must answer it. It is not unique: providers restart their numbering every response
 //!   (`call_0` in every turn), and a model may even repeat an id within one response — the
