@@ -20,7 +20,8 @@
 //! <cache>/bin/llama-server       the built server; bin/stamp names the versions and flags
 //! <cache>/model/*.gguf           the reassembled model; model/stamp names its package version
 //! <cache>/gemma3-tools.jinja     the chat template (written from this file on every start)
-//! <cache>/llm-server.log         the server's output
+//! <cache>/llm-server-PORT.log    the output of the server on PORT (one log per port, so a
+//!                                second server on another port leaves the first one's alone)
 //! <cache>/llm-server.pid         the background server's pid (--print-env)
 //! ```
 //!
@@ -82,13 +83,14 @@ const DEFAULT_PORT: u16 = 8088;
 /// Loading a 250 MB model takes seconds; this bounds a server that never gets ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Gemma 3's own chat template ignores `tools` (llama.cpp then treats every reply as plain text),
-/// and llama.cpp ships no tool-aware template for Gemma 3. This one keeps Gemma's turn markers
-/// (`<end_of_turn>` is the model's stop token) and describes tools and calls the way Qwen 2.5's
-/// template does (`<tool_call>{"name": .., "arguments": ..}</tool_call>`), a format llama.cpp's
-/// template analyser recognises, so it parses the calls into OpenAI `tool_calls` and, with
-/// `tool_choice: "required"`, constrains the output to a call by grammar. Gemma has no system
-/// role, so the system prompt and the tool list open the conversation as a user turn.
+/// The model's GGUF carries no chat template (llama.cpp would fall back to ChatML, whose markers
+/// Gemma does not know), Gemma 3's own template ignores `tools`, and llama.cpp ships no
+/// tool-aware one for Gemma 3. This one keeps Gemma's turn markers and describes tools and calls
+/// the way Qwen 2.5's template does (`<tool_call>{"name": .., "arguments": ..}</tool_call>`), a
+/// format llama.cpp's template analyser recognises: it then parses calls into OpenAI `tool_calls`
+/// and holds a call's JSON to the tool's schema by grammar (`tool_choice: "required"` also
+/// forbids ending without a call, though text may come before it). Gemma has no system role, so
+/// the system prompt and the tool list open the conversation as a user turn.
 const CHAT_TEMPLATE: &str = r#"{{- bos_token -}}
 {%- set ns = namespace(preamble='') -%}
 {%- if messages and messages[0].role == 'system' -%}
@@ -195,7 +197,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let template = cache.join("gemma3-tools.jinja");
     fs::write(&template, CHAT_TEMPLATE).with_context(|| format!("write {}", template.display()))?;
 
-    let log_path = cache.join("llm-server.log");
+    let log_path = cache.join(format!("llm-server-{}.log", args.port));
     let log =
         fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
     let mut cmd = Command::new(&server);
@@ -206,9 +208,12 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .arg("--chat-template-file")
         .arg(&template)
         // Small context and two threads: the test's conversations are short and this machine
-        // class has two cores. A cap on generated tokens bounds a reply from a model this small,
-        // which may not stop by itself; a request's max_tokens can lower it.
+        // class has two cores. Gemma 3 270M is a base model that seldom ends its turn, so a cap
+        // on generated tokens bounds every reply (a request's max_tokens can lower it), and
+        // greedy sampling by default makes a test's replies repeatable (a request's temperature
+        // overrides it).
         .args(["--ctx-size", "8192", "--threads", "2", "--n-predict", "512"])
+        .args(["--temp", "0"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -291,9 +296,27 @@ fn reuse_running(pid_file: &Path, port: u16) -> Result<bool> {
         return Ok(false);
     };
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    if !String::from_utf8_lossy(&cmdline).contains("llama-server") {
+    let argv: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    if !argv.first().is_some_and(|a| a.ends_with("llama-server")) {
         let _ = fs::remove_file(pid_file);
         return Ok(false);
+    }
+    // Its own command line says which port it took: a different one is an error now rather than
+    // a wait for a /health that will never answer here.
+    let its_port = argv
+        .iter()
+        .position(|a| a == "--port")
+        .and_then(|i| argv.get(i + 1))
+        .and_then(|p| p.parse::<u16>().ok());
+    if let Some(its_port) = its_port.filter(|p| *p != port) {
+        bail!(
+            "llama-server pid {pid} (from {}) already runs on port {its_port}; pass --port \
+             {its_port}, or stop it with: kill {pid}",
+            pid_file.display()
+        );
     }
     // It may still be loading the model (an interrupted run, or two runs close together).
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -302,14 +325,18 @@ fn reuse_running(pid_file: &Path, port: u16) -> Result<bool> {
             return Ok(true);
         }
         if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(pid_file);
             return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     bail!(
-        "llama-server pid {pid} (from {}) is running but does not answer on port {port}; \
-         pass its --port, or stop it with: kill {pid}",
-        pid_file.display()
+        "llama-server pid {pid} (from {}) is running but does not answer GET /health on port \
+         {port}; see {} or stop it with: kill {pid}",
+        pid_file.display(),
+        pid_file
+            .with_file_name(format!("llm-server-{port}.log"))
+            .display()
     )
 }
 

@@ -19,7 +19,7 @@ use anyhow::{Result, bail};
 const USAGE: &str = "usage: cargo xtask <command>
 
 commands:
-  bench <engine|lmdb|postgres|redis|all> [--quick]
+  bench <engine|llm|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
   llm-server [--port N] [--print-env]
                       local OpenAI-compatible llama-server (Gemma 3 270M) for the e2e LLM test

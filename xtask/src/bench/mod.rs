@@ -3,6 +3,7 @@
 
 mod cluster;
 mod engine;
+mod llm;
 mod lmdb;
 mod postgres;
 mod redis;
@@ -19,19 +20,20 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let targets = if targets.is_empty() || targets == ["all"] {
-        vec!["engine", "lmdb", "postgres", "redis"]
+        vec!["engine", "llm", "lmdb", "postgres", "redis"]
     } else {
         targets
     };
     for t in targets {
         match t {
             "engine" => engine::run(quick)?,
+            "llm" => llm::run(quick)?,
             "lmdb" => lmdb::run(quick)?,
             "postgres" => postgres::run(quick)?,
             "redis" => redis::run(quick)?,
             "cluster" => cluster::run(quick)?,
             other => bail!(
-                "unknown bench target {other:?} (engine, lmdb, postgres, redis, cluster, all)"
+                "unknown bench target {other:?} (engine, llm, lmdb, postgres, redis, cluster, all)"
             ),
         }
     }
