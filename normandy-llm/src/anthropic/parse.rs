@@ -185,6 +185,23 @@ struct WireError {
     message: String,
 }
 
+#[derive(Deserialize)]
+struct FlatBlockDelta<'a> {
+    index: u32,
+    #[serde(borrow)]
+    delta: FlatDelta<'a>,
+}
+
+#[derive(Deserialize)]
+struct FlatDelta<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    text: Option<String>,
+    thinking: Option<String>,
+    signature: Option<String>,
+    partial_json: Option<String>,
+}
+
 /// A content block being streamed.
 #[derive(Debug)]
 enum Slot {
@@ -445,6 +462,35 @@ impl StreamParser for AnthropicParser {
             && !KNOWN_EVENTS.contains(&name)
         {
             return Ok(fed);
+        }
+        // Fast path: the SSE event name says the type; no tagged-enum buffering.
+        match sse.event.as_deref() {
+            Some("ping") => return Ok(fed),
+            Some("content_block_delta") => {
+                if let Ok(wire) = serde_json::from_str::<FlatBlockDelta<'_>>(&sse.data) {
+                    let delta = match &*wire.delta.kind {
+                        "text_delta" => wire.delta.text.map(|text| Delta::Text { text }),
+                        "thinking_delta" => wire
+                            .delta
+                            .thinking
+                            .map(|thinking| Delta::Thinking { thinking }),
+                        "signature_delta" => wire
+                            .delta
+                            .signature
+                            .map(|signature| Delta::Signature { signature }),
+                        "input_json_delta" => wire
+                            .delta
+                            .partial_json
+                            .map(|partial_json| Delta::InputJson { partial_json }),
+                        _ => Some(Delta::Unknown),
+                    };
+                    if let Some(delta) = delta {
+                        fed.deltas = self.delta(wire.index, delta)?;
+                        return Ok(fed);
+                    }
+                }
+            }
+            _ => {}
         }
         let event: Event = serde_json::from_str(&sse.data).map_err(|e| {
             let name = sse.event.as_deref().unwrap_or("unnamed");

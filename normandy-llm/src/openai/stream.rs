@@ -27,9 +27,12 @@ use crate::error::malformed;
 use crate::sse::SseEvent;
 
 #[derive(Debug, Deserialize)]
-struct Chunk {
-    id: Option<String>,
-    model: Option<String>,
+struct Chunk<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    model: Option<std::borrow::Cow<'a, str>>,
+    error: Option<serde::de::IgnoredAny>,
     choices: Option<Vec<ChunkChoice>>,
     usage: Option<WireUsage>,
 }
@@ -115,12 +118,16 @@ impl ChunkParser {
             .or(self.response_id.as_deref())
     }
 
-    fn chunk(&mut self, chunk: Chunk, deltas: &mut Vec<ModelDelta>) -> Result<()> {
+    fn chunk(&mut self, chunk: Chunk<'_>, deltas: &mut Vec<ModelDelta>) -> Result<()> {
         if let Some(id) = chunk.id.filter(|s| !s.is_empty()) {
-            self.response_id.get_or_insert(id);
+            if self.response_id.is_none() {
+                self.response_id = Some(id.into_owned());
+            }
         }
         if let Some(model) = chunk.model.filter(|s| !s.is_empty()) {
-            self.model = Some(model);
+            if self.model.as_deref() != Some(&*model) {
+                self.model = Some(model.into_owned());
+            }
         }
         if let Some(usage) = chunk.usage {
             self.usage = usage.to_usage();
@@ -371,6 +378,14 @@ impl StreamParser for ChunkParser {
         if data.is_empty() {
             return Ok(Fed::default());
         }
+        // Fast path: straight into the struct; the Value path below only for errors.
+        if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data)
+            && chunk.error.is_none()
+        {
+            let mut deltas = Vec::new();
+            self.chunk(chunk, &mut deltas)?;
+            return Ok(Fed { deltas, done: None });
+        }
         let json: Value = match serde_json::from_str(data) {
             Ok(json) => json,
             // `event: error` with a text payload (some proxies).
@@ -393,7 +408,7 @@ impl StreamParser for ChunkParser {
         if json.get("error").is_some_and(|e| !e.is_null()) {
             return Err(error_object(self.provider, self.request_id(), &json));
         }
-        let chunk: Chunk = serde_json::from_value(json).map_err(|e| {
+        let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|e| {
             malformed(
                 self.provider,
                 self.request_id(),
