@@ -119,15 +119,17 @@ impl ChunkParser {
     }
 
     fn chunk(&mut self, chunk: Chunk<'_>, deltas: &mut Vec<ModelDelta>) -> Result<()> {
-        if let Some(id) = chunk.id.filter(|s| !s.is_empty()) {
-            if self.response_id.is_none() {
-                self.response_id = Some(id.into_owned());
-            }
+        // Borrowed from the chunk, copied only the first time (or when the model changes):
+        // every chunk repeats them.
+        if let Some(id) = chunk.id.filter(|s| !s.is_empty())
+            && self.response_id.is_none()
+        {
+            self.response_id = Some(id.into_owned());
         }
-        if let Some(model) = chunk.model.filter(|s| !s.is_empty()) {
-            if self.model.as_deref() != Some(&*model) {
-                self.model = Some(model.into_owned());
-            }
+        if let Some(model) = chunk.model.filter(|s| !s.is_empty())
+            && self.model.as_deref() != Some(&*model)
+        {
+            self.model = Some(model.into_owned());
         }
         if let Some(usage) = chunk.usage {
             self.usage = usage.to_usage();
