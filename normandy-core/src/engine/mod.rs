@@ -7,6 +7,8 @@
 //! - `input`: accepting an input — validation, limits, idempotent resubmission, input modes.
 //! - `turn`: the steps of a turn — model and tool calls, hooks, boundary commits, cancellation,
 //!   deadline, max steps.
+//! - `stream`: one try of a model call as a stream — deltas to subscribers, the streamed text
+//!   kept, the wait before the next try.
 //! - `view`: reading committed entries and folding them into the in-memory [`Conversation`] and
 //!   input indexes.
 //!
@@ -17,6 +19,7 @@
 
 mod actor;
 mod input;
+mod stream;
 mod turn;
 mod view;
 
