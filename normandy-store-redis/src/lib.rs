@@ -16,6 +16,7 @@
 //!   index.
 //! - `group`: group commit — concurrent commits of different sessions share one script call
 //!   (and one `WAIT`), each keeping its own outcome; a lone commit goes out at once.
+//! - `index`: reading the resumable index (one server's sets, or every slot's bucket).
 //! - `unacked`: commits whose fate this process does not know, confirmed when retried.
 //! - `raw`: test support below the store contract — raw bytes, overwriting blobs, purging a
 //!   prefix.
@@ -106,6 +107,7 @@ pub mod config;
 mod conn;
 mod error;
 mod group;
+mod index;
 mod raw;
 mod record;
 mod schema;
