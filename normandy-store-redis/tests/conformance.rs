@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use normandy_core::{Seq, SessionId, SessionStore, async_trait};
 use normandy_store_redis::{RedisStore, RedisStoreConfig};
-use normandy_tests::backends::{redis_cluster_urls, redis_url, unique_name};
+use normandy_tests::backends::{redis_cluster_url, redis_url, unique_name};
 use normandy_tests::{StoreHarness, store_conformance};
 
 struct RedisHarness {
@@ -25,14 +25,7 @@ impl RedisHarness {
 
     /// The same suite on a Redis Cluster (the seed nodes as one `redis+cluster://` URL).
     async fn cluster() -> Option<Self> {
-        let urls = redis_cluster_urls().await?;
-        let url = format!(
-            "redis+cluster://{}",
-            urls.iter()
-                .map(|u| u.trim_start_matches("redis://"))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let url = redis_cluster_url().await?;
         let prefix = unique_name("store_cluster");
         let store = Arc::new(open(&url, &prefix).await);
         Some(Self { url, prefix, store })

@@ -166,6 +166,17 @@ pub async fn redis_cluster_urls() -> Option<Vec<String>> {
     Some(urls)
 }
 
+/// The test cluster as one `redis+cluster://host1:port1,host2:port2` URL (the form the Redis
+/// backends' configs take), or `None` as [`redis_cluster_urls`].
+pub async fn redis_cluster_url() -> Option<String> {
+    let urls = redis_cluster_urls().await?;
+    let hosts: Vec<&str> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("redis://").trim_end_matches('/'))
+        .collect();
+    Some(format!("redis+cluster://{}", hosts.join(",")))
+}
+
 #[cfg(feature = "containers")]
 mod containers {
     //! One shared container per image, started on a runtime of its own.
