@@ -167,6 +167,20 @@ impl RedisConn {
         }
     }
 
+    /// Runs `cmd` on the server, or on a cluster on every primary, and returns each reply
+    /// (for commands about a node rather than a key, such as `INFO replication`).
+    pub async fn query_primaries(&mut self, cmd: &Cmd) -> RedisResult<Vec<Value>> {
+        let Self::Cluster(c) = self else {
+            return Ok(vec![cmd.query_async(self).await?]);
+        };
+        let mut out = Vec::new();
+        for (host, port) in cluster_primaries(c).await? {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            out.push(c.route_command(cmd.clone(), routing).await?);
+        }
+        Ok(out)
+    }
+
     /// Every key matching `pattern` (`SCAN … MATCH`, so no server is blocked): on a cluster,
     /// on every primary. Keys may repeat (a `SCAN` guarantee); a slot migrating during the
     /// scan may hide keys, so this is for teardown and test support, not for correctness.
