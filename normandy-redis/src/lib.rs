@@ -9,7 +9,7 @@
 //!   cluster connection (which follows `MOVED`/`ASK` and resharding); it implements
 //!   [`redis::aio::ConnectionLike`], plus the few operations that differ on a cluster
 //!   (scanning every primary, sending commands of several slots).
-//! - [`slot`]: hash slots — a key's slot (CRC16 of its hash tag, as the server computes it) and,
+//! - [`mod@slot`]: hash slots — a key's slot (CRC16 of its hash tag, as the server computes it) and,
 //!   for every slot, a short hash tag that lands in it.
 //!
 //! # On a cluster
