@@ -254,6 +254,40 @@ pub fn unique_name(prefix: &str) -> String {
     out
 }
 
+/// The env var naming the seed nodes of a Redis Cluster for tests: comma-separated
+/// `redis://host:port` URLs (`.ci/redis-cluster.sh` starts one on ports 7000-7005 and sets it).
+pub const REDIS_CLUSTER_URLS_VAR: &str = "NORMANDY_TEST_REDIS_CLUSTER_URLS";
+
+/// The seed node URLs of a Redis Cluster for tests, from `NORMANDY_TEST_REDIS_CLUSTER_URLS`, or
+/// `None` with the reason kept for [`skip_reason`] (no container is tried: a cluster takes six
+/// servers; run `.ci/redis-cluster.sh`).
+pub async fn redis_cluster_urls() -> Option<Vec<String>> {
+    let urls: Vec<String> = env_url(REDIS_CLUSTER_URLS_VAR)
+        .unwrap_or_default()
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        note_unavailable(format!(
+            "{REDIS_CLUSTER_URLS_VAR} is not set (start a cluster with .ci/redis-cluster.sh)"
+        ));
+        return None;
+    }
+    Some(urls)
+}
+
+/// The test cluster as one `redis+cluster://host1:port1,host2:port2` URL (the form the Redis
+/// backends' configs take), or `None` as [`redis_cluster_urls`].
+pub async fn redis_cluster_url() -> Option<String> {
+    let urls = redis_cluster_urls().await?;
+    let hosts: Vec<&str> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("redis://").trim_end_matches('/'))
+        .collect();
+    Some(format!("redis+cluster://{}", hosts.join(",")))
+}
+
 #[cfg(feature = "containers")]
 mod containers {
     //! One shared container per image, started on a runtime of its own.
