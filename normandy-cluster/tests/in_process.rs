@@ -259,7 +259,7 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:registry:lease:*"))
+        .arg(format!("{{{prefix}:registry}}:lease:*"))
         .query_async(&mut con)
         .await
         .unwrap();

@@ -111,7 +111,7 @@ const REGISTER_ATTEMPTS: usize = 16;
 /// - `{<prefix>:<id>}:p`, a hash per session id: `owner` (`name#incarnation`) and `epoch` (the
 ///   per-id counter, `HINCRBY` at every new registration; kept after `unregister` so epochs keep
 ///   growing — one small hash per id ever registered).
-/// - `<prefix>:lease:<name#incarnation>`, one key per node with a server-side TTL (`PX`), renewed
+/// - `{<prefix>}:lease:<name#incarnation>`, one key per node with a server-side TTL (`PX`), renewed
 ///   by [`refresh_lease`](Self::refresh_lease) or a [`LeaseRefresher`].
 ///
 /// Entries carry no TTL of their own: when a node's lease lapses, every placement pointing at it
