@@ -28,7 +28,7 @@ use normandy_core::{
 };
 use normandy_store_lmdb::{LmdbConfig, LmdbStore};
 
-const QUESTION: &str = "hotel: 3 * 89.90; flights: 2 * 210.25";
+const QUESTION: &str = "hotel: 3 * 89.90";
 
 /// What the demo prints when a model call streams a tool call: the tool's name, then `: ` and the
 /// input JSON as its pieces arrive, on one line.
@@ -65,25 +65,22 @@ fn show(what: &str, out: &Output) {
     );
 }
 
-/// Whether a streamed line (a tool call's input, or the model's text) has at least one delta
-/// after its prefix, in `out` after the first committed tool result.
+/// Whether, after the first committed tool result in `out`, a model call has streamed at least one
+/// delta: a piece of a tool call's input (after `name: `) or of its text.
 fn streams_after_a_result(out: &str) -> bool {
     let Some(first_result) = out.find(RESULT_LINE) else {
         return false;
     };
     let after = &out[first_result..];
-    let Some(last_line) = after.lines().last() else {
-        return false;
-    };
-    if let Some(i) = last_line.find(CALL_STREAMS) {
-        // `name: ` then the input: a piece of JSON has arrived once something follows `: `.
-        return last_line[i..]
+    let call_input = after.rfind(CALL_STREAMS).is_some_and(|i| {
+        after[i..]
             .split_once(": ")
-            .is_some_and(|(_, input)| !input.is_empty());
-    }
-    last_line
-        .strip_prefix(TEXT_STREAMS)
-        .is_some_and(|text| !text.is_empty())
+            .is_some_and(|(_, input)| !input.is_empty())
+    });
+    let text = after
+        .rfind(TEXT_STREAMS)
+        .is_some_and(|i| after.len() > i + TEXT_STREAMS.len());
+    call_input || text
 }
 
 /// The lines of `out` showing a streamed tool call with some input.
@@ -158,7 +155,7 @@ fn a_real_model_finishes_a_tool_turn_killed_mid_stream_and_resumed_in_another_pr
     let before_result = &first_out[..first_out.find(RESULT_LINE).unwrap()];
     assert!(
         !streamed_calls(before_result).is_empty(),
-        "the first call streamed a tool call's name and then its input JSON in pieces"
+        "the first call streamed a tool call: its name, then its input JSON"
     );
     let results_before_kill = first_out.matches(RESULT_LINE).count();
 
