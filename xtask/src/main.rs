@@ -30,8 +30,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bench <engine|llm|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
-  llm-server [--port N] [--print-env]
-                      local OpenAI-compatible llama-server (Gemma 3 270M) for the e2e LLM test
+  llm-server [--model qwen|gemma] [--port N] [--print-env]
+                      local OpenAI-compatible llama-server (Qwen2.5-Coder 1.5B Instruct, or
+                      Gemma 3 270M) for the opt-in end-to-end LLM test
   migrate <up [--only base]|down|status|export --to DIR> [--database-url URL]
                       Postgres store migrations (DATABASE_URL when no flag)
   test [nextest args] runs the test suite (cargo nextest run --workspace) and lists the
