@@ -31,10 +31,11 @@ use normandy_core::{
     CommitAck, CommitBatch, Epoch, Error, InputId, Result, Seq, SessionId, SessionStatus,
 };
 use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::PgConnection;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::PgStoreConfig;
+use crate::conn::Db;
 use crate::error::map_sqlx;
 use crate::record::{parse_status, to_i64, to_u64};
 use crate::schema::SchemaLevel;
@@ -44,7 +45,7 @@ use crate::sql::{
 
 /// What the gatherer and its writes share with the store.
 pub(crate) struct Shared {
-    pub(crate) pool: PgPool,
+    pub(crate) db: Db,
     pub(crate) level: SchemaLevel,
     pub(crate) max_batch: usize,
     pub(crate) max_batch_bytes: usize,
@@ -242,7 +243,7 @@ async fn write_round(shared: &Shared, mut round: Vec<Job>) {
                 let result = if applied.contains(job.id.as_str()) {
                     to_u64(job.new_seq, "seq", &job.id).map(|seq| CommitAck::Applied { seq })
                 } else {
-                    explain_failure(&shared.pool, &job).await
+                    explain_failure(&shared.db, &job).await
                 };
                 let _ = job.reply.send(result);
             }
@@ -286,7 +287,12 @@ async fn commit_one(shared: &Shared, job: &Job) -> Result<CommitAck> {
         attempt += 1;
         shared.statements.fetch_add(1, Ordering::Relaxed);
         shared.commits.fetch_add(1, Ordering::Relaxed);
+        let mut op = match shared.db.op().await {
+            Ok(op) => op,
+            Err(e) => return Err(map_sqlx(e)),
+        };
         let result = sqlx::query_scalar::<_, i64>(sql)
+            .persistent(shared.db.persistent())
             .bind(job.id.as_str())
             .bind(job.epoch)
             .bind(job.expected_seq)
@@ -299,14 +305,18 @@ async fn commit_one(shared: &Shared, job: &Job) -> Result<CommitAck> {
             .bind(&job.kinds)
             .bind(&job.input_ids)
             .bind(&job.payloads)
-            .fetch_one(&shared.pool)
+            .fetch_one(op.conn())
             .await;
+        let result = match result {
+            Ok(n) => op.finish().await.map(|()| n),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(1) => {
                 return to_u64(job.new_seq, "seq", &job.id).map(|seq| CommitAck::Applied { seq });
             }
-            Ok(_) => return explain_failure(&shared.pool, job).await,
-            Err(e) if is_unique_violation(&e) => return explain_failure(&shared.pool, job).await,
+            Ok(_) => return explain_failure(&shared.db, job).await,
+            Err(e) if is_unique_violation(&e) => return explain_failure(&shared.db, job).await,
             Err(e) => {
                 let e = map_sqlx(e);
                 if attempt < ATTEMPTS
@@ -379,7 +389,12 @@ async fn commit_group(
         attempt += 1;
         shared.statements.fetch_add(1, Ordering::Relaxed);
         shared.commits.fetch_add(n as u64, Ordering::Relaxed);
+        let mut op = match shared.db.op().await {
+            Ok(op) => op,
+            Err(e) => return Err(GroupError::Other(map_sqlx(e))),
+        };
         let result = sqlx::query_scalar::<_, String>(sql)
+            .persistent(shared.db.persistent())
             .bind(&c_id)
             .bind(&c_epoch)
             .bind(&c_expected)
@@ -392,8 +407,12 @@ async fn commit_group(
             .bind(&e_kind)
             .bind(&e_input)
             .bind(&e_payload)
-            .fetch_all(&shared.pool)
+            .fetch_all(op.conn())
             .await;
+        let result = match result {
+            Ok(ids) => op.finish().await.map(|()| ids),
+            Err(e) => Err(e),
+        };
         match result {
             Ok(ids) => {
                 tracing::trace!(commits = n, applied = ids.len(), "group commit");
@@ -425,11 +444,20 @@ async fn commit_group(
 }
 
 /// Why a commit's fenced `UPDATE` matched nothing, checked in `InMemoryStore::commit`'s order.
-async fn explain_failure(pool: &PgPool, job: &Job) -> Result<CommitAck> {
+async fn explain_failure(db: &Db, job: &Job) -> Result<CommitAck> {
+    let mut op = db.op().await.map_err(map_sqlx)?;
+    let why = explain_on(op.conn(), db.persistent(), job).await;
+    // Read-only: ending the transaction cannot change the answer, but a failure to is reported.
+    op.finish().await.map_err(map_sqlx)?;
+    why
+}
+
+async fn explain_on(conn: &mut PgConnection, persistent: bool, job: &Job) -> Result<CommitAck> {
     let id = &job.id;
     let row = sqlx::query(WHY_SQL)
+        .persistent(persistent)
         .bind(id.as_str())
-        .fetch_optional(pool)
+        .fetch_optional(&mut *conn)
         .await
         .map_err(map_sqlx)?;
     let Some(row) = row else {
@@ -454,9 +482,10 @@ async fn explain_failure(pool: &PgPool, job: &Job) -> Result<CommitAck> {
     }
     if !job.inputs.is_empty() {
         let rows = sqlx::query(DUPS_SQL)
+            .persistent(persistent)
             .bind(id.as_str())
             .bind(&job.inputs)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await
             .map_err(map_sqlx)?;
         let mut stored = HashMap::with_capacity(rows.len());
