@@ -177,14 +177,28 @@ async fn gatherer(
     let overflow = Arc::new(Semaphore::new(writers.saturating_sub(1)));
     // A job that did not fit the previous batch opens the next one.
     let mut carry: Option<Job> = None;
+    // Whether the previous batch was cut at its limits with commits still queued.
+    let mut full = false;
+    // Commits the previous batch carried.
+    let mut last_len = 0;
     loop {
-        let permit = tokio::select! {
-            biased;
-            p = primary.clone().acquire_owned() => p,
-            p = async {
-                tokio::time::sleep(stall_after).await;
-                overflow.clone().acquire_owned().await
-            } => p,
+        let permit = if full {
+            // More is queued than one statement may carry: write the rest beside it at once
+            // rather than after it (a raw client with that many commits in hand would).
+            tokio::select! {
+                biased;
+                p = primary.clone().acquire_owned() => p,
+                p = overflow.clone().acquire_owned() => p,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                p = primary.clone().acquire_owned() => p,
+                p = async {
+                    tokio::time::sleep(stall_after).await;
+                    overflow.clone().acquire_owned().await
+                } => p,
+            }
         };
         let Ok(permit) = permit else {
             return;
@@ -198,6 +212,12 @@ async fn gatherer(
         };
         let mut bytes = first.wire_size();
         let mut jobs = vec![first];
+        // When the queue looks empty, let the tasks that are ready run once before the batch
+        // closes: the writers a finished statement just answered are about to queue their next
+        // commits, and without the pause the next batch takes the first few of them and the
+        // one after takes the rest. Only when the previous batch grouped anything: a lone
+        // writer's commit goes at once.
+        let mut yielded = last_len <= 1;
         while jobs.len() < shared.max_batch {
             match queue.try_recv() {
                 Ok(job) => {
@@ -208,10 +228,17 @@ async fn gatherer(
                     }
                     bytes += size;
                     jobs.push(job);
+                    yielded = false;
+                }
+                Err(mpsc::error::TryRecvError::Empty) if !yielded => {
+                    tokio::task::yield_now().await;
+                    yielded = true;
                 }
                 Err(_) => break,
             }
         }
+        full = carry.is_some() || jobs.len() == shared.max_batch;
+        last_len = jobs.len();
         let shared = shared.clone();
         tokio::spawn(async move {
             // A statement carries one commit per session (its `UPDATE ... FROM c` must match
