@@ -166,7 +166,10 @@ pub(crate) fn start(shared: Arc<Shared>, config: &PgStoreConfig) -> mpsc::Sender
 /// A batch also stops at `max_batch_bytes` of parameters: sqlx 0.9.0 leaves Nagle's algorithm on
 /// (transact-rs/sqlx#4335), and a message larger than the socket's initial send buffer (16 KiB
 /// on Linux) is written in parts, the last of which waits ~40 ms for a delayed ACK. Several
-/// statements under the limit are far faster than one over it.
+/// statements under the limit are far faster than one over it — written side by side: a batch
+/// cut at its limits with commits still queued lets the next batch take a free slot at once,
+/// as a raw client holding that many commits would (one statement at a time wrote 0.66× the
+/// raw batched client's commits/s in `cargo xtask bench postgres`; side by side, 0.97–1.13×).
 async fn gatherer(
     shared: Arc<Shared>,
     mut queue: mpsc::Receiver<Job>,
