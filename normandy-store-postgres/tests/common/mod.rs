@@ -245,17 +245,13 @@ pub fn input_batch(expected_seq: Seq, input: &str) -> CommitBatch {
 }
 
 /// The test database URL and the transaction pooler in front of it
-/// (`NORMANDY_TEST_PGBOUNCER_URL`), else `None`: skip, or a failure under
-/// `NORMANDY_REQUIRE_BACKENDS=1`.
+/// (`NORMANDY_TEST_PGBOUNCER_URL`), else `None`: the running test is reported skipped by name,
+/// or fails under `NORMANDY_REQUIRE_BACKENDS=1`.
 pub async fn pooler_urls() -> Option<(String, String)> {
     let direct = url().await?;
     let pooler = normandy_tests::backends::pgbouncer_url().await;
     if pooler.is_none() {
-        let reason = normandy_tests::backends::skip_reason();
-        if normandy_tests::backends::require_backends() {
-            panic!("pgbouncer is required (NORMANDY_REQUIRE_BACKENDS=1): {reason}");
-        }
-        eprintln!("SKIPPED postgres_pgbouncer: {reason}");
+        normandy_tests::backends::skip_this_test(&normandy_tests::backends::skip_reason());
     }
     Some((direct, pooler?))
 }
