@@ -288,6 +288,24 @@ pub async fn redis_cluster_url() -> Option<String> {
     Some(format!("redis+cluster://{}", hosts.join(",")))
 }
 
+/// The env var naming a PgBouncer in transaction-pooling mode in front of the test Postgres.
+pub const PGBOUNCER_URL_VAR: &str = "NORMANDY_TEST_PGBOUNCER_URL";
+
+/// A URL of a transaction-pooling PgBouncer in front of the server of [`postgres_url`]:
+/// `NORMANDY_TEST_PGBOUNCER_URL` (`.ci/pgbouncer.sh` starts one and sets it), else `None` with
+/// the reason kept for [`skip_reason`], so the pooler suites skip by name (or fail under
+/// `NORMANDY_REQUIRE_BACKENDS=1`). No container is tried.
+pub async fn pgbouncer_url() -> Option<String> {
+    if let Some(url) = env_url(PGBOUNCER_URL_VAR) {
+        return Some(url);
+    }
+    note_unavailable(format!(
+        "{PGBOUNCER_URL_VAR} is not set (`.ci/pgbouncer.sh` starts a PgBouncer in transaction \
+         mode on 127.0.0.1:6432 and sets it)"
+    ));
+    None
+}
+
 #[cfg(feature = "containers")]
 mod containers {
     //! One shared container per image, started on a runtime of its own.
