@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::response::{WireUsage, error_object, stop_reason, tool_input};
-use crate::driver::{Fed, StreamParser};
+use crate::driver::StreamParser;
 use crate::error::malformed;
 use crate::sse::SseEvent;
 
@@ -33,8 +33,43 @@ struct Chunk<'a> {
     #[serde(borrow)]
     model: Option<std::borrow::Cow<'a, str>>,
     error: Option<serde::de::IgnoredAny>,
-    choices: Option<Vec<ChunkChoice>>,
+    choices: Option<FirstChoice>,
     usage: Option<WireUsage>,
+}
+
+/// The first choice of index 0 (or without an index) of a chunk's `choices`, read without a
+/// `Vec`: a chunk carries one choice, and `n > 1` is not a conversation. The other choices are
+/// still read as choices, so a chunk that would not parse as a whole still fails.
+#[derive(Debug)]
+struct FirstChoice(Option<ChunkChoice>);
+
+impl<'de> Deserialize<'de> for FirstChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = FirstChoice;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a sequence")
+            }
+
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> std::result::Result<FirstChoice, A::Error> {
+                let mut first = None;
+                while let Some(choice) = seq.next_element::<ChunkChoice>()? {
+                    if first.is_none() && choice.index.unwrap_or(0) == 0 {
+                        first = Some(choice);
+                    }
+                }
+                Ok(FirstChoice(first))
+            }
+        }
+        deserializer.deserialize_seq(Visit)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -135,12 +170,7 @@ impl ChunkParser {
             self.usage = usage.to_usage();
         }
         // Only the first choice: `n > 1` is not a conversation.
-        let Some(choice) = chunk
-            .choices
-            .unwrap_or_default()
-            .into_iter()
-            .find(|c| c.index.unwrap_or(0) == 0)
-        else {
+        let Some(choice) = chunk.choices.and_then(|c| c.0) else {
             return Ok(());
         };
         if let Some(reason) = choice.finish_reason.filter(|s| !s.is_empty()) {
@@ -369,24 +399,24 @@ impl ChunkParser {
 }
 
 impl StreamParser for ChunkParser {
-    fn feed(&mut self, event: &SseEvent) -> Result<Fed> {
+    fn feed(
+        &mut self,
+        event: &SseEvent,
+        deltas: &mut Vec<ModelDelta>,
+    ) -> Result<Option<ModelResponse>> {
         let data = event.data.trim();
         if data == "[DONE]" {
-            return Ok(Fed {
-                deltas: Vec::new(),
-                done: Some(self.finish()?),
-            });
+            return self.finish().map(Some);
         }
         if data.is_empty() {
-            return Ok(Fed::default());
+            return Ok(None);
         }
         // Fast path: straight into the struct; the Value path below only for errors.
         if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data)
             && chunk.error.is_none()
         {
-            let mut deltas = Vec::new();
-            self.chunk(chunk, &mut deltas)?;
-            return Ok(Fed { deltas, done: None });
+            self.chunk(chunk, deltas)?;
+            return Ok(None);
         }
         let json: Value = match serde_json::from_str(data) {
             Ok(json) => json,
@@ -417,9 +447,8 @@ impl StreamParser for ChunkParser {
                 format!("a stream chunk has an unexpected shape: {e}"),
             )
         })?;
-        let mut deltas = Vec::new();
-        self.chunk(chunk, &mut deltas)?;
-        Ok(Fed { deltas, done: None })
+        self.chunk(chunk, deltas)?;
+        Ok(None)
     }
 }
 
@@ -435,7 +464,7 @@ mod tests {
         let mut deltas = Vec::new();
         for c in chunks {
             let fed = p
-                .feed(&SseEvent {
+                .feed_collect(&SseEvent {
                     event: None,
                     data: c.to_string(),
                 })
@@ -444,7 +473,7 @@ mod tests {
             assert!(fed.done.is_none());
         }
         let done = p
-            .feed(&SseEvent {
+            .feed_collect(&SseEvent {
                 event: None,
                 data: "[DONE]".into(),
             })
@@ -653,7 +682,7 @@ mod tests {
     fn an_error_chunk_is_a_stream_error() {
         let mut p = ChunkParser::new("openai", Some("req_1".into()));
         let e = p
-            .feed(&SseEvent {
+            .feed_collect(&SseEvent {
                 event: None,
                 data: json!({ "error": { "message": "The server had an error", "type": "server_error" } }).to_string(),
             })
@@ -695,7 +724,7 @@ mod tests {
     fn arguments_for_no_call_are_malformed() {
         let mut p = ChunkParser::new("openai", None);
         let e = p
-            .feed(&SseEvent {
+            .feed_collect(&SseEvent {
                 event: None,
                 data: tool(None, None, None, Some("{}")).to_string(),
             })
