@@ -26,12 +26,14 @@ use crate::driver::StreamParser;
 use crate::error::malformed;
 use crate::sse::SseEvent;
 
+/// A chunk, its `id` and `model` as `S`: `&str` borrowed from the event on the fast path, which
+/// every chunk takes whose strings have no JSON escapes; `String` on the slow path, which reads
+/// the rest. (`Cow<str>` would do both in one, but costs ~370 more instructions a chunk than a
+/// `&str` under callgrind, a sixth of what the adapter added over a raw read.)
 #[derive(Debug, Deserialize)]
-struct Chunk<'a> {
-    #[serde(borrow)]
-    id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow)]
-    model: Option<std::borrow::Cow<'a, str>>,
+struct Chunk<S> {
+    id: Option<S>,
+    model: Option<S>,
     error: Option<serde::de::IgnoredAny>,
     choices: Option<FirstChoice>,
     usage: Option<WireUsage>,
@@ -153,18 +155,30 @@ impl ChunkParser {
             .or(self.response_id.as_deref())
     }
 
-    fn chunk(&mut self, chunk: Chunk<'_>, deltas: &mut Vec<ModelDelta>) -> Result<()> {
+    fn chunk<S: AsRef<str>>(
+        &mut self,
+        chunk: Chunk<S>,
+        deltas: &mut Vec<ModelDelta>,
+    ) -> Result<()> {
         // Borrowed from the chunk, copied only the first time (or when the model changes):
         // every chunk repeats them.
-        if let Some(id) = chunk.id.filter(|s| !s.is_empty())
+        if let Some(id) = chunk
+            .id
+            .as_ref()
+            .map(AsRef::as_ref)
+            .filter(|s| !s.is_empty())
             && self.response_id.is_none()
         {
-            self.response_id = Some(id.into_owned());
+            self.response_id = Some(id.to_owned());
         }
-        if let Some(model) = chunk.model.filter(|s| !s.is_empty())
-            && self.model.as_deref() != Some(&*model)
+        if let Some(model) = chunk
+            .model
+            .as_ref()
+            .map(AsRef::as_ref)
+            .filter(|s| !s.is_empty())
+            && self.model.as_deref() != Some(model)
         {
-            self.model = Some(model.into_owned());
+            self.model = Some(model.to_owned());
         }
         if let Some(usage) = chunk.usage {
             self.usage = usage.to_usage();
@@ -412,7 +426,7 @@ impl StreamParser for ChunkParser {
             return Ok(None);
         }
         // Fast path: straight into the struct; the Value path below only for errors.
-        if let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data)
+        if let Ok(chunk) = serde_json::from_str::<Chunk<&str>>(data)
             && chunk.error.is_none()
         {
             self.chunk(chunk, deltas)?;
@@ -440,7 +454,7 @@ impl StreamParser for ChunkParser {
         if json.get("error").is_some_and(|e| !e.is_null()) {
             return Err(error_object(self.provider, self.request_id(), &json));
         }
-        let chunk: Chunk<'_> = serde_json::from_str(data).map_err(|e| {
+        let chunk: Chunk<String> = serde_json::from_str(data).map_err(|e| {
             malformed(
                 self.provider,
                 self.request_id(),

@@ -113,10 +113,13 @@ struct FlatBlockDelta<'a> {
     delta: FlatDelta<'a>,
 }
 
+/// A `content_block_delta`'s `delta`, flat. `kind` is a borrowed `&str`, cheaper than a
+/// `Cow<str>` (measured with callgrind); a type with JSON escapes fails this fast path and is
+/// read by the tagged enum instead.
 #[derive(Deserialize)]
 struct FlatDelta<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: std::borrow::Cow<'a, str>,
+    #[serde(rename = "type")]
+    kind: &'a str,
     text: Option<String>,
     thinking: Option<String>,
     signature: Option<String>,
@@ -377,19 +380,12 @@ impl StreamParser for AnthropicParser {
         if self.done {
             return Ok(None);
         }
-        // A named event this adapter does not know is skipped without reading its data, which
-        // may not even be JSON; the API may add event types at any time.
-        if let Some(name) = sse.event.as_deref()
-            && !KNOWN_EVENTS.contains(&name)
-        {
-            return Ok(None);
-        }
-        // Fast path: the SSE event name says the type; no tagged-enum buffering.
+        // Fast path: the SSE event name says the type; no tagged-enum buffering. The most
+        // frequent name is matched first.
         match sse.event.as_deref() {
-            Some("ping") => return Ok(None),
             Some("content_block_delta") => {
                 if let Ok(wire) = serde_json::from_str::<FlatBlockDelta<'_>>(&sse.data) {
-                    let delta = match &*wire.delta.kind {
+                    let delta = match wire.delta.kind {
                         "text_delta" => wire.delta.text.map(|text| Delta::Text { text }),
                         "thinking_delta" => wire
                             .delta
@@ -411,6 +407,10 @@ impl StreamParser for AnthropicParser {
                     }
                 }
             }
+            Some("ping") => return Ok(None),
+            // A named event this adapter does not know is skipped without reading its data,
+            // which may not even be JSON; the API may add event types at any time.
+            Some(name) if !KNOWN_EVENTS.contains(&name) => return Ok(None),
             _ => {}
         }
         let event: Event = serde_json::from_str(&sse.data).map_err(|e| {
