@@ -4,9 +4,12 @@
 //! `sse-stream` drops a partial event at EOF without a word, so a stream that ends early looks
 //! like one that ended cleanly: the adapters' parsers detect that by the provider's end marker.
 
-use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use futures::Stream;
 use normandy_core::{Error, Result};
-use sse_stream::SseByteStream;
+use sse_stream::{Sse, SseByteStream};
 
 use crate::error::local_error;
 use crate::retry::provider_error;
@@ -20,23 +23,48 @@ pub(crate) struct SseEvent {
     pub(crate) data: String,
 }
 
+/// `sse-stream`'s events of one response body. Boxed once per response, because reqwest's
+/// `bytes_stream()` is an unnameable `impl Stream`; polled through that one pointer per event.
+type RawEvents = Pin<Box<dyn Stream<Item = Result<Sse, sse_stream::Error>> + Send>>;
+
 /// The events of a streamed response. Blocks without data (comments, `retry:` alone) are skipped.
 ///
 /// A read error (the connection cut, the read timeout) is a retryable [`Error::Provider`] whose
 /// message begins "stream cut:"; its `provider` is empty, for the driver to fill in (it knows
 /// the adapter's name and the request id).
-pub(crate) fn events(response: reqwest::Response) -> impl Stream<Item = Result<SseEvent>> + Send {
-    SseByteStream::new(response.bytes_stream()).filter_map(|item| async move {
-        match item {
-            Ok(sse) => sse.data.map(|data| {
-                Ok(SseEvent {
-                    event: sse.event,
-                    data,
-                })
-            }),
-            Err(e) => Some(Err(read_error(&e))),
+///
+/// A plain `Stream` rather than `StreamExt::filter_map` over `sse-stream`: that combinator makes
+/// and polls a future per event, for a mapping that never waits.
+pub(crate) struct SseEvents {
+    inner: RawEvents,
+}
+
+/// The events of `response`'s body.
+pub(crate) fn events(response: reqwest::Response) -> SseEvents {
+    SseEvents {
+        inner: Box::pin(SseByteStream::new(response.bytes_stream())),
+    }
+}
+
+impl Stream for SseEvents {
+    type Item = Result<SseEvent>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            match ready!(self.inner.as_mut().poll_next(cx)) {
+                Some(Ok(sse)) => {
+                    if let Some(data) = sse.data {
+                        return Poll::Ready(Some(Ok(SseEvent {
+                            event: sse.event,
+                            data,
+                        })));
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Some(Err(read_error(&e)))),
+                None => return Poll::Ready(None),
+            }
         }
-    })
+    }
 }
 
 fn read_error(e: &sse_stream::Error) -> Error {

@@ -26,7 +26,6 @@ mod wire;
 use std::fmt;
 use std::sync::Arc;
 
-use futures::StreamExt;
 use normandy_core::{
     CatalogEntry, Error, LlmClient, ModelRequest, ModelResponse, ModelStream, Result, async_trait,
 };
@@ -260,16 +259,14 @@ impl LlmClient for AnthropicClient {
 
     async fn stream(&self, request: ModelRequest) -> Result<ModelStream> {
         let make = self.prepare(&request, true)?;
-        let events = driver::stream(
+        let this = self.clone();
+        Ok(driver::stream(
             PROVIDER,
             self.inner.config.http.clone(),
             make,
             parse::AnthropicParser::new,
-        );
-        let this = self.clone();
-        Ok(events
-            .map(move |item| item.map_err(|e| this.redact(e)))
-            .boxed())
+            move |e| this.redact(e),
+        ))
     }
 }
 

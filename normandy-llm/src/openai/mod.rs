@@ -46,7 +46,6 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use normandy_core::{
     CatalogEntry, Error, LlmClient, ModelRequest, ModelResponse, ModelStream, Result, async_trait,
 };
@@ -285,16 +284,14 @@ impl LlmClient for OpenAiClient {
         let provider = self.inner.provider;
         let body = request::body(provider, &request, true)?;
         let inner = self.inner.clone();
-        let events = driver::stream(
+        let this = self.clone();
+        Ok(driver::stream(
             provider,
             self.inner.http.clone(),
             move || inner.post(&body, true),
             move |request_id| stream::ChunkParser::new(provider, request_id),
-        );
-        let this = self.clone();
-        Ok(events
-            .map(move |item| item.map_err(|e| this.redact(e)))
-            .boxed())
+            move |e| this.redact(e),
+        ))
     }
 }
 
