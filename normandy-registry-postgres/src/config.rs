@@ -5,9 +5,10 @@ use std::fmt;
 use std::time::Duration;
 
 use normandy_core::{Error, Result};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::error::map_sqlx;
+use crate::lease::Db;
 
 /// How to open a [`PgRegistry`](crate::PgRegistry) or a [`PgMembership`](crate::PgMembership).
 ///
@@ -55,12 +56,17 @@ impl fmt::Debug for PgRegistryConfig {
 impl PgRegistryConfig {
     /// A config for the database at `url`: 4 connections, 2 s to get one, statements cut at
     /// 2 s by the server, named prepared statements on (no pooler), no migration on open.
+    ///
+    /// The URL may carry `pooler=transaction` (or `none` / `session`), the store's option for a
+    /// transaction-pooling pooler, so one URL configures both: it is taken out before the URL
+    /// reaches the driver and sets [`transaction_pooler`](Self::transaction_pooler).
     pub fn new(url: &str) -> Result<Self> {
+        let (url, pooled) = split_pooler(url)?;
         let connect: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             // sqlx's parse errors describe the URL's shape, not its contents: no password leaks.
             Error::Config(format!("invalid Postgres URL for the registry: {e}"))
         })?;
-        Ok(Self::from_options(connect))
+        Ok(Self::from_options(connect).transaction_pooler(pooled.unwrap_or(false)))
     }
 
     /// A config from sqlx connect options (TLS, sockets, passwords from files, ...).
@@ -146,11 +152,15 @@ impl PgRegistryConfig {
         self
     }
 
-    /// Opens the pool this config describes. The schema, the application name and the server
-    /// timeouts go in the startup packet, so no `SET` is ever sent.
-    pub(crate) async fn pool(&self) -> Result<PgPool> {
+    /// Opens the pool this config describes and checks (or applies) the schema.
+    ///
+    /// Straight to Postgres, the schema and the server timeouts go in the startup packet, so
+    /// no `SET` is ever sent. Behind a transaction pooler (which may drop startup parameters
+    /// and switches server connections between transactions), every operation opens its own
+    /// transaction with `BEGIN; SET LOCAL …` instead, in one round trip.
+    pub(crate) async fn open(&self) -> Result<Db> {
         let ms = |d: Duration| d.as_millis().max(1).to_string();
-        let mut params = vec![
+        let timeouts = [
             ("statement_timeout", ms(self.statement_timeout)),
             ("lock_timeout", ms(self.statement_timeout)),
             (
@@ -158,21 +168,89 @@ impl PgRegistryConfig {
                 ms(self.statement_timeout * 5),
             ),
         ];
-        if let Some(schema) = &self.schema {
-            params.push(("search_path", schema.clone()));
-        }
-        let options = self
+        let mut options = self
             .connect
             .clone()
-            .application_name(&self.application_name)
-            .options(params);
+            .application_name(&self.application_name);
+        let begin = if self.transaction_pooler {
+            // Schema names are checked to be [a-z0-9_] (`schema`): safe to splice.
+            let mut sql = String::from("BEGIN");
+            if let Some(schema) = &self.schema {
+                sql.push_str(&format!("; SET LOCAL search_path TO {schema}"));
+            }
+            for (name, value) in &timeouts {
+                sql.push_str(&format!("; SET LOCAL {name} = {value}"));
+            }
+            options = options.extra_float_digits(None);
+            Some(sql)
+        } else {
+            let mut params: Vec<(&str, String)> = timeouts.to_vec();
+            if let Some(schema) = &self.schema {
+                params.push(("search_path", schema.clone()));
+            }
+            options = options.options(params);
+            None
+        };
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
             .connect_with(options)
             .await
             .map_err(map_sqlx)?;
-        crate::schema::check(&pool, self.migrate_on_open, self.transaction_pooler).await?;
-        Ok(pool)
+        let db = Db::new(pool, begin);
+        crate::schema::check(&db, self.migrate_on_open).await?;
+        Ok(db)
+    }
+}
+
+/// Takes the `pooler=` option out of a URL's query string. Returns the URL without it and
+/// whether it named a transaction pooler, if it was there.
+fn split_pooler(url: &str) -> Result<(String, Option<bool>)> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let mut pooled = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("pooler", "transaction")) => pooled = Some(true),
+            Some(("pooler", "none" | "session")) => pooled = Some(false),
+            Some(("pooler", other)) => {
+                return Err(Error::Config(format!(
+                    "invalid pooler mode {other:?} in the registry URL: use `transaction` \
+                     (PgBouncer pool_mode = transaction), or `none` / `session`"
+                )));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let mut out = base.to_string();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    Ok((out, pooled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pooler_option_is_taken_out_of_the_url() {
+        let c = PgRegistryConfig::new("postgres://u@h:6432/db?pooler=transaction&sslmode=disable")
+            .unwrap();
+        assert!(c.is_transaction_pooled());
+        let c = PgRegistryConfig::new("postgres://u@h/db?pooler=session").unwrap();
+        assert!(!c.is_transaction_pooled());
+        assert!(
+            !PgRegistryConfig::new("postgres://u@h/db")
+                .unwrap()
+                .is_transaction_pooled()
+        );
+        let e = PgRegistryConfig::new("postgres://u@h/db?pooler=statement").unwrap_err();
+        assert!(e.to_string().contains("statement"), "{e}");
+        let (url, _) = split_pooler("postgres://u@h/db?a=1&pooler=transaction&b=2").unwrap();
+        assert_eq!(url, "postgres://u@h/db?a=1&b=2");
     }
 }

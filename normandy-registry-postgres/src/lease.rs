@@ -15,8 +15,9 @@
 use std::time::Duration;
 
 use normandy_core::{Error, NodeId, Result};
-use sqlx::Row;
-use sqlx::postgres::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgPool};
+use sqlx::{AssertSqlSafe, Postgres, Row, Transaction};
 
 use crate::error::{corrupt_row, map_sqlx};
 
@@ -26,6 +27,36 @@ pub(crate) struct Db {
     pub(crate) pool: PgPool,
     /// Statements are named prepared statements unless a transaction pooler sits in between.
     pub(crate) persistent: bool,
+    /// Behind a transaction pooler: `BEGIN; SET LOCAL …` (search path and timeouts), opening
+    /// every operation's own transaction. A pooler may drop startup parameters and hands each
+    /// transaction whichever server connection is free, and sqlx parses an unnamed statement
+    /// and binds it in two round trips, which only a transaction keeps on one connection.
+    pub(crate) begin: Option<String>,
+}
+
+/// The connection one operation runs on: a pooled connection as it is, or (behind a
+/// transaction pooler) a transaction that set its own search path and timeouts.
+pub(crate) enum Conn {
+    Direct(PoolConnection<Postgres>),
+    Tx(Transaction<'static, Postgres>),
+}
+
+impl Conn {
+    /// The connection to run statements on.
+    pub(crate) fn get(&mut self) -> &mut PgConnection {
+        match self {
+            Conn::Direct(c) => c,
+            Conn::Tx(t) => t,
+        }
+    }
+
+    /// Ends the operation (commits its transaction, if it has one).
+    pub(crate) async fn finish(self) -> Result<()> {
+        match self {
+            Conn::Direct(_) => Ok(()),
+            Conn::Tx(t) => t.commit().await.map_err(map_sqlx),
+        }
+    }
 }
 
 /// What [`Db::join`] found.
@@ -100,6 +131,33 @@ const ALIVE: &str = "SELECT EXISTS (SELECT 1 FROM normandy_node_leases \
      WHERE name = $1 AND incarnation = $2 AND expires_at > now())";
 
 impl Db {
+    /// A database handle; `begin` as [`Db::begin`] documents (None: Postgres directly).
+    pub(crate) fn new(pool: PgPool, begin: Option<String>) -> Self {
+        Self {
+            pool,
+            persistent: begin.is_none(),
+            begin,
+        }
+    }
+
+    /// A transaction (with `SET LOCAL` behind a pooler).
+    pub(crate) async fn tx(&self) -> Result<Transaction<'static, Postgres>> {
+        match &self.begin {
+            Some(sql) => self.pool.begin_with(AssertSqlSafe(sql.clone())).await,
+            None => self.pool.begin().await,
+        }
+        .map_err(map_sqlx)
+    }
+
+    /// The connection for one single-statement operation: a pooled connection, or behind a
+    /// pooler a transaction of its own.
+    pub(crate) async fn conn(&self) -> Result<Conn> {
+        if self.begin.is_some() {
+            return Ok(Conn::Tx(self.tx().await?));
+        }
+        Ok(Conn::Direct(self.pool.acquire().await.map_err(map_sqlx)?))
+    }
+
     /// Claims `node`'s lease with `address` for `ttl` if it is absent or lapsed. A `member`
     /// is listed by [`members`](Self::members) and is refused while another incarnation of its
     /// name holds a live member lease.
@@ -111,7 +169,7 @@ impl Db {
         member: bool,
     ) -> Result<Joined> {
         let inc = incarnation(node)?;
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let mut tx = self.tx().await?;
         if member {
             sqlx::query(LOCK_NAME)
                 .bind(node.name())
@@ -173,48 +231,57 @@ impl Db {
         address: Option<&str>,
         ttl: Duration,
     ) -> Result<bool> {
+        let mut conn = self.conn().await?;
         let done = sqlx::query(REFRESH)
             .bind(node.name())
             .bind(incarnation(node)?)
             .bind(address)
             .bind(secs(ttl))
             .persistent(self.persistent)
-            .execute(&self.pool)
+            .execute(conn.get())
             .await
             .map_err(map_sqlx)?;
+        conn.finish().await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Drops `node`'s lease. Returns whether one was there (live or lapsed).
     pub(crate) async fn leave(&self, node: &NodeId) -> Result<bool> {
+        let mut conn = self.conn().await?;
         let done = sqlx::query(LEAVE)
             .bind(node.name())
             .bind(incarnation(node)?)
             .persistent(self.persistent)
-            .execute(&self.pool)
+            .execute(conn.get())
             .await
             .map_err(map_sqlx)?;
+        conn.finish().await?;
         Ok(done.rows_affected() == 1)
     }
 
     /// Whether `node`'s lease is alive.
     pub(crate) async fn alive(&self, node: &NodeId) -> Result<bool> {
-        sqlx::query_scalar(ALIVE)
+        let mut conn = self.conn().await?;
+        let alive = sqlx::query_scalar(ALIVE)
             .bind(node.name())
             .bind(incarnation(node)?)
             .persistent(self.persistent)
-            .fetch_one(&self.pool)
+            .fetch_one(conn.get())
             .await
-            .map_err(map_sqlx)
+            .map_err(map_sqlx)?;
+        conn.finish().await?;
+        Ok(alive)
     }
 
     /// `(node, address)` of every member whose lease is alive, ordered by node.
     pub(crate) async fn members(&self) -> Result<Vec<(NodeId, String)>> {
+        let mut conn = self.conn().await?;
         let rows = sqlx::query(MEMBERS)
             .persistent(self.persistent)
-            .fetch_all(&self.pool)
+            .fetch_all(conn.get())
             .await
             .map_err(map_sqlx)?;
+        conn.finish().await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let name: String = row.try_get(0).map_err(map_sqlx)?;

@@ -4,7 +4,7 @@
 //!
 //! # Layout
 //! - [`config`]: [`PgRegistryConfig`] — URL, schema, pool, server timeouts, and the
-//!   transaction-pooler switch (unnamed statements).
+//!   transaction-pooler switch; opening the pool.
 //! - `error`: the one function that maps sqlx errors to [`normandy_core::Error`].
 //! - `schema`: [`migrator`] (`0001_registry`, recorded in `normandy_registry_migrations`) and
 //!   the check made when a pool opens.
@@ -25,10 +25,13 @@
 //! callers exactly one wins, and taking over a dead node's session is that same statement.
 //! `lookup` resolves a placement only while its owner's lease row is alive.
 //!
-//! Nothing depends on session state, so it all works through PgBouncer in transaction mode:
-//! a join's advisory lock on the node name is transaction-scoped, timeouts are startup
-//! parameters (no `SET`), and [`PgRegistryConfig::transaction_pooler`] sends statements
-//! unnamed.
+//! Nothing depends on session state, so it all works through PgBouncer in transaction mode
+//! ([`PgRegistryConfig::transaction_pooler`], or `?pooler=transaction` on the URL, the store's
+//! option): statements are then unnamed, every operation is one transaction opened by `BEGIN;
+//! SET LOCAL search_path … statement_timeout …` (a pooler drops startup parameters and hands
+//! each transaction any server connection), a join's advisory lock on the node name is
+//! transaction-scoped, nothing listens for notifications, and the migration is applied under a
+//! transaction-scoped lock.
 //!
 //! # Why a crate of its own
 //! It depends on `normandy-core` and sqlx only — not on `normandy-store-postgres` (DESIGN.md:

@@ -32,17 +32,17 @@ impl PgMembership {
     /// the store's, so a refresh never waits behind their queries for a connection) and
     /// refuses a database without the registry's tables.
     pub async fn connect(config: PgRegistryConfig) -> Result<Self> {
-        let pool = config.pool().await?;
-        Ok(Self::with_pool(pool, config.transaction_pooler))
+        Ok(Self {
+            db: config.open().await?,
+        })
     }
 
-    /// Membership on an existing pool (already migrated).
-    pub fn with_pool(pool: PgPool, transaction_pooler: bool) -> Self {
+    /// Membership on an existing pool straight to Postgres (already migrated, tables in the
+    /// connections' `search_path`). Behind a transaction pooler, use
+    /// [`connect`](Self::connect) with [`PgRegistryConfig::transaction_pooler`].
+    pub fn with_pool(pool: PgPool) -> Self {
         Self {
-            db: Db {
-                pool,
-                persistent: !transaction_pooler,
-            },
+            db: Db::new(pool, None),
         }
     }
 

@@ -82,18 +82,17 @@ impl PgRegistry {
     /// Opens a pool as `config` says, applies the migration if asked, and refuses a database
     /// without the registry's tables (`MissingMigration`, naming the command to run).
     pub async fn connect(config: PgRegistryConfig) -> Result<Self> {
-        let pool = config.pool().await?;
-        Ok(Self::with_pool(pool, config.transaction_pooler))
+        Ok(Self {
+            db: config.open().await?,
+        })
     }
 
-    /// A registry on an existing pool (already migrated). `transaction_pooler`: see
-    /// [`PgRegistryConfig::transaction_pooler`].
-    pub fn with_pool(pool: PgPool, transaction_pooler: bool) -> Self {
+    /// A registry on an existing pool straight to Postgres (already migrated, tables in the
+    /// connections' `search_path`). Behind a transaction pooler, use [`connect`](Self::connect)
+    /// with [`PgRegistryConfig::transaction_pooler`].
+    pub fn with_pool(pool: PgPool) -> Self {
         Self {
-            db: Db {
-                pool,
-                persistent: !transaction_pooler,
-            },
+            db: Db::new(pool, None),
         }
     }
 
@@ -150,14 +149,16 @@ impl SessionRegistry for PgRegistry {
     async fn register(&self, id: &SessionId, owner: &NodeId) -> Result<Placement> {
         let inc = incarnation(owner)?;
         for _ in 0..REGISTER_TRIES {
+            let mut conn = self.db.conn().await?;
             let row = sqlx::query(REGISTER)
                 .bind(id.as_str())
                 .bind(owner.name())
                 .bind(inc)
                 .persistent(self.db.persistent)
-                .fetch_one(&self.db.pool)
+                .fetch_one(conn.get())
                 .await
                 .map_err(map_sqlx)?;
+            conn.finish().await?;
             let live: bool = row.try_get(0).map_err(map_sqlx)?;
             if let Some(epoch) = row.try_get::<Option<i64>, _>(1).map_err(map_sqlx)? {
                 let epoch = u64::try_from(epoch).map_err(|_| corrupt_row("epoch", epoch))?;
@@ -168,12 +169,14 @@ impl SessionRegistry for PgRegistry {
             }
             // Not placed: the id is held by a live node (this one, or another), or the caller
             // has no live lease. A live holder is named first: that answer is true either way.
+            let mut conn = self.db.conn().await?;
             let row = sqlx::query(CURRENT)
                 .bind(id.as_str())
                 .persistent(self.db.persistent)
-                .fetch_optional(&self.db.pool)
+                .fetch_optional(conn.get())
                 .await
                 .map_err(map_sqlx)?;
+            conn.finish().await?;
             match row.as_ref().map(placement).transpose()?.flatten() {
                 Some((p, true)) if &p.owner == owner => return Ok(p),
                 Some((p, true)) => {
@@ -204,12 +207,14 @@ impl SessionRegistry for PgRegistry {
     }
 
     async fn lookup(&self, id: &SessionId) -> Result<Option<Placement>> {
+        let mut conn = self.db.conn().await?;
         let row = sqlx::query(LOOKUP)
             .bind(id.as_str())
             .persistent(self.db.persistent)
-            .fetch_optional(&self.db.pool)
+            .fetch_optional(conn.get())
             .await
             .map_err(map_sqlx)?;
+        conn.finish().await?;
         Ok(row
             .as_ref()
             .map(placement)
@@ -219,14 +224,16 @@ impl SessionRegistry for PgRegistry {
     }
 
     async fn unregister(&self, id: &SessionId, owner: &NodeId) -> Result<bool> {
+        let mut conn = self.db.conn().await?;
         let done = sqlx::query(UNREGISTER)
             .bind(id.as_str())
             .bind(owner.name())
             .bind(incarnation(owner)?)
             .persistent(self.db.persistent)
-            .execute(&self.db.pool)
+            .execute(conn.get())
             .await
             .map_err(map_sqlx)?;
+        conn.finish().await?;
         Ok(done.rows_affected() == 1)
     }
 }

@@ -1,5 +1,6 @@
 //! The registry conformance suite against a real Postgres (`NORMANDY_TEST_DATABASE_URL`, else a
-//! container, else skipped by name). Each harness works in its own schema.
+//! container, else skipped by name). Each harness works in its own schema. The suite runs a
+//! second time through a PgBouncer in transaction mode (`NORMANDY_TEST_PGBOUNCER_URL`).
 
 mod common;
 
@@ -22,6 +23,22 @@ impl PgHarness {
         let url = postgres_url().await?;
         let schema = Schema::new(&url).await;
         let registry = Arc::new(schema.registry().await);
+        Some(Self { schema, registry })
+    }
+
+    /// The same, every call through a PgBouncer in transaction mode.
+    async fn pooled() -> Option<Self> {
+        let url = postgres_url().await?;
+        let Some(pooler) = common::pgbouncer_url() else {
+            normandy_tests::backends::skip(
+                "postgres_pgbouncer",
+                &format!("{} is not set", common::PGBOUNCER_URL_VAR),
+            );
+            return None;
+        };
+        let schema = Schema::pooled(&url, &pooler).await;
+        let registry = Arc::new(schema.registry().await);
+        assert!(schema.config().is_transaction_pooled());
         Some(Self { schema, registry })
     }
 }
@@ -62,3 +79,4 @@ impl RegistryHarness for PgHarness {
 }
 
 registry_conformance!(postgres, PgHarness::new());
+registry_conformance!(postgres_pgbouncer, PgHarness::pooled());

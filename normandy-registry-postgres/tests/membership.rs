@@ -183,3 +183,70 @@ async fn a_database_without_the_migration_is_refused_with_the_command_to_run() {
     assert!(err.to_string().contains("0001_registry"), "{err}");
     s.drop().await;
 }
+
+/// Through PgBouncer in transaction mode (`NORMANDY_TEST_PGBOUNCER_URL`): four nodes starting
+/// at once apply the migration once, into the schema asked for (the pooler drops the
+/// `search_path` startup parameter, so only `SET LOCAL` puts it there), and the lease policy
+/// holds on whichever server connection each call lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_a_transaction_pooler_the_migration_applies_once_and_leases_hold() {
+    let Some(url) = postgres_url().await else {
+        skip("through_a_transaction_pooler", &skip_reason());
+        return;
+    };
+    let Some(pooler) = common::pgbouncer_url() else {
+        skip(
+            "through_a_transaction_pooler",
+            &format!("{} is not set", common::PGBOUNCER_URL_VAR),
+        );
+        return;
+    };
+    let s = Schema::pooled(&url, &pooler).await;
+    let opens: Vec<_> = (0..4)
+        .map(|_| {
+            let config = s.config();
+            tokio::spawn(
+                async move { normandy_registry_postgres::PgMembership::connect(config).await },
+            )
+        })
+        .collect();
+    let mut ms = Vec::new();
+    for o in opens {
+        ms.push(o.await.unwrap().expect("connect through the pooler"));
+    }
+    let root = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let applied: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.normandy_registry_migrations",
+        s.name
+    )))
+    .fetch_one(&root)
+    .await
+    .unwrap();
+    assert_eq!(applied, 1, "the migration was applied once");
+    let ttl = Duration::from_millis(500);
+    let a = member("a", 1, 7301);
+    assert_eq!(ms[0].join(&a, ttl).await.unwrap(), JoinOutcome::Joined);
+    for m in &ms {
+        assert_eq!(m.refresh(&a, ttl).await.unwrap(), LeaseStatus::Held);
+        assert_eq!(m.members().await.unwrap(), vec![a.clone()]);
+    }
+    let leases: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.normandy_node_leases",
+        s.name
+    )))
+    .fetch_one(&root)
+    .await
+    .unwrap();
+    assert_eq!(leases, 1, "the lease row is in the test's schema");
+    eventually("a's lease lapses", || async {
+        ms[1].members().await.unwrap().is_empty()
+    })
+    .await;
+    assert_eq!(ms[2].refresh(&a, ttl).await.unwrap(), LeaseStatus::Lost);
+    root.close().await;
+    s.drop().await;
+}

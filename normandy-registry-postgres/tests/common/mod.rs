@@ -7,10 +7,25 @@ use normandy_registry_postgres::{PgMembership, PgRegistry, PgRegistryConfig};
 use sqlx::AssertSqlSafe;
 use sqlx::postgres::PgPoolOptions;
 
+/// The env var naming a PgBouncer in transaction-pooling mode in front of the test server
+/// (the store's pooler suite reads the same one).
+pub const PGBOUNCER_URL_VAR: &str = "NORMANDY_TEST_PGBOUNCER_URL";
+
+/// The PgBouncer URL, or `None` (the caller skips by name, or fails under
+/// `NORMANDY_REQUIRE_BACKENDS=1`).
+pub fn pgbouncer_url() -> Option<String> {
+    std::env::var(PGBOUNCER_URL_VAR)
+        .ok()
+        .filter(|u| !u.is_empty())
+}
+
 /// One schema `nr_<uuid>`.
 pub struct Schema {
     pub url: String,
     pub name: String,
+    /// Where the registry connects: the server itself, or a transaction pooler in front of it
+    /// (with `?pooler=transaction`).
+    pub registry_url: String,
 }
 
 impl Schema {
@@ -30,11 +45,19 @@ impl Schema {
         Self {
             url: url.to_string(),
             name,
+            registry_url: url.to_string(),
         }
     }
 
+    /// A schema on the server of `url`, used through the transaction pooler at `pooler`.
+    pub async fn pooled(url: &str, pooler: &str) -> Self {
+        let mut s = Self::new(url).await;
+        s.registry_url = format!("{pooler}?pooler=transaction");
+        s
+    }
+
     pub fn config(&self) -> PgRegistryConfig {
-        PgRegistryConfig::new(&self.url)
+        PgRegistryConfig::new(&self.registry_url)
             .unwrap()
             .schema(&self.name)
             .unwrap()
