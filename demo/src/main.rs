@@ -317,11 +317,13 @@ fn kill_self() {
 }
 
 /// Prints a session's events: committed entries and progress a line each, and the model's text
-/// as it streams.
+/// and tool calls as they stream.
 #[derive(Default)]
 struct Printer {
     /// The try whose text is being printed, if a line of streamed text is open.
     streaming: Option<(u32, Attempt)>,
+    /// Whether a line showing a tool call's input as it streams is open.
+    call_open: bool,
 }
 
 impl Printer {
@@ -337,6 +339,9 @@ impl Printer {
             let same = self.streaming == Some((*step, *attempt));
             match delta {
                 ModelDelta::Text { text, .. } => {
+                    if self.call_open {
+                        self.end_line();
+                    }
                     if !same {
                         if self.streaming.is_some_and(|(s, _)| s == *step) {
                             println!("\n  (the call was retried; its answer starts over)");
@@ -351,7 +356,13 @@ impl Printer {
                 }
                 ModelDelta::ToolUseStart { name, .. } => {
                     self.end_line();
-                    println!("  ⋯ model is streaming a call to {name}");
+                    print!("  ⋯ model is streaming a call to {name}: ");
+                    self.call_open = true;
+                    let _ = std::io::stdout().flush();
+                }
+                ModelDelta::ToolInput { partial_json, .. } => {
+                    print!("{partial_json}");
+                    let _ = std::io::stdout().flush();
                 }
                 _ => {}
             }
@@ -364,7 +375,8 @@ impl Printer {
     }
 
     fn end_line(&mut self) {
-        if self.streaming.take().is_some() {
+        let call_open = std::mem::take(&mut self.call_open);
+        if self.streaming.take().is_some() || call_open {
             println!();
         }
     }

@@ -36,6 +36,9 @@ async fn node(prefix: &str, name: &str) -> Cluster {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn remote_subscription_streams_turn_events_from_the_owner() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("sub");
     let a = node(&prefix, "a").await;
     let b = node(&prefix, "b").await;
@@ -84,6 +87,9 @@ async fn remote_subscription_streams_turn_events_from_the_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn membership_sees_nodes_come_and_go() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("members");
     let a = node(&prefix, "a").await;
     let mut events = a.events();
@@ -106,6 +112,9 @@ async fn membership_sees_nodes_come_and_go() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_membership_leases_lapse_on_the_server_clock() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("lease");
     let client = redis::Client::open(redis_url()).unwrap();
     let m = RedisMembership::connect(client, &prefix, Duration::from_secs(1))
@@ -157,6 +166,9 @@ async fn redis_membership_leases_lapse_on_the_server_clock() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_client_credentials_are_refused_with_a_clear_error() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("fromclient");
     let err = Cluster::redis(catalog(), &redis_url())
         .prefix(&prefix)
@@ -220,6 +232,9 @@ async fn redis_nodes(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("storm");
     let slow = || eager_catalog("slow-eager", Duration::from_secs(4));
     let nodes = redis_nodes(&prefix, &["a", "b", "c"], slow, ClusterConfig::default()).await;
@@ -244,7 +259,7 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:registry:lease:*"))
+        .arg(format!("{{{prefix}:registry}}:lease:*"))
         .query_async(&mut con)
         .await
         .unwrap();
@@ -282,6 +297,9 @@ async fn a_backend_dropping_every_lease_at_once_starts_no_reaping_storm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_membership_lease_is_the_registry_lease() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     use normandy_core::SessionId;
     use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
     let prefix = unique_prefix("shared-lease");
@@ -314,6 +332,9 @@ async fn the_membership_lease_is_the_registry_lease() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_close() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("follow");
     let short = |name: &'static str| {
         let prefix = prefix.clone();
@@ -393,6 +414,9 @@ async fn follow_keeps_streaming_as_the_owner_passivates_and_moves_then_ends_on_c
 /// than asked, and no later than the node's cap however long it is asked to wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_returns_its_payload_after_the_delay_asked_within_the_cap() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("echo");
     let a = node(&prefix, "a").await;
     let client = a.client(a.address()).unwrap();
@@ -429,6 +453,9 @@ async fn echo_returns_its_payload_after_the_delay_asked_within_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_refuses_a_store_that_is_not_durable_unless_told_it_is_a_test() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     use normandy_core::{InMemoryStore, LocalRegistry};
     let prefix = unique_prefix("volatile");
     let catalog = || {
@@ -478,6 +505,9 @@ async fn a_cluster_refuses_a_store_that_is_not_durable_unless_told_it_is_a_test(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_under_a_live_node_name_is_refused_naming_both() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("dup-name");
     let ttl = Duration::from_millis(600);
     let node = |name: &'static str| {
@@ -517,6 +547,9 @@ async fn a_second_process_under_a_live_node_name_is_refused_naming_both() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     use normandy_tests::redis_server::{have_redis_server, pair};
     if !have_redis_server("tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss")
     {
@@ -558,6 +591,9 @@ async fn tier_2r_refuses_a_server_with_replicas_unless_it_waits_or_accepts_loss(
 /// placement, whoever owned it last.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_sweep_resumes_an_unplaced_eager_session_of_a_live_node() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("sweep");
     let catalog = || eager_catalog("eager", Duration::from_millis(400));
     let config = ClusterConfig {

@@ -95,6 +95,9 @@ async fn wait_members(c: &Cluster, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nodes_over_mutual_tls_route_sessions_to_each_other() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("tls-route");
     let pki = Pki::new("normandy test CA");
     let a = node(&prefix, "a", pki.node_tls()).await;
@@ -134,6 +137,9 @@ async fn nodes_over_mutual_tls_route_sessions_to_each_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("tls-refuse");
     let pki = Pki::new("normandy test CA");
     let a = node(&prefix, "a", pki.node_tls()).await;
@@ -196,6 +202,9 @@ async fn a_tls_node_refuses_plaintext_foreign_and_misnamed_callers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_tls_material_is_a_config_error_naming_the_part() {
+    let Some(_) = support::redis_or_skip().await else {
+        return;
+    };
     let pki = Pki::new("normandy test CA");
     let (cert, key) = pki.node_cert(&["normandy-node"]);
 

@@ -42,6 +42,9 @@ async fn registry(prefix: &str) -> RedisRegistry {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sessions_started_on_each_node_are_reachable_from_every_node() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("route");
     let ns = nodes(&prefix, &["a", "b", "c"], |o| o).await;
     let reg = registry(&prefix).await;
@@ -92,6 +95,9 @@ async fn sessions_started_on_each_node_are_reachable_from_every_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unauthenticated_rpc_is_rejected_and_malformed_payload_is_an_error() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("auth");
     let ns = nodes(&prefix, &["a"], |o| o).await;
     let a = &ns[0];
@@ -147,6 +153,9 @@ async fn unauthenticated_rpc_is_rejected_and_malformed_payload_is_an_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_sessions_continue_on_another_node_after_owner_sigkill() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("lazy");
     let mut ns = nodes(&prefix, &["a", "b", "c"], |o| o).await;
     let mut ids = Vec::new();
@@ -176,6 +185,9 @@ async fn lazy_sessions_continue_on_another_node_after_owner_sigkill() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_remote_subscription_ends_when_its_owner_dies_and_resumes_from_the_last_seq() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("sub-kill");
     let mut ns = nodes(&prefix, &["a", "b"], |o| o).await;
     let id = ns[0].client.start("demo", None).await.unwrap();
@@ -244,6 +256,9 @@ async fn a_remote_subscription_ends_when_its_owner_dies_and_resumes_from_the_las
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn follow_streams_on_across_the_owners_sigkill_without_gap_or_repeat() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("follow-kill");
     let mut ns = nodes(&prefix, &["a"], |o| o).await;
     // This test process is a node too (library API), with the `echo` template the binary has.
@@ -288,6 +303,9 @@ async fn follow_streams_on_across_the_owners_sigkill_without_gap_or_repeat() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn eager_sessions_resume_on_survivors_after_owner_sigkill_mid_turn() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("eager");
     const N: usize = 30;
     let mut ns = nodes(&prefix, &["a", "b", "c"], |o| {
@@ -374,6 +392,9 @@ async fn eager_sessions_resume_on_survivors_after_owner_sigkill_mid_turn() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_actors_commit_nothing()
  {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("rejoin");
     // A 3 s model call: still in flight when the pause starts (~1 s in), done when it ends.
     let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(3000)).await;
@@ -435,6 +456,9 @@ async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("pause");
     let ns = nodes(&prefix, &["a", "b"], |o| o.model_latency(2000)).await;
     let (a, b) = (&ns[0], &ns[1]);
@@ -532,6 +556,9 @@ async fn wait_serving(n: &Node) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_racing_to_place_100_sessions_give_each_exactly_one_owner() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("race");
     let ns = nodes(&prefix, &["a", "b"], |o| o).await;
     let mut ids = Vec::new();
@@ -576,6 +603,9 @@ async fn two_nodes_racing_to_place_100_sessions_give_each_exactly_one_owner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn graceful_shutdown_under_load_loses_no_input() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("drain");
     let mut ns = nodes(&prefix, &["a", "b", "c"], |o| o.model_latency(100)).await;
     let mut ids = Vec::new();
@@ -631,6 +661,12 @@ async fn graceful_shutdown_under_load_loses_no_input() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_store_cluster_survives_sigkill_lazy_and_eager() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
+    let Some(_) = common::postgres_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("pg");
     let schema = format!("nct_pg_{}", std::process::id());
     create_schema(&schema).await;
@@ -690,6 +726,9 @@ async fn postgres_store_cluster_survives_sigkill_lazy_and_eager() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_cut_off_from_redis_stops_serving_and_never_reaps() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("cut");
     let proxy = Proxy::start().await;
     let a_url = proxy.url.clone();

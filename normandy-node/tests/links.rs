@@ -68,6 +68,9 @@ async fn send_from(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sends_over_a_slow_link_arrive_once_with_history_intact() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     const DELAY: Duration = Duration::from_millis(40);
     let prefix = unique_prefix("slow");
     let (a, b, link) = a_and_b_behind_link(&prefix, |o| o, |o| o).await;
@@ -162,6 +165,9 @@ async fn phase_of(b: &Node, id: &SessionId, input: &InputId) -> Option<Phase> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_link_reset_mid_turn_never_appends_an_input_or_runs_a_tool_twice() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("reset");
     let (a, b, link) =
         a_and_b_behind_link(&prefix, |o| o, |o| o.model_latency(1000).tool_latency(1000)).await;
@@ -273,6 +279,9 @@ async fn a_link_reset_mid_turn_never_appends_an_input_or_runs_a_tool_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_blackholed_link_fails_a_send_in_bounded_time_and_heals() {
+    let Some(_) = common::redis_or_skip().await else {
+        return;
+    };
     let prefix = unique_prefix("dark");
     // a gives a silent connection up after 1 s without an answer to its keep-alive ping.
     let (a, b, link) = a_and_b_behind_link(&prefix, |o| o.peer_keepalive(1000), |o| o).await;

@@ -3,11 +3,14 @@
 use std::time::Duration;
 
 use normandy_core::{Error, Result};
+use normandy_redis::RedisTarget;
 
 /// Configuration of a [`RedisRegistry`](crate::RedisRegistry).
 ///
 /// It takes its own URL or [`redis::Client`], so the registry can use a server (or at least a
-/// connection) separate from the store's: a slow commit never delays a placement.
+/// connection) separate from the store's: a slow commit never delays a placement. The URL may
+/// name one server (`redis://host:port`) or a Redis Cluster
+/// (`redis+cluster://host1:port1,host2:port2`; see [`RedisTarget`]).
 ///
 /// ```
 /// use std::time::Duration;
@@ -21,7 +24,7 @@ use normandy_core::{Error, Result};
 /// ```
 #[derive(Debug, Clone)]
 pub struct RedisRegistryConfig {
-    pub(crate) client: redis::Client,
+    pub(crate) target: RedisTarget,
     pub(crate) prefix: String,
     pub(crate) lease_ttl: Duration,
     pub(crate) response_timeout: Duration,
@@ -32,15 +35,32 @@ pub struct RedisRegistryConfig {
 impl RedisRegistryConfig {
     /// A configuration for the server at `url`, prefix `normandy:registry`, lease TTL 10 s.
     pub fn new(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::Config(format!("invalid Redis URL for the registry: {e}")))?;
-        Ok(Self::with_client(client))
+        let target =
+            RedisTarget::parse(url).map_err(|e| Error::Config(format!("Redis registry: {e}")))?;
+        Ok(Self::with_target(target))
+    }
+
+    /// A configuration for the Redis Cluster whose seed nodes are `urls` (`redis://host:port`
+    /// each).
+    pub fn cluster<I, S>(urls: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let target = RedisTarget::cluster(urls)
+            .map_err(|e| Error::Config(format!("Redis registry: {e}")))?;
+        Ok(Self::with_target(target))
     }
 
     /// A configuration over an existing client.
     pub fn with_client(client: redis::Client) -> Self {
+        Self::with_target(RedisTarget::Server(client))
+    }
+
+    /// A configuration for `target`, one server or a cluster.
+    pub fn with_target(target: RedisTarget) -> Self {
         Self {
-            client,
+            target,
             prefix: "normandy:registry".into(),
             lease_ttl: Duration::from_secs(10),
             response_timeout: Duration::from_secs(2),
@@ -86,6 +106,11 @@ impl RedisRegistryConfig {
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Where the registry connects.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
     }
 
     /// The key prefix.

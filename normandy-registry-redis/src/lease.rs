@@ -9,31 +9,45 @@
 //! - expiry is the server's (`PX`), never a client's clock.
 //!
 //! # Keys
-//! - `<prefix>:lease:<name#incarnation>`: one per node, with a server-side TTL; its value is the
-//!   node's RPC address (`1` when the registry created it on the node's behalf at `register`).
-//!   The registry resolves a placement only while its owner's lease key exists.
-//! - `<prefix>:members`: the set of nodes that joined; `members` reads it with the lease keys
-//!   in one script and drops those whose lease is gone.
+//! All under the hash tag `{<prefix>}`, so on a Redis Cluster they share one slot and each
+//! script below touches one slot, every key declared in `KEYS`:
+//! - `{<prefix>}:lease:<name#incarnation>`: one per node, with a server-side TTL; its value is
+//!   the node's RPC address (`1` when the registry created it on the node's behalf at
+//!   `register`). The registry resolves a placement only while its owner's lease key exists.
+//! - `{<prefix>}:members`: the set of nodes that joined; `members` reads it, then the lease
+//!   keys of those members in one script, and drops those whose lease is gone.
+//!
+//! (Release 0.1 named these `<prefix>:lease:…` and `<prefix>:members`, without the tag. Leases
+//! live one TTL, so nothing durable is lost, but nodes of 0.1 and of this version do not see
+//! each other's leases: upgrade a deployment by stopping every node, not one by one.)
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use normandy_core::{Error, NodeId, Result};
-use redis::aio::ConnectionManager;
+use normandy_redis::RedisConn;
 use redis::{Script, Value};
 
 use crate::error;
 
-/// KEYS: lease, members set. ARGV: value, TTL ms, node (empty: not a member), the node's
-/// name followed by `#` (empty: no name check), lease prefix.
+/// KEYS: lease, members set, then the leases of the other members of the node's name that the
+/// caller read from the set. ARGV: value, TTL ms, node (empty: not a member), the node's name
+/// followed by `#` (empty: no name check), then those members (in the order of their keys).
 /// Returns 1 when claimed; `{'name', node, value}` when another incarnation of the name holds a
-/// live lease; else `{'held', value}` of the lease already there. Writes nothing unless claimed.
+/// live lease; `{'again'}` when the set gained a member of the name the caller did not read
+/// (it reads the set again); else `{'held', value}` of the lease already there. Writes nothing
+/// unless claimed.
 const JOIN: &str = r"
 if ARGV[4] ~= '' then
+  local given = {}
+  for i = 5, #ARGV do
+    given[ARGV[i]] = true
+    local v = redis.call('GET', KEYS[i - 2])
+    if v then return {'name', ARGV[i], v} end
+  end
   for _, m in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-    if m ~= ARGV[3] and string.sub(m, 1, #ARGV[4]) == ARGV[4] then
-      local v = redis.call('GET', ARGV[5] .. m)
-      if v then return {'name', m, v} end
+    if m ~= ARGV[3] and string.sub(m, 1, #ARGV[4]) == ARGV[4] and not given[m] then
+      return {'again'}
     end
   end
 end
@@ -56,17 +70,19 @@ if ARGV[3] ~= '' then redis.call('SADD', KEYS[2], ARGV[3]) end
 return 1
 ";
 
-/// KEYS: members set. ARGV: lease prefix. Returns `{node, value, ...}` for live leases and
-/// drops from the set the nodes whose lease is gone.
+/// KEYS: members set, then the lease of each member the caller read from it. ARGV: those
+/// members, in the order of their keys. Returns `{node, value, ...}` for live leases and
+/// drops from the set the nodes whose lease is gone. (A member that joined after the caller's
+/// read shows in its next call.)
 const MEMBERS: &str = r"
 local out = {}
-for _, node in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local v = redis.call('GET', ARGV[1] .. node)
+for i = 1, #ARGV do
+  local v = redis.call('GET', KEYS[i + 1])
   if v then
-    table.insert(out, node)
+    table.insert(out, ARGV[i])
     table.insert(out, v)
   else
-    redis.call('SREM', KEYS[1], node)
+    redis.call('SREM', KEYS[1], ARGV[i])
   end
 end
 return out
@@ -79,6 +95,9 @@ redis.call('SREM', KEYS[2], ARGV[1])
 return n
 ";
 
+/// How often `join` reads the member set again when it changed under it.
+const JOIN_ATTEMPTS: usize = 8;
+
 static JOIN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(JOIN));
 static REFRESH_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REFRESH));
 static MEMBERS_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(MEMBERS));
@@ -87,7 +106,7 @@ static LEAVE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LEAVE));
 /// The lease keys under one prefix, on one connection. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Leases {
-    con: ConnectionManager,
+    con: RedisConn,
     lease_prefix: String,
     members_key: String,
 }
@@ -106,12 +125,22 @@ pub(crate) enum Joined {
 
 impl Leases {
     /// The leases under `prefix` (the registry's key prefix).
-    pub(crate) fn new(con: ConnectionManager, prefix: &str) -> Self {
+    pub(crate) fn new(con: RedisConn, prefix: &str) -> Self {
         Self {
             con,
-            lease_prefix: format!("{prefix}:lease:"),
-            members_key: format!("{prefix}:members"),
+            lease_prefix: format!("{{{prefix}}}:lease:"),
+            members_key: format!("{{{prefix}}}:members"),
         }
+    }
+
+    /// The nodes in the member set.
+    async fn member_names(&self) -> Result<Vec<String>> {
+        let mut con = self.con.clone();
+        redis::cmd("SMEMBERS")
+            .arg(&self.members_key)
+            .query_async(&mut con)
+            .await
+            .map_err(error::map)
     }
 
     /// The lease key of `node`.
@@ -135,17 +164,37 @@ impl Leases {
         } else {
             (String::new(), String::new())
         };
-        let reply: Value = JOIN_SCRIPT
-            .key(self.key(node))
-            .key(&self.members_key)
-            .arg(value)
-            .arg(ttl_ms(ttl))
-            .arg(node_arg)
-            .arg(name_arg)
-            .arg(&self.lease_prefix)
-            .invoke_async(&mut con)
-            .await
-            .map_err(error::map)?;
+        let mut reply = Value::Nil;
+        // The set rarely changes between the read and the script; when it does, read again.
+        for _ in 0..JOIN_ATTEMPTS {
+            let others: Vec<String> = if member {
+                self.member_names()
+                    .await?
+                    .into_iter()
+                    .filter(|m| *m != node_arg && m.starts_with(&name_arg))
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let mut invocation = JOIN_SCRIPT.key(self.key(node));
+            invocation.key(&self.members_key);
+            for other in &others {
+                invocation.key(format!("{}{other}", self.lease_prefix));
+            }
+            invocation
+                .arg(value)
+                .arg(ttl_ms(ttl))
+                .arg(&node_arg)
+                .arg(&name_arg)
+                .arg(&others);
+            reply = invocation
+                .invoke_async(&mut con)
+                .await
+                .map_err(error::map)?;
+            if !matches!(&reply, Value::Array(items) if items.len() == 1) {
+                break;
+            }
+        }
         let text = |v: &Value| match v {
             Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
             Value::SimpleString(s) => Some(s.clone()),
@@ -203,6 +252,22 @@ impl Leases {
         Ok(n == 1)
     }
 
+    /// Creates `node`'s lease (value `1`) for `ttl` if absent; a lease already there is left
+    /// as it is.
+    pub(crate) async fn ensure(&self, node: &NodeId, ttl: Duration) -> Result<()> {
+        let mut con = self.con.clone();
+        let _: Value = redis::cmd("SET")
+            .arg(self.key(node))
+            .arg("1")
+            .arg("PX")
+            .arg(ttl_ms(ttl))
+            .arg("NX")
+            .query_async(&mut con)
+            .await
+            .map_err(error::map)?;
+        Ok(())
+    }
+
     /// Whether `node`'s lease is alive.
     pub(crate) async fn alive(&self, node: &NodeId) -> Result<bool> {
         let mut con = self.con.clone();
@@ -215,10 +280,17 @@ impl Leases {
 
     /// `(node, lease value)` of every member whose lease is alive.
     pub(crate) async fn members(&self) -> Result<Vec<(String, String)>> {
+        let names = self.member_names().await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut con = self.con.clone();
-        let flat: Vec<String> = MEMBERS_SCRIPT
-            .key(&self.members_key)
-            .arg(&self.lease_prefix)
+        let mut invocation = MEMBERS_SCRIPT.key(&self.members_key);
+        for name in &names {
+            invocation.key(format!("{}{name}", self.lease_prefix));
+        }
+        let flat: Vec<String> = invocation
+            .arg(&names)
             .invoke_async(&mut con)
             .await
             .map_err(error::map)?;

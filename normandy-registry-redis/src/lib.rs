@@ -11,13 +11,17 @@
 //!   [`LeaseRefresher`] and [`RedisMembership`].
 //! - [`membership`]: [`RedisMembership`], the cluster's
 //!   [`Membership`](normandy_core::Membership) on those leases.
+//! - Connections come from `normandy-redis`: one server or a Redis Cluster
+//!   (`redis+cluster://h1:p1,h2:p2`), the same code on both; placements, leases and the member
+//!   set each stay within one hash slot per script.
 //! - `error`: the one function that maps Redis errors to [`normandy_core::Error`].
 //!
 //! # How placement works
-//! `register(id, owner)` is one script: if the id has an owner whose lease key is alive, the
-//! caller gets `AlreadyRegistered` naming that owner and its epoch; otherwise the caller takes
-//! the id with `epoch = HINCRBY` of the id's counter, so of any number of concurrent callers, on
-//! any number of processes, exactly one wins, and a re-registration after a lapse has a higher
+//! `register(id, owner)` reads the placement and, if the id has an owner, whether its lease key
+//! is alive: then the caller gets `AlreadyRegistered` naming that owner and its epoch; otherwise
+//! the caller takes the id with a compare-and-set script on the placement (`epoch = HINCRBY` of
+//! the id's counter, only if owner and epoch are still what it read), so of any number of
+//! concurrent callers, on any number of processes, exactly one wins, and a re-registration after a lapse has a higher
 //! epoch. `lookup` resolves a placement only while its owner's lease exists. Leases expire on the
 //! server's clock (`PX`), never on a client's; a node renews its lease every TTL/3
 //! ([`RedisRegistry::spawn_lease_refresher`]) and should stop serving once

@@ -24,19 +24,25 @@ impl std::fmt::Debug for RedisMembership {
 }
 
 impl RedisMembership {
-    /// Connects to `client` with its own connection, under the registry key prefix `prefix`
+    /// Connects to `target` (a [`redis::Client`] or a [`normandy_redis::RedisTarget`], one
+    /// server or a cluster) with its own connection, under the registry key prefix `prefix`
     /// (the same prefix as the [`RedisRegistry`](crate::RedisRegistry)'s, so the leases are
     /// shared). Commands time out after `timeout`: a lease refresh that hangs must fail in time
     /// for the node to stop serving before its lease can lapse. Connecting is one attempt of at
     /// most `max(timeout, 500 ms)`; a server that refuses or does not answer is `Unavailable`.
-    pub async fn connect(client: redis::Client, prefix: &str, timeout: Duration) -> Result<Self> {
+    pub async fn connect(
+        target: impl Into<normandy_redis::RedisTarget>,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let target = target.into();
         if prefix.is_empty() || prefix.chars().any(|c| c.is_whitespace()) {
             return Err(Error::Config(format!(
                 "membership key prefix {prefix:?} must be non-empty and without whitespace"
             )));
         }
         let con = bounded_connect(
-            &client,
+            &target,
             timeout.max(Duration::from_millis(500)),
             timeout,
             |con| async { Ok(con) },

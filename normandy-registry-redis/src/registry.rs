@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use normandy_core::{Error, NodeId, Placement, Result, SessionId, SessionRegistry, async_trait};
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use normandy_redis::{ConnectOptions, RedisConn, RedisTarget};
+use redis::aio::ConnectionLike;
 use redis::{Cmd, Script, ServerErrorKind, Value};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -25,18 +26,18 @@ use crate::lease::Leases;
 /// setting governs its reconnects, so a call during an outage waits for one attempt, not for
 /// the client's backoff; retrying is the caller's (the lease refresh loop, the router).
 pub(crate) async fn bounded_connect<F, Fut>(
-    client: &redis::Client,
+    redis_target: &RedisTarget,
     connect_timeout: Duration,
     response_timeout: Duration,
     setup: F,
-) -> Result<ConnectionManager>
+) -> Result<RedisConn>
 where
-    F: FnOnce(ConnectionManager) -> Fut,
-    Fut: std::future::Future<Output = Result<ConnectionManager>>,
+    F: FnOnce(RedisConn) -> Fut,
+    Fut: std::future::Future<Output = Result<RedisConn>>,
 {
     let target = format!(
         "{} (connect timeout {} ms, response timeout {} ms)",
-        client.get_connection_info().addr(),
+        redis_target.describe(),
         connect_timeout.as_millis(),
         response_timeout.as_millis()
     );
@@ -48,13 +49,12 @@ where
         },
         other => other,
     };
-    let manager_config = ConnectionManagerConfig::new()
-        .set_number_of_retries(0)
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(connect_timeout));
     let connect = async {
-        let con = client
-            .get_connection_manager_with_config(manager_config)
+        let con = redis_target
+            .connect(ConnectOptions {
+                connect_timeout,
+                response_timeout,
+            })
             .await
             .map_err(error::map)?;
         setup(con).await
@@ -71,39 +71,19 @@ where
     }
 }
 
-/// KEYS: placement. ARGV: owner, lease prefix, lease TTL in ms, '1' if the caller's lease must
-/// exist already.
+/// KEYS: placement. ARGV: the owner and epoch the caller read ('' when none), the caller.
 ///
-/// A live owner (its lease key exists) keeps the id; otherwise the caller takes it with the
-/// per-id epoch counter bumped, so each new registration has a greater epoch. Unless ARGV[4] is
-/// '1', the caller's lease is created if absent (registering on behalf of a node asserts that it
-/// is alive); with '1', a caller without a lease gets `nolease` and nothing changes.
-const REGISTER: &str = r"
-if ARGV[4] == '1' and redis.call('EXISTS', ARGV[2] .. ARGV[1]) == 0 then
-  return {'nolease', ARGV[1], '0'}
-end
+/// Takes the id for the caller, with the per-id epoch counter bumped (so each new registration
+/// has a greater epoch), only if the placement still holds what the caller read — and judged
+/// dead by its lease — so of any number of concurrent callers exactly one wins; the others get
+/// `{'moved'}` and read again. (The lease lives in another slot, so it is checked before this
+/// script, not inside it.)
+const CLAIM: &str = r"
 local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
-if cur[1] then
-  if cur[1] == ARGV[1] then
-    redis.call('SET', ARGV[2] .. ARGV[1], '1', 'PX', ARGV[3], 'NX')
-    return {'mine', cur[1], cur[2]}
-  end
-  if redis.call('EXISTS', ARGV[2] .. cur[1]) == 1 then
-    return {'taken', cur[1], cur[2]}
-  end
-end
+if (cur[1] or '') ~= ARGV[1] or (cur[2] or '') ~= ARGV[2] then return {'moved'} end
 local e = redis.call('HINCRBY', KEYS[1], 'epoch', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1])
-redis.call('SET', ARGV[2] .. ARGV[1], '1', 'PX', ARGV[3], 'NX')
-return {'won', ARGV[1], tostring(e)}
-";
-
-/// KEYS: placement. ARGV: lease prefix. `{owner, epoch}` when the owner's lease is alive.
-const LOOKUP: &str = r"
-local cur = redis.call('HMGET', KEYS[1], 'owner', 'epoch')
-if not cur[1] then return {} end
-if redis.call('EXISTS', ARGV[1] .. cur[1]) == 0 then return {} end
-return {cur[1], cur[2]}
+redis.call('HSET', KEYS[1], 'owner', ARGV[3])
+return {'won', tostring(e)}
 ";
 
 /// KEYS: placement. ARGV: owner. Releases the id only if `owner` holds it. The epoch counter
@@ -118,10 +98,12 @@ return 0
 
 #[derive(Debug)]
 struct Scripts {
-    register: Script,
-    lookup: Script,
+    claim: Script,
     unregister: Script,
 }
+
+/// How often `register` reads a placement again after another caller changed it under it.
+const REGISTER_ATTEMPTS: usize = 16;
 
 /// The tier-2 registry: placements in Redis, resolved only while their node's lease is alive.
 ///
@@ -129,7 +111,7 @@ struct Scripts {
 /// - `{<prefix>:<id>}:p`, a hash per session id: `owner` (`name#incarnation`) and `epoch` (the
 ///   per-id counter, `HINCRBY` at every new registration; kept after `unregister` so epochs keep
 ///   growing — one small hash per id ever registered).
-/// - `<prefix>:lease:<name#incarnation>`, one key per node with a server-side TTL (`PX`), renewed
+/// - `{<prefix>}:lease:<name#incarnation>`, one key per node with a server-side TTL (`PX`), renewed
 ///   by [`refresh_lease`](Self::refresh_lease) or a [`LeaseRefresher`].
 ///
 /// Entries carry no TTL of their own: when a node's lease lapses, every placement pointing at it
@@ -137,12 +119,15 @@ struct Scripts {
 /// A restarted node has a new incarnation, hence a new lease key: its previous life's placements
 /// never come back.
 ///
-/// The scripts read a lease key of another slot than the placement: fine on a single Redis (and
-/// Sentinel), refused by Redis Cluster — the same caveat as the Redis store.
+/// The same layout on one server and on a Redis Cluster: a placement and its lease live in
+/// different slots, so `register` and `lookup` read the lease with its own command, and
+/// `register` then claims the placement with a compare-and-set script on the placement's slot
+/// alone (see `CLAIM`): of concurrent registrations exactly one wins on either deployment.
+/// Placements keep the key layout of release 0.1; the lease keys gained the hash tag
+/// `{<prefix>}` (see the crate's `lease` module).
 pub struct RedisRegistry {
-    con: ConnectionManager,
+    con: RedisConn,
     prefix: String,
-    lease_prefix: String,
     leases: Leases,
     lease_ttl: Duration,
     /// Registrations need the caller's lease to exist (see
@@ -167,19 +152,18 @@ impl RedisRegistry {
     pub async fn connect(config: RedisRegistryConfig) -> Result<Self> {
         config.validate()?;
         let (client, connect_timeout, response_timeout) = (
-            &config.client,
+            &config.target,
             config.connect_timeout,
             config.response_timeout,
         );
         let scripts = Scripts {
-            register: Script::new(REGISTER),
-            lookup: Script::new(LOOKUP),
+            claim: Script::new(CLAIM),
             unregister: Script::new(UNREGISTER),
         };
         let con = bounded_connect(client, connect_timeout, response_timeout, |mut con| {
             let scripts = &scripts;
             async move {
-                for s in [&scripts.register, &scripts.lookup, &scripts.unregister] {
+                for s in [&scripts.claim, &scripts.unregister] {
                     s.load_async(&mut con).await.map_err(error::map)?;
                 }
                 Ok(con)
@@ -189,7 +173,6 @@ impl RedisRegistry {
         Ok(Self {
             leases: Leases::new(con.clone(), &config.prefix),
             con,
-            lease_prefix: format!("{}:lease:", config.prefix),
             prefix: config.prefix,
             lease_ttl: config.lease_ttl,
             require_lease: config.require_lease,
@@ -214,10 +197,6 @@ impl RedisRegistry {
 
     fn placement_key(&self, id: &SessionId) -> String {
         format!("{{{}:{id}}}:p", self.prefix)
-    }
-
-    fn ttl_ms(&self) -> u64 {
-        self.lease_ttl.as_millis().max(1) as u64
     }
 
     /// Claims `node`'s lease for one TTL (server-side expiry) if it has none; a lease already
@@ -259,7 +238,6 @@ impl RedisRegistry {
         let registry = Self {
             con: self.con.clone(),
             prefix: self.prefix.clone(),
-            lease_prefix: self.lease_prefix.clone(),
             leases: self.leases.clone(),
             lease_ttl: self.lease_ttl,
             require_lease: self.require_lease,
@@ -301,35 +279,44 @@ impl RedisRegistry {
         let mut con = self.con.clone();
         let escaped = escape_glob(&self.prefix);
         let mut deleted = 0;
-        for pattern in [format!("{{{escaped}:*"), format!("{escaped}:*")] {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(error::map)?;
-                if !keys.is_empty() {
-                    // One UNLINK per key: placements of different ids live in different slots.
-                    let mut pipe = redis::pipe();
-                    for key in &keys {
-                        pipe.cmd("UNLINK").arg(key);
+        for pattern in [
+            format!("{{{escaped}:*"),
+            format!("{{{escaped}}}:*"),
+            format!("{escaped}:*"),
+        ] {
+            let keys = con.scan_match(&pattern).await.map_err(error::map)?;
+            for chunk in keys.chunks(500) {
+                // One UNLINK per key: placements of different ids live in different slots.
+                let cmds = chunk
+                    .iter()
+                    .map(|key| {
+                        let mut cmd = redis::cmd("UNLINK");
+                        cmd.arg(key);
+                        cmd
+                    })
+                    .collect();
+                for reply in con.query_each(cmds).await.map_err(error::map)? {
+                    if let Value::Int(n) = reply.map_err(error::map)? {
+                        deleted += usize::try_from(n).unwrap_or(0);
                     }
-                    let counts: Vec<usize> =
-                        pipe.query_async(&mut con).await.map_err(error::map)?;
-                    deleted += counts.into_iter().sum::<usize>();
-                }
-                cursor = next;
-                if cursor == 0 {
-                    break;
                 }
             }
         }
         Ok(deleted)
+    }
+
+    /// The placement's owner (`None` when the id has none) and epoch counter (`""` when the id
+    /// was never registered; it outlives `unregister`).
+    async fn read_placement(&self, id: &SessionId) -> Result<(Option<String>, String)> {
+        let mut con = self.con.clone();
+        let (owner, epoch): (Option<String>, Option<String>) = redis::cmd("HMGET")
+            .arg(self.placement_key(id))
+            .arg("owner")
+            .arg("epoch")
+            .query_async(&mut con)
+            .await
+            .map_err(error::map)?;
+        Ok((owner, epoch.unwrap_or_default()))
     }
 
     async fn eval(&self, script: &Script, cmd: &Cmd) -> Result<Value> {
@@ -384,56 +371,88 @@ impl Drop for LeaseRefresher {
 #[async_trait]
 impl SessionRegistry for RedisRegistry {
     async fn register(&self, id: &SessionId, owner: &NodeId) -> Result<Placement> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.register.get_hash())
-            .arg(1)
-            .arg(self.placement_key(id))
-            .arg(owner.to_string())
-            .arg(&self.lease_prefix)
-            .arg(self.ttl_ms())
-            .arg(if self.require_lease { "1" } else { "0" });
-        let reply = self.eval(&self.scripts.register, &cmd).await?;
-        let bad = || error::unexpected("register", &reply);
-        let items = as_items(&reply);
-        let [Some(outcome), Some(who), Some(epoch)] = items.as_slice() else {
-            return Err(bad());
-        };
-        let who = parse_node(who).ok_or_else(bad)?;
-        let epoch = parse_u64(epoch).ok_or_else(bad)?;
-        match *outcome {
-            b"won" | b"mine" => Ok(Placement { owner: who, epoch }),
-            b"taken" => Err(Error::AlreadyRegistered {
-                session: id.clone(),
-                owner: who,
-                epoch,
-            }),
-            b"nolease" => Err(Error::Unavailable {
-                backend: "redis registry",
-                message: format!(
-                    "node {owner} has no live lease (it lapsed or was never claimed), so it may \
-                     not place session {id}; it must rejoin first"
-                ),
-            }),
-            _ => Err(bad()),
+        let me = owner.to_string();
+        // The caller's lease first: registering asserts the caller is alive (its lease is
+        // created if absent), unless the config requires a lease claimed at join.
+        if self.require_lease {
+            if !self.leases.alive(owner).await? {
+                return Err(Error::Unavailable {
+                    backend: "redis registry",
+                    message: format!(
+                        "node {owner} has no live lease (it lapsed or was never claimed), so it \
+                         may not place session {id}; it must rejoin first"
+                    ),
+                });
+            }
+        } else {
+            self.leases.ensure(owner, self.lease_ttl).await?;
         }
+        for _ in 0..REGISTER_ATTEMPTS {
+            let (current, epoch) = self.read_placement(id).await?;
+            if let Some(holder) = &current {
+                let epoch = &epoch;
+                if *holder == me {
+                    return Ok(Placement {
+                        owner: owner.clone(),
+                        epoch: parse_u64(epoch.as_bytes())
+                            .ok_or_else(|| bad_placement(id, holder, epoch))?,
+                    });
+                }
+                let holder_node = parse_node(holder.as_bytes())
+                    .ok_or_else(|| bad_placement(id, holder, epoch))?;
+                if self.leases.alive(&holder_node).await? {
+                    return Err(Error::AlreadyRegistered {
+                        session: id.clone(),
+                        owner: holder_node,
+                        epoch: parse_u64(epoch.as_bytes())
+                            .ok_or_else(|| bad_placement(id, holder, epoch))?,
+                    });
+                }
+            }
+            let (seen_owner, seen_epoch) = (current.unwrap_or_default(), epoch);
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.scripts.claim.get_hash())
+                .arg(1)
+                .arg(self.placement_key(id))
+                .arg(seen_owner)
+                .arg(seen_epoch)
+                .arg(&me);
+            let reply = self.eval(&self.scripts.claim, &cmd).await?;
+            let bad = || error::unexpected("register", &reply);
+            match as_items(&reply).as_slice() {
+                [Some(b"won"), Some(epoch)] => {
+                    return Ok(Placement {
+                        owner: owner.clone(),
+                        epoch: parse_u64(epoch).ok_or_else(bad)?,
+                    });
+                }
+                [Some(b"moved")] => {
+                    debug!(session = %id, "placement changed under register; reading again")
+                }
+                _ => return Err(bad()),
+            }
+        }
+        Err(Error::Unavailable {
+            backend: "redis registry",
+            message: format!(
+                "session {id}: placement kept changing during register ({REGISTER_ATTEMPTS} attempts)"
+            ),
+        })
     }
 
     async fn lookup(&self, id: &SessionId) -> Result<Option<Placement>> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.scripts.lookup.get_hash())
-            .arg(1)
-            .arg(self.placement_key(id))
-            .arg(&self.lease_prefix);
-        let reply = self.eval(&self.scripts.lookup, &cmd).await?;
-        let bad = || error::unexpected("lookup", &reply);
-        match as_items(&reply).as_slice() {
-            [] => Ok(None),
-            [Some(who), Some(epoch)] => Ok(Some(Placement {
-                owner: parse_node(who).ok_or_else(bad)?,
-                epoch: parse_u64(epoch).ok_or_else(bad)?,
-            })),
-            _ => Err(bad()),
+        let (Some(holder), epoch) = self.read_placement(id).await? else {
+            return Ok(None);
+        };
+        let node =
+            parse_node(holder.as_bytes()).ok_or_else(|| bad_placement(id, &holder, &epoch))?;
+        if !self.leases.alive(&node).await? {
+            return Ok(None);
         }
+        Ok(Some(Placement {
+            owner: node,
+            epoch: parse_u64(epoch.as_bytes()).ok_or_else(|| bad_placement(id, &holder, &epoch))?,
+        }))
     }
 
     async fn unregister(&self, id: &SessionId, owner: &NodeId) -> Result<bool> {
@@ -458,6 +477,15 @@ async fn eval_on(con: &mut impl ConnectionLike, script: &Script, cmd: &Cmd) -> R
             cmd.query_async(con).await.map_err(error::map)
         }
         other => other.map_err(error::map),
+    }
+}
+
+/// A placement hash whose owner or epoch does not parse.
+fn bad_placement(id: &SessionId, owner: &str, epoch: &str) -> Error {
+    Error::Backend {
+        backend: error::BACKEND,
+        message: format!("session {id}: placement holds owner {owner:?}, epoch {epoch:?}"),
+        retryable: false,
     }
 }
 

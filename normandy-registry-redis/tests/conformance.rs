@@ -1,12 +1,14 @@
 //! The registry conformance suite against a real Redis (`NORMANDY_TEST_REDIS_URL`, else a
-//! container, else skipped by name). Each harness works under its own key prefix.
+//! container, else skipped by name), and again against a Redis Cluster
+//! (`NORMANDY_TEST_REDIS_CLUSTER_URLS`, else skipped by name). Each harness works under its own
+//! key prefix.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use normandy_core::{NodeId, SessionRegistry, async_trait};
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
-use normandy_tests::backends::{redis_url, unique_name};
+use normandy_tests::backends::{redis_cluster_url, redis_url, unique_name};
 use normandy_tests::{RegistryHarness, registry_conformance};
 
 struct RedisHarness {
@@ -17,7 +19,14 @@ struct RedisHarness {
 
 impl RedisHarness {
     async fn new() -> Option<Self> {
-        let url = redis_url().await?;
+        Self::at(redis_url().await?).await
+    }
+
+    async fn cluster() -> Option<Self> {
+        Self::at(redis_cluster_url().await?).await
+    }
+
+    async fn at(url: String) -> Option<Self> {
         let prefix = unique_name("registry");
         let registry = Arc::new(open(&url, &prefix).await);
         Some(Self {
@@ -73,3 +82,4 @@ impl RegistryHarness for RedisHarness {
 }
 
 registry_conformance!(redis, RedisHarness::new());
+registry_conformance!(redis_cluster, RedisHarness::cluster());

@@ -1,27 +1,64 @@
 //! Node leases: a node that stops refreshing loses its placements after one TTL, and the id's
-//! next registration gets a higher epoch; a refreshed lease keeps them.
+//! next registration gets a higher epoch; a refreshed lease keeps them. Each test runs on the
+//! single server and again on a Redis Cluster (`NORMANDY_TEST_REDIS_CLUSTER_URLS`).
 
 use std::time::Duration;
 
 use normandy_core::{ErrorKind, NodeId, SessionId, SessionRegistry};
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
-use normandy_tests::backends::{redis_url, skip, skip_reason, unique_name};
+use normandy_tests::backends::{redis_cluster_url, redis_url, skip, skip_reason, unique_name};
 
-async fn open(ttl: Duration) -> Option<RedisRegistry> {
-    let url = redis_url().await?;
-    let config = RedisRegistryConfig::new(&url)
+async fn open(url: &str, ttl: Duration) -> RedisRegistry {
+    let config = RedisRegistryConfig::new(url)
         .unwrap()
         .prefix(unique_name("lease"))
         .lease_ttl(ttl);
-    Some(RedisRegistry::connect(config).await.expect("connect"))
+    RedisRegistry::connect(config).await.expect("connect")
 }
 
-#[tokio::test]
-async fn a_lapsed_lease_loses_its_entries_and_the_next_registration_has_a_higher_epoch() {
-    let Some(registry) = open(Duration::from_millis(300)).await else {
-        skip("a_lapsed_lease_loses_its_entries", &skip_reason());
-        return;
+/// Stamps `$body(url)` as a test on the single server and one on the cluster; a missing
+/// server skips its test by name.
+macro_rules! on_both {
+    ($(#[$m:meta])* $name:ident, $cluster:ident, $body:ident) => {
+        $(#[$m])*
+        async fn $name() {
+            match redis_url().await {
+                Some(url) => $body(url).await,
+                None => skip(stringify!($name), &skip_reason()),
+            }
+        }
+
+        $(#[$m])*
+        async fn $cluster() {
+            match redis_cluster_url().await {
+                Some(url) => $body(url).await,
+                None => skip(stringify!($cluster), &skip_reason()),
+            }
+        }
     };
+}
+
+on_both!(
+    #[tokio::test]
+    a_lapsed_lease_loses_its_entries_and_the_next_registration_has_a_higher_epoch,
+    on_a_cluster_a_lapsed_lease_loses_its_entries,
+    lapsed
+);
+on_both!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    a_refreshed_lease_keeps_entries_until_the_refresher_stops,
+    on_a_cluster_a_refreshed_lease_keeps_entries,
+    refreshed
+);
+on_both!(
+    #[tokio::test]
+    with_require_lease_a_node_without_a_lease_places_nothing_and_gets_no_lease,
+    on_a_cluster_with_require_lease_a_node_without_a_lease_places_nothing,
+    require_lease
+);
+
+async fn lapsed(url: String) {
+    let registry = open(&url, Duration::from_millis(300)).await;
     let a = NodeId::new("node-a", 1).unwrap();
     let b = NodeId::new("node-b", 1).unwrap();
     let ids: Vec<SessionId> = (0..3)
@@ -64,13 +101,9 @@ async fn a_lapsed_lease_loses_its_entries_and_the_next_registration_has_a_higher
     registry.purge().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refreshed_lease_keeps_entries_until_the_refresher_stops() {
+async fn refreshed(url: String) {
     let ttl = Duration::from_millis(300);
-    let Some(registry) = open(ttl).await else {
-        skip("a_refreshed_lease_keeps_entries", &skip_reason());
-        return;
-    };
+    let registry = open(&url, ttl).await;
     let a = NodeId::new("node-a", 1).unwrap();
     let lease = registry.spawn_lease_refresher(&a).await.unwrap();
     let id = SessionId::new("kept").unwrap();
@@ -92,12 +125,7 @@ async fn a_refreshed_lease_keeps_entries_until_the_refresher_stops() {
 /// whose lease lapsed, registering a session before it noticed, came back under its old
 /// incarnation for up to a TTL. With `require_lease` (what a cluster node uses) it is refused
 /// and nothing is written.
-#[tokio::test]
-async fn with_require_lease_a_node_without_a_lease_places_nothing_and_gets_no_lease() {
-    let Some(url) = redis_url().await else {
-        skip("with_require_lease_a_node_without_a_lease", &skip_reason());
-        return;
-    };
+async fn require_lease(url: String) {
     let registry = RedisRegistry::connect(
         RedisRegistryConfig::new(&url)
             .unwrap()

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use normandy_core::{Error, NodeId, SessionId, SessionRegistry};
 use normandy_registry_redis::{RedisRegistry, RedisRegistryConfig};
-use normandy_tests::backends::{redis_url, skip, skip_reason, unique_name};
+use normandy_tests::backends::{redis_cluster_url, redis_url, skip, skip_reason, unique_name};
 
 /// Registrations per id per process (two processes: 50 per id).
 const PER_PROCESS: usize = 25;
@@ -36,6 +36,23 @@ async fn fifty_registrations_from_two_processes_have_one_winner() {
         );
         return;
     };
+    race(url).await;
+}
+
+/// The same race on a Redis Cluster, where a placement and the leases live in different slots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_registrations_from_two_processes_have_one_winner_on_a_cluster() {
+    let Some(url) = redis_cluster_url().await else {
+        skip(
+            "fifty_registrations_from_two_processes_have_one_winner_on_a_cluster",
+            &skip_reason(),
+        );
+        return;
+    };
+    race(url).await;
+}
+
+async fn race(url: String) {
     let prefix = unique_name("race");
     let exe = std::env::current_exe().expect("test binary path");
     let start_ms = normandy_core::now_ms() + 1500;

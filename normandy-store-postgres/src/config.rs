@@ -27,6 +27,84 @@ pub struct PgStoreConfig {
     pub(crate) require_schema: SchemaLevel,
     pub(crate) migrate_on_open: bool,
     pub(crate) timeouts: ServerTimeouts,
+    pub(crate) pooler: PoolerMode,
+}
+
+/// What sits between the store and Postgres, when something does: how the store must talk so
+/// that every operation is right on whichever server connection the pooler hands it.
+///
+/// Set with [`PgStoreConfig::pooler`] or the URL option `pooler=transaction` (which the store
+/// reads and removes before the URL reaches the driver).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum PoolerMode {
+    /// Postgres directly, or a pooler in *session* mode (a server connection belongs to one
+    /// client connection for its whole life). The fastest path: statements are prepared once
+    /// per connection and cached, and settings travel as startup parameters. URL: `pooler=none`
+    /// or `pooler=session`.
+    #[default]
+    None,
+    /// A *transaction*-pooling pooler (PgBouncer `pool_mode = transaction`, RDS Proxy,
+    /// Supavisor's transaction port): consecutive transactions of one client connection may run
+    /// on different server connections, and startup parameters may be dropped. The store then
+    /// keeps no session state on the server: statements are unnamed (never `sqlx_s_N`), every
+    /// operation is one explicit transaction that sets its own `search_path` and timeouts with
+    /// `SET LOCAL` (sqlx parses and binds an unnamed statement in two round trips, which only a
+    /// transaction keeps on one server connection), no session advisory lock is taken (the
+    /// migrations lock with `pg_advisory_xact_lock`), and nothing listens for notifications.
+    /// Each operation costs two more round trips than [`None`](Self::None). URL:
+    /// `pooler=transaction`.
+    Transaction,
+}
+
+impl std::str::FromStr for PoolerMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "none" | "session" => Ok(Self::None),
+            "transaction" => Ok(Self::Transaction),
+            other => Err(Error::Config(format!(
+                "invalid pooler mode {other:?}: use `transaction` (PgBouncer pool_mode = transaction, \
+                 RDS Proxy, Supavisor), or `none` / `session`"
+            ))),
+        }
+    }
+}
+
+/// Takes the `pooler=` option out of a URL's query string: sqlx would only warn about it and
+/// drop it. Returns the URL without it and the mode it named, if any.
+fn split_pooler(url: &str) -> Result<(String, Option<PoolerMode>)> {
+    let Some((base, rest)) = url.split_once('?') else {
+        return Ok((url.to_string(), None));
+    };
+    let (query, fragment) = match rest.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (rest, None),
+    };
+    let mut mode = None;
+    let mut kept = Vec::new();
+    for pair in query.split('&') {
+        match pair.split_once('=') {
+            Some(("pooler", value)) => mode = Some(value.parse()?),
+            _ if pair == "pooler" => {
+                return Err(Error::Config(
+                    "the Postgres URL option `pooler` needs a value: pooler=transaction".into(),
+                ));
+            }
+            _ => kept.push(pair),
+        }
+    }
+    let mut out = base.to_string();
+    if !kept.is_empty() {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    Ok((out, mode))
 }
 
 /// Timeouts the server enforces on every connection of the store (`statement_timeout`,
@@ -69,6 +147,7 @@ impl fmt::Debug for PgStoreConfig {
             .field("require_schema", &self.require_schema)
             .field("migrate_on_open", &self.migrate_on_open)
             .field("timeouts", &self.timeouts)
+            .field("pooler", &self.pooler)
             .finish_non_exhaustive()
     }
 }
@@ -77,12 +156,16 @@ impl PgStoreConfig {
     /// A config for the database at `url`, with defaults: 16 connections, 5 s acquire timeout,
     /// group commit of up to 256 commits (12 KiB) per statement, one statement in flight unless
     /// it stalls, and the base migration required.
+    ///
+    /// Besides sqlx's options, the URL may carry `pooler=transaction` for a transaction-pooling
+    /// pooler (see [`PoolerMode`]): `postgres://app@pgbouncer:6432/app?pooler=transaction`.
     pub fn new(url: &str) -> Result<Self> {
+        let (url, pooler) = split_pooler(url)?;
         let connect: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             // sqlx's parse errors describe the URL's shape, not its contents, so no password leaks.
             Error::Config(format!("invalid Postgres URL: {e}"))
         })?;
-        Ok(Self::from_options(connect))
+        Ok(Self::from_options(connect).pooler(pooler.unwrap_or_default()))
     }
 
     /// A config from sqlx connect options (TLS, sockets, passwords from files, ...).
@@ -101,7 +184,21 @@ impl PgStoreConfig {
             require_schema: SchemaLevel::Base,
             migrate_on_open: false,
             timeouts: ServerTimeouts::default(),
+            pooler: PoolerMode::None,
         }
+    }
+
+    /// How the store talks through a connection pooler (default [`PoolerMode::None`]); use
+    /// [`PoolerMode::Transaction`] behind PgBouncer in transaction mode, RDS Proxy or
+    /// Supavisor. Also read from the URL option `pooler=transaction` by [`new`](Self::new).
+    pub fn pooler(mut self, mode: PoolerMode) -> Self {
+        self.pooler = mode;
+        self
+    }
+
+    /// The pooler mode this config talks in.
+    pub fn pooler_mode(&self) -> PoolerMode {
+        self.pooler
     }
 
     /// The server-side timeouts of the store's connections (see [`ServerTimeouts`]). A zero
@@ -201,5 +298,41 @@ impl PgStoreConfig {
     pub fn migrate_on_open(mut self, yes: bool) -> Self {
         self.migrate_on_open = yes;
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pooler_option_is_read_and_removed_from_the_url() {
+        let (url, mode) = split_pooler("postgres://u:pw@h:6432/db?pooler=transaction").unwrap();
+        assert_eq!(url, "postgres://u:pw@h:6432/db");
+        assert_eq!(mode, Some(PoolerMode::Transaction));
+        let (url, mode) =
+            split_pooler("postgres://h/db?sslmode=disable&pooler=session&application_name=x")
+                .unwrap();
+        assert_eq!(url, "postgres://h/db?sslmode=disable&application_name=x");
+        assert_eq!(mode, Some(PoolerMode::None));
+        let (url, mode) = split_pooler("postgres://h/db?sslmode=disable").unwrap();
+        assert_eq!(url, "postgres://h/db?sslmode=disable");
+        assert_eq!(mode, None);
+        assert_eq!(split_pooler("postgres://h/db").unwrap().1, None);
+    }
+
+    #[test]
+    fn bad_pooler_option_is_a_config_error_without_the_password() {
+        for url in [
+            "postgres://u:secret@h/db?pooler=statement",
+            "postgres://u:secret@h/db?pooler",
+        ] {
+            let err = PgStoreConfig::new(url).unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err}");
+            assert!(!err.to_string().contains("secret"), "{err}");
+        }
+        let config = PgStoreConfig::new("postgres://h/db?pooler=transaction").unwrap();
+        assert_eq!(config.pooler_mode(), PoolerMode::Transaction);
+        assert!(format!("{config:?}").contains("Transaction"));
     }
 }

@@ -1,12 +1,12 @@
 //! The staged schema: the embedded migrations, which of them a database has ([`SchemaLevel`],
 //! read from the catalog), and the check a store makes before it opens on a database.
 
-use normandy_core::{Error, Result};
+use normandy_core::Result;
 use sqlx::Row;
-use sqlx::postgres::PgPool;
 
 use crate::config::PgStoreConfig;
-use crate::error::{BACKEND, map_sqlx, missing_migration};
+use crate::conn::Db;
+use crate::error::{map_sqlx, missing_migration};
 
 /// The table in which [`migrator`] records applied migrations.
 pub const MIGRATIONS_TABLE: &str = "normandy_migrations";
@@ -19,6 +19,12 @@ pub(crate) const MIGRATION_NAMES: [&str; 3] = ["0001_base", "0002_template", "00
 /// Versions are 1 (`base`), 2 (`template`) and 3 (`resume_policy`); run all with
 /// `migrator().run(&pool)`, only the base with `migrator().run_to(1, &pool)`, and revert with
 /// `migrator().undo(&pool, target)`. Tables are created in the connection's `search_path`.
+///
+/// This is sqlx's migrator: it takes a *session* advisory lock and relies on the connection's
+/// `search_path`, neither of which survives a transaction-pooling pooler. Through one (and
+/// anywhere several processes may migrate at once), use
+/// [`apply_migrations`](crate::apply_migrations) instead, which the store's
+/// [`migrate_on_open`](PgStoreConfig::migrate_on_open) and `cargo xtask migrate` use.
 pub fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("./migrations");
     m.dangerous_set_table_name(MIGRATIONS_TABLE);
@@ -74,15 +80,11 @@ const DETECT_SQL: &str = "SELECT \
 
 /// Applies the migrations if `config` asks for it, then reads the database's level and refuses
 /// one older than [`PgStoreConfig::require_schema`].
-pub(crate) async fn check(pool: &PgPool, config: &PgStoreConfig) -> Result<SchemaLevel> {
+pub(crate) async fn check(db: &Db, config: &PgStoreConfig) -> Result<SchemaLevel> {
     if config.migrate_on_open {
-        migrator().run(pool).await.map_err(|e| Error::Backend {
-            backend: BACKEND,
-            message: format!("applying migrations: {e}"),
-            retryable: false,
-        })?;
+        crate::migrate::apply(db, None).await?;
     }
-    let level = detect_level(pool).await?;
+    let level = detect_level(db).await?;
     let Some(level) = level else {
         return Err(missing_migration(MIGRATION_NAMES[0]));
     };
@@ -99,11 +101,14 @@ pub(crate) async fn check(pool: &PgPool, config: &PgStoreConfig) -> Result<Schem
     Ok(level)
 }
 
-async fn detect_level(pool: &PgPool) -> Result<Option<SchemaLevel>> {
+async fn detect_level(db: &Db) -> Result<Option<SchemaLevel>> {
+    let mut op = db.op().await.map_err(map_sqlx)?;
     let row = sqlx::query(DETECT_SQL)
-        .fetch_one(pool)
+        .persistent(db.persistent())
+        .fetch_one(op.conn())
         .await
         .map_err(map_sqlx)?;
+    op.finish().await.map_err(map_sqlx)?;
     let base: bool = row.try_get(0).map_err(map_sqlx)?;
     let template: bool = row.try_get(1).map_err(map_sqlx)?;
     let resume: bool = row.try_get(2).map_err(map_sqlx)?;

@@ -13,6 +13,8 @@ use normandy_core::{
 };
 use sqlx::Row;
 use sqlx::postgres::PgPool;
+
+use crate::conn::Db;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::PgStoreConfig;
@@ -64,12 +66,14 @@ impl PgStore {
     }
 
     /// Opens the store on an existing pool (whose connections' `search_path` must reach the
-    /// tables). Only the batching, schema-requirement and migrate-on-open settings of `config`
-    /// apply.
+    /// tables). Only the batching, schema-requirement, migrate-on-open and pooler settings of
+    /// `config` apply (through a transaction pooler, also its schema and timeouts, which every
+    /// transaction sets).
     pub async fn from_pool(pool: PgPool, config: &PgStoreConfig) -> Result<Self> {
-        let level = crate::schema::check(&pool, config).await?;
+        let db = Db::new(pool, config);
+        let level = crate::schema::check(&db, config).await?;
         let shared = Arc::new(Shared {
-            pool,
+            db,
             level,
             max_batch: config.max_batch,
             max_batch_bytes: config.max_batch_bytes,
@@ -84,7 +88,11 @@ impl PgStore {
 
     /// The connection pool (to share it, or to run the migrations on it).
     pub fn pool(&self) -> &PgPool {
-        &self.inner.shared.pool
+        &self.inner.shared.db.pool
+    }
+
+    fn db(&self) -> &Db {
+        &self.inner.shared.db
     }
 
     /// How many commit statements carried how many commits so far.
@@ -114,24 +122,29 @@ impl PgStore {
     /// resumable index, never every session.
     pub async fn explain_list_resumable(&self, owner: &OwnerFilter) -> Result<String> {
         self.require(SchemaLevel::ResumePolicy)?;
+        let p = self.db().persistent();
+        let mut op = self.db().op().await.map_err(map_sqlx)?;
         let rows = match owner {
             OwnerFilter::Node(node) => {
                 sqlx::query(EXPLAIN_LIST_NODE)
+                    .persistent(p)
                     .bind(node.to_string())
                     .bind("")
                     .bind(100_i64)
-                    .fetch_all(self.pool())
+                    .fetch_all(op.conn())
                     .await
             }
             OwnerFilter::Any => {
                 sqlx::query(EXPLAIN_LIST_ANY)
+                    .persistent(p)
                     .bind("")
                     .bind(100_i64)
-                    .fetch_all(self.pool())
+                    .fetch_all(op.conn())
                     .await
             }
         }
         .map_err(map_sqlx)?;
+        op.finish().await.map_err(map_sqlx)?;
         let mut plan = String::new();
         for row in rows {
             let line: String = row.try_get(0).map_err(map_sqlx)?;
@@ -195,10 +208,14 @@ impl SessionStore for PgStore {
                 .bind(&template_blob)
                 .bind(policy_str(new.resume_policy)),
         };
+        let in_session = |e| map_sqlx(e).in_session(&new.id);
+        let mut op = self.db().op().await.map_err(in_session)?;
         let row = query
-            .fetch_optional(self.pool())
+            .persistent(self.db().persistent())
+            .fetch_optional(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(&new.id))?;
+            .map_err(in_session)?;
+        op.finish().await.map_err(in_session)?;
         let Some(row) = row else {
             return Err(Error::AlreadyExists { session: new.id });
         };
@@ -223,12 +240,14 @@ impl SessionStore for PgStore {
     async fn activate(&self, id: &SessionId, node: &NodeId) -> Result<SessionRecord> {
         // A transaction, so a record that fails to decode rolls the epoch bump back: corrupt
         // bytes leave the session untouched, as in `InMemoryStore`.
+        let p = self.db().persistent();
         let mut tx = self
-            .pool()
+            .db()
             .begin()
             .await
             .map_err(|e| map_sqlx(e).in_session(id))?;
         let row = sqlx::query(ACTIVATE[self.level_index()])
+            .persistent(p)
             .bind(id.as_str())
             .bind(node.to_string())
             .fetch_optional(&mut *tx)
@@ -236,6 +255,7 @@ impl SessionStore for PgStore {
             .map_err(|e| map_sqlx(e).in_session(id))?;
         let Some(row) = row else {
             let status = sqlx::query(STATUS_SQL)
+                .persistent(p)
                 .bind(id.as_str())
                 .fetch_optional(&mut *tx)
                 .await
@@ -276,30 +296,40 @@ impl SessionStore for PgStore {
     }
 
     async fn load(&self, id: &SessionId) -> Result<Option<SessionRecord>> {
+        let in_session = |e| map_sqlx(e).in_session(id);
+        let mut op = self.db().op().await.map_err(in_session)?;
         let row = sqlx::query(LOAD[self.level_index()])
+            .persistent(self.db().persistent())
             .bind(id.as_str())
-            .fetch_optional(self.pool())
+            .fetch_optional(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(id))?;
+            .map_err(in_session)?;
+        op.finish().await.map_err(in_session)?;
         row.map(|r| record_from_row(&r, id)).transpose()
     }
 
     async fn entries(&self, id: &SessionId, after: Seq, limit: usize) -> Result<Vec<Entry>> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let in_session = |e| map_sqlx(e).in_session(id);
+        let p = self.db().persistent();
+        let mut op = self.db().op().await.map_err(in_session)?;
         let rows = sqlx::query(ENTRIES_SQL)
+            .persistent(p)
             .bind(id.as_str())
             .bind(after)
             .bind(limit)
-            .fetch_all(self.pool())
+            .fetch_all(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(id))?;
+            .map_err(in_session)?;
         if rows.is_empty() {
             let exists: bool = sqlx::query_scalar(EXISTS_SQL)
+                .persistent(p)
                 .bind(id.as_str())
-                .fetch_one(self.pool())
+                .fetch_one(op.conn())
                 .await
-                .map_err(|e| map_sqlx(e).in_session(id))?;
+                .map_err(in_session)?;
+            op.finish().await.map_err(in_session)?;
             if !exists {
                 return Err(Error::NotFound {
                     session: id.clone(),
@@ -307,6 +337,7 @@ impl SessionStore for PgStore {
             }
             return Ok(Vec::new());
         }
+        op.finish().await.map_err(in_session)?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
             let seq: i64 = row.try_get(0).map_err(|e| map_sqlx(e).in_session(id))?;
@@ -331,24 +362,29 @@ impl SessionStore for PgStore {
         }
         let after = cursor.map(SessionId::as_str).unwrap_or("");
         let fetch = i64::try_from(limit).unwrap_or(i64::MAX - 1) + 1;
+        let p = self.db().persistent();
+        let mut op = self.db().op().await.map_err(map_sqlx)?;
         let rows = match owner {
             OwnerFilter::Node(node) => {
                 sqlx::query(LIST_NODE)
+                    .persistent(p)
                     .bind(node.to_string())
                     .bind(after)
                     .bind(fetch)
-                    .fetch_all(self.pool())
+                    .fetch_all(op.conn())
                     .await
             }
             OwnerFilter::Any => {
                 sqlx::query(LIST_ANY)
+                    .persistent(p)
                     .bind(after)
                     .bind(fetch)
-                    .fetch_all(self.pool())
+                    .fetch_all(op.conn())
                     .await
             }
         }
         .map_err(map_sqlx)?;
+        op.finish().await.map_err(map_sqlx)?;
         let more = rows.len() > limit;
         let mut sessions = Vec::with_capacity(rows.len().min(limit));
         for row in rows.iter().take(limit) {
@@ -375,20 +411,26 @@ impl SessionStore for PgStore {
     }
 
     async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
+        let in_session = |e| map_sqlx(e).in_session(id);
+        let p = self.db().persistent();
+        let mut op = self.db().op().await.map_err(in_session)?;
         let done = sqlx::query(TERMINAL_SQL)
+            .persistent(p)
             .bind(id.as_str())
             .bind(to_i64(epoch, "epoch", id)?)
-            .execute(self.pool())
+            .execute(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(id))?;
+            .map_err(in_session)?;
         if done.rows_affected() == 1 {
-            return Ok(());
+            return op.finish().await.map_err(in_session);
         }
         let row = sqlx::query(WHY_SQL)
+            .persistent(p)
             .bind(id.as_str())
-            .fetch_optional(self.pool())
+            .fetch_optional(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(id))?;
+            .map_err(in_session)?;
+        op.finish().await.map_err(in_session)?;
         let Some(row) = row else {
             return Err(Error::NotFound {
                 session: id.clone(),
@@ -407,11 +449,15 @@ impl SessionStore for PgStore {
     }
 
     async fn delete(&self, id: &SessionId) -> Result<bool> {
+        let in_session = |e| map_sqlx(e).in_session(id);
+        let mut op = self.db().op().await.map_err(in_session)?;
         let done = sqlx::query(DELETE_SQL)
+            .persistent(self.db().persistent())
             .bind(id.as_str())
-            .execute(self.pool())
+            .execute(op.conn())
             .await
-            .map_err(|e| map_sqlx(e).in_session(id))?;
+            .map_err(in_session)?;
+        op.finish().await.map_err(in_session)?;
         Ok(done.rows_affected() > 0)
     }
 }

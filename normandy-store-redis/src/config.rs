@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use normandy_core::{Error, Result};
+use normandy_redis::RedisTarget;
 
 /// Replica acknowledgement asked of every commit (`WAIT numreplicas timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,6 +15,11 @@ pub struct Wait {
 }
 
 /// Configuration of a [`RedisStore`](crate::RedisStore).
+///
+/// The store runs on one server (`redis://host:port/db`) or on a Redis Cluster
+/// (`redis+cluster://host1:port1,host2:port2`, or [`RedisStoreConfig::cluster`] with a list of
+/// node URLs): see [`RedisTarget`] for the URL forms, and the crate docs for the key layout on a
+/// cluster.
 ///
 /// ```
 /// use std::time::Duration;
@@ -27,7 +33,7 @@ pub struct Wait {
 /// ```
 #[derive(Debug, Clone)]
 pub struct RedisStoreConfig {
-    pub(crate) client: redis::Client,
+    pub(crate) target: RedisTarget,
     pub(crate) prefix: String,
     pub(crate) wait: Option<Wait>,
     pub(crate) wait_connections: usize,
@@ -36,18 +42,36 @@ pub struct RedisStoreConfig {
 }
 
 impl RedisStoreConfig {
-    /// A configuration for the server at `url` (`redis://host:port/db`), with prefix `normandy`,
-    /// no replica acknowledgement, and a 2 s response timeout.
+    /// A configuration for the server at `url` (`redis://host:port/db`) or the cluster at
+    /// `redis+cluster://host1:port1,host2:port2` (see [`RedisTarget::parse`]), with prefix
+    /// `normandy`, no replica acknowledgement, and a 2 s response timeout.
     pub fn new(url: &str) -> Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| Error::Config(format!("invalid Redis URL for the store: {e}")))?;
-        Ok(Self::with_client(client))
+        let target =
+            RedisTarget::parse(url).map_err(|e| Error::Config(format!("Redis store: {e}")))?;
+        Ok(Self::with_target(target))
+    }
+
+    /// A configuration for the Redis Cluster whose seed nodes are `urls` (`redis://host:port`
+    /// each).
+    pub fn cluster<I, S>(urls: I) -> Result<Self>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let target =
+            RedisTarget::cluster(urls).map_err(|e| Error::Config(format!("Redis store: {e}")))?;
+        Ok(Self::with_target(target))
     }
 
     /// A configuration over an existing client (so a caller can share TLS or auth settings).
     pub fn with_client(client: redis::Client) -> Self {
+        Self::with_target(RedisTarget::Server(client))
+    }
+
+    /// A configuration for `target`, one server or a cluster.
+    pub fn with_target(target: RedisTarget) -> Self {
         Self {
-            client,
+            target,
             prefix: "normandy".into(),
             wait: None,
             wait_connections: 16,
@@ -98,6 +122,11 @@ impl RedisStoreConfig {
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
+    }
+
+    /// Where the store connects.
+    pub fn target(&self) -> &RedisTarget {
+        &self.target
     }
 
     /// The key prefix.

@@ -5,10 +5,9 @@
 use std::sync::Mutex;
 
 use normandy_core::{Error, Result};
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
-use redis::{AsyncConnectionConfig, Cmd, RedisError, Script, ServerErrorKind, Value};
+use normandy_redis::{ConnectOptions, RedisConn, RedisTarget};
+use redis::aio::ConnectionLike;
+use redis::{Cmd, RedisError, Script, ServerErrorKind, Value};
 use tokio::sync::Semaphore;
 
 use crate::config::{RedisStoreConfig, Wait};
@@ -23,14 +22,16 @@ use crate::error::{self, Ctx};
 /// (issue 15). The same setting governs its reconnects, so a call during an outage waits for
 /// one connection attempt, not for the client's backoff: retrying is the caller's (the
 /// engine's commit retry, the caller's resend), where it is bounded and named.
-pub(crate) async fn connect_shared(config: &RedisStoreConfig) -> Result<ConnectionManager> {
-    let manager_config = ConnectionManagerConfig::new()
-        .set_number_of_retries(0)
-        .set_response_timeout(Some(config.response_timeout))
-        .set_connection_timeout(Some(config.connect_timeout));
+///
+/// On a cluster this is a cluster connection: it follows `MOVED` and `ASK` and refreshes its
+/// slot map by itself (a bounded number of resends within the response timeout).
+pub(crate) async fn connect_shared(config: &RedisStoreConfig) -> Result<RedisConn> {
     config
-        .client
-        .get_connection_manager_with_config(manager_config)
+        .target
+        .connect(ConnectOptions {
+            connect_timeout: config.connect_timeout,
+            response_timeout: config.response_timeout,
+        })
         .await
         .map_err(|e| connect_error(&connect_target(config), e))
 }
@@ -70,7 +71,7 @@ pub(crate) fn connect_timed_out(config: &RedisStoreConfig) -> Error {
 pub(crate) fn connect_target(config: &RedisStoreConfig) -> String {
     format!(
         "{} (connect timeout {} ms, response timeout {} ms)",
-        config.client.get_connection_info().addr(),
+        config.target.describe(),
         config.connect_timeout.as_millis(),
         config.response_timeout.as_millis()
     )
@@ -79,14 +80,19 @@ pub(crate) fn connect_target(config: &RedisStoreConfig) -> String {
 /// Dedicated connections for commits that `WAIT`: each carries one commit at a time, so a
 /// `WAIT` blocks nobody else, and its `WAIT` always follows its own script on the same socket
 /// (a reconnected multiplexed connection could otherwise acknowledge an offset it never wrote).
+///
+/// On a cluster each pooled connection is a cluster connection of its own, and the script and
+/// its `WAIT` go out as one pipeline, which the client routes to the primary of the script's
+/// slot: the `WAIT` counts the replicas of the primary that ran the script. (A bare `WAIT`
+/// on a cluster connection would go to every primary and return the smallest count.)
 pub(crate) struct WaitPool {
-    client: redis::Client,
+    target: RedisTarget,
     /// The address and bounds, for a connect error ([`connect_target`]).
-    target: String,
-    config: AsyncConnectionConfig,
+    described: String,
+    options: ConnectOptions,
     pub(crate) wait: Wait,
     // std Mutex: push/pop only, never held across an await.
-    idle: Mutex<Vec<MultiplexedConnection>>,
+    idle: Mutex<Vec<RedisConn>>,
     permits: Semaphore,
 }
 
@@ -94,21 +100,22 @@ impl WaitPool {
     /// The pool for `wait`, or `None` when the config asks for no replica acknowledgement.
     pub(crate) fn new(config: &RedisStoreConfig) -> Option<Self> {
         config.wait.map(|wait| WaitPool {
-            client: config.client.clone(),
-            target: connect_target(config),
+            target: config.target.clone(),
+            described: connect_target(config),
             // The response timeout must outlast the WAIT itself, or a healthy but slow WAIT
             // would surface as a broken connection instead of a count of acknowledgements.
             // One attempt per call, bounded by the connect timeout (no retry loop here).
-            config: AsyncConnectionConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.response_timeout + wait.timeout)),
+            options: ConnectOptions {
+                connect_timeout: config.connect_timeout,
+                response_timeout: config.response_timeout + wait.timeout,
+            },
             wait,
             idle: Mutex::new(Vec::new()),
             permits: Semaphore::new(config.wait_connections),
         })
     }
 
-    async fn acquire(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, MultiplexedConnection)> {
+    async fn acquire(&self) -> Result<(tokio::sync::SemaphorePermit<'_>, RedisConn)> {
         let permit = self
             .permits
             .acquire()
@@ -118,15 +125,15 @@ impl WaitPool {
         let con = match idle {
             Some(con) => con,
             None => self
-                .client
-                .get_multiplexed_async_connection_with_config(&self.config)
+                .target
+                .connect_dedicated(self.options)
                 .await
-                .map_err(|e| connect_error(&self.target, e))?,
+                .map_err(|e| connect_error(&self.described, e))?,
         };
         Ok((permit, con))
     }
 
-    fn release(&self, con: MultiplexedConnection) {
+    fn release(&self, con: RedisConn) {
         self.idle
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -34,7 +34,8 @@ impl<'a> Ctx<'a> {
 /// Maps a Redis error (connection, timeout, server reply, or one of our scripts' `NM*` codes).
 ///
 /// - I/O, refused or dropped connections, response timeouts, and a server that is loading,
-///   failing over or read-only (a demoted primary) are `Unavailable`: retryable.
+///   failing over or read-only (a demoted primary), and a cluster redirect (`MOVED`, `ASK`) or
+///   `CLUSTERDOWN` left after the cluster client's resends, are `Unavailable`: retryable.
 /// - Our scripts' codes: `NMNOTFOUND` → `NotFound`, `NMCLOSED` → `SessionClosed`,
 ///   `NMFENCED <current>` → `Fenced`, `NMCONFLICT <actual>` → `Conflict`,
 ///   `NMEXISTS` → `AlreadyExists`, `NMWRONGTYPE <held> <wanted> <key>` → `Corrupt` naming
@@ -58,7 +59,11 @@ pub(crate) fn map(err: RedisError, ctx: Ctx<'_>) -> Error {
             | ServerErrorKind::TryAgain
             | ServerErrorKind::MasterDown
             | ServerErrorKind::ClusterDown
-            | ServerErrorKind::ReadOnly,
+            | ServerErrorKind::ReadOnly
+            // A redirect still answered after the cluster client's resends (a slot moving
+            // while the slot map is refreshed): the command did not run; try again.
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
         )
         | ErrorKind::ClusterConnectionNotFound => return unavailable(&err),
         _ => {}

@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use normandy_core::{Epoch, Error, InputId, Result, Seq, SessionId, now_ms};
+use normandy_redis::RedisConn;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
 use crate::conn::{WaitPool, eval_on, run_with_wait};
@@ -41,8 +41,8 @@ pub(crate) struct CommitCall {
     pub(crate) id: SessionId,
     pub(crate) epoch: Epoch,
     pub(crate) expected_seq: Seq,
-    /// State, stream, inputs.
-    pub(crate) keys: [String; 3],
+    /// State, stream, inputs (and on a cluster the slot's two index buckets).
+    pub(crate) keys: Vec<String>,
     /// In `scripts::commit_many` order: id, epoch, expected seq, new seq, state blob, has_work,
     /// entry count, then seq, blob, input id per entry.
     pub(crate) args: Vec<Vec<u8>>,
@@ -75,22 +75,30 @@ struct Queue {
 
 /// Sends commits, batching those that arrive together.
 pub(crate) struct Committer {
-    pub(crate) shared: ConnectionManager,
+    pub(crate) shared: RedisConn,
     pub(crate) wait: Option<Arc<WaitPool>>,
     pub(crate) script: redis::Script,
+    /// The index prefix argument (`""` on a cluster).
     pub(crate) index: String,
+    /// Whether commits of different sessions may share a script call: on one server. On a
+    /// cluster the sessions of a batch would live in different slots, which one script may not
+    /// touch, so each commit is its own script call; the cluster connection pipelines the
+    /// calls bound for one primary on its socket, so concurrency still overlaps their round
+    /// trips (and with `WAIT`, each call has its own `WAIT` on its own primary).
+    batching: bool,
     // std Mutex: queue operations only, never held across an await.
     queue: Mutex<Queue>,
 }
 
 impl Committer {
     pub(crate) fn new(
-        shared: ConnectionManager,
+        shared: RedisConn,
         wait: Option<Arc<WaitPool>>,
         script: redis::Script,
         index: String,
     ) -> Self {
         Self {
+            batching: !shared.is_cluster(),
             shared,
             wait,
             script,
@@ -106,6 +114,14 @@ impl Committer {
     /// Commits `call`, alone or in a batch, and returns its own outcome.
     pub(crate) async fn submit(self: &Arc<Self>, call: CommitCall) -> Outcome {
         let (tx, rx) = oneshot::channel();
+        if !self.batching {
+            self.execute(vec![Job { call, tx }]).await;
+            return rx.await.unwrap_or_else(|_| {
+                Err(Error::Internal(
+                    "commit outcome dropped before it was sent".into(),
+                ))
+            });
+        }
         let lead = {
             let mut q = self.lock();
             q.jobs.push_back(Job { call, tx });
@@ -180,7 +196,8 @@ impl Committer {
     /// Sends one batch and hands every job its own outcome.
     async fn execute(&self, batch: Vec<Job>) {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.script.get_hash()).arg(batch.len() * 3);
+        let keys: usize = batch.iter().map(|job| job.call.keys.len()).sum();
+        cmd.arg(self.script.get_hash()).arg(keys);
         for job in &batch {
             for key in &job.call.keys {
                 cmd.arg(key);

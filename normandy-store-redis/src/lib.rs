@@ -16,6 +16,7 @@
 //!   index.
 //! - `group`: group commit — concurrent commits of different sessions share one script call
 //!   (and one `WAIT`), each keeping its own outcome; a lone commit goes out at once.
+//! - `index`: reading the resumable index (one server's sets, or every slot's bucket).
 //! - `unacked`: commits whose fate this process does not know, confirmed when retried.
 //! - `raw`: test support below the store contract — raw bytes, overwriting blobs, purging a
 //!   prefix.
@@ -79,12 +80,18 @@
 //! reconnect a multiplexed `WAIT` could count acknowledgements of an offset it never wrote.
 //!
 //! # Redis Cluster
-//! Every key of one session carries the hash tag `{<prefix>:<id>}`, so a session's keys live in
-//! one slot. The resumable index (`<prefix>:resumable:any` and `<prefix>:resumable:node:<owner>`)
-//! is cross-slot: the scripts update it in the same atomic step as the state, which a single
-//! Redis (with or without Sentinel) allows and Redis Cluster does not. This crate therefore
-//! targets single-primary deployments; on Cluster the index would have to move out of the
-//! scripts (and become eventually consistent), which is not implemented.
+//! The same code runs on a Redis Cluster (`redis+cluster://h1:p1,h2:p2`, see
+//! [`normandy_redis::RedisTarget`]). Every key of one session carries the hash tag
+//! `{<prefix>:<id>}`, so a session's keys live in one slot. On one server the resumable index is
+//! `<prefix>:resumable:any` and `<prefix>:resumable:node:<owner>` (the layout of release 0.1,
+//! unchanged); on a cluster it is one bucket per slot, in the slot of the sessions it lists,
+//! passed to the scripts in `KEYS` (`schema.rs`), so each script stays in one slot and still
+//! updates state and index atomically. Commits are batched into one script only on one server;
+//! on a cluster each commit is its own script, pipelined per primary by the cluster
+//! connection, and a `WAIT` rides in the same pipeline as its script, so it counts the replicas
+//! of the primary that ran it. `MOVED`, `ASK` and `TRYAGAIN` (a slot migrating) are followed by
+//! the cluster client; if one is still answered after its resends, the commit fails
+//! `Unavailable` and the engine's retry confirms or re-sends it.
 //!
 //! # Example
 //! ```no_run
@@ -106,6 +113,7 @@ pub mod config;
 mod conn;
 mod error;
 mod group;
+mod index;
 mod raw;
 mod record;
 mod schema;

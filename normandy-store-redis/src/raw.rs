@@ -9,30 +9,18 @@ use crate::error::{self, Ctx};
 use crate::store::RedisStore;
 
 impl RedisStore {
-    /// Every key under this store's prefix (`SCAN`, so the server is never blocked).
+    /// Every key under this store's prefix (`SCAN`, so the server is never blocked; on a
+    /// cluster, every primary).
     async fn scan_keys(&self) -> Result<Vec<Vec<u8>>> {
         let mut con = self.shared.clone();
-        let ctx = Ctx::default();
         let escaped = escape_glob(&self.keys.prefix);
         let mut keys: Vec<Vec<u8>> = Vec::new();
         for pattern in [format!("{{{escaped}:*"), format!("{escaped}:*")] {
-            let mut cursor: u64 = 0;
-            loop {
-                let (next, batch): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(1000)
-                    .query_async(&mut con)
+            keys.extend(
+                con.scan_match(&pattern)
                     .await
-                    .map_err(|e| error::map(e, ctx))?;
-                keys.extend(batch);
-                cursor = next;
-                if cursor == 0 {
-                    break;
-                }
-            }
+                    .map_err(|e| error::map(e, Ctx::default()))?,
+            );
         }
         keys.sort();
         keys.dedup();
@@ -87,15 +75,23 @@ impl RedisStore {
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
             // UNLINK per key: keys of different sessions live in different slots.
-            let mut pipe = redis::pipe();
-            for key in chunk {
-                pipe.cmd("UNLINK").arg(key);
-            }
-            let counts: Vec<usize> = pipe
-                .query_async(&mut con)
+            let cmds = chunk
+                .iter()
+                .map(|key| {
+                    let mut cmd = redis::cmd("UNLINK");
+                    cmd.arg(key);
+                    cmd
+                })
+                .collect();
+            for reply in con
+                .query_each(cmds)
                 .await
-                .map_err(|e| error::map(e, Ctx::default()))?;
-            deleted += counts.into_iter().sum::<usize>();
+                .map_err(|e| error::map(e, Ctx::default()))?
+            {
+                if let Value::Int(n) = reply.map_err(|e| error::map(e, Ctx::default()))? {
+                    deleted += usize::try_from(n).unwrap_or(0);
+                }
+            }
         }
         self.unacked.clear();
         Ok(deleted)

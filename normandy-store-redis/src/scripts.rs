@@ -1,11 +1,12 @@
 //! The Lua scripts: each store write is one script, so Redis runs its checks and its writes as
 //! one atomic step (no other command interleaves with a running script).
 //!
-//! Keys of one session share the hash tag `{<prefix>:<id>}` and are passed in `KEYS`. The
-//! resumable index keys (`<prefix>:resumable:any`, `<prefix>:resumable:node:<node>`) are derived
-//! inside the scripts from a prefix in `ARGV`, because the owner is only known once the state has
-//! been read. That is fine on a single Redis (and Sentinel); Redis Cluster refuses a script that
-//! touches keys of several slots, which is the documented Cluster caveat of this crate.
+//! Keys of one session share the hash tag `{<prefix>:<id>}` and are passed in `KEYS`. On one
+//! server the resumable index sets (`<prefix>:resumable:any`, `<prefix>:resumable:node:<node>`)
+//! are named inside the scripts from a prefix in `ARGV`, because the owner is only known once
+//! the state has been read (the layout of release 0.1). On a cluster that prefix is empty and
+//! the scripts take the index from two more `KEYS`: the `any` and `own` buckets of the
+//! session's slot (`schema.rs`), so every script touches only keys of one slot, all declared.
 //!
 //! Errors are `redis.error_reply` with our own codes (`NMNOTFOUND`, `NMCLOSED`, `NMFENCED <cur>`,
 //! `NMCONFLICT <actual>`, `NMEXISTS`, `NMWRONGTYPE <held> <wanted> <key>`), mapped in
@@ -37,16 +38,28 @@ local function wrong_type(kt)
   end
   return nil
 end
-local function index_keys(kt, p, old_rs, old_own, new_rs, new_own)
+-- The resumable index (see schema.rs). One server: ARGV's prefix p names the sets 'any' and
+-- 'node:<owner>'. Cluster (p == ''): the slot's buckets, declared in KEYS: 'any' holds ids,
+-- 'own' holds '<owner>\0<id>'.
+local function ix_of(p, any, own)
+  if p ~= '' then return {p = p} end
+  return {any = any, own = own}
+end
+local function ix_any(ix) return ix.any or (ix.p .. 'any') end
+local function ix_node(ix, o, id)
+  if ix.own then return ix.own, o .. '\0' .. id end
+  return ix.p .. 'node:' .. o, id
+end
+local function index_keys(kt, ix, old_rs, old_own, new_rs, new_own)
   if old_rs == new_rs and old_own == new_own then return kt end
   local function add(k) kt[#kt + 1] = k; kt[#kt + 1] = 'zset' end
   if old_rs == '1' then
-    add(p .. 'any')
-    if old_own then add(p .. 'node:' .. old_own) end
+    add(ix_any(ix))
+    if old_own then add((ix_node(ix, old_own, ''))) end
   end
   if new_rs == '1' then
-    add(p .. 'any')
-    if new_own then add(p .. 'node:' .. new_own) end
+    add(ix_any(ix))
+    if new_own then add((ix_node(ix, new_own, ''))) end
   end
   return kt
 end
@@ -55,15 +68,18 @@ end
 /// Moves a session between the resumable index sets when its flag or owner changed (the keys
 /// it writes are `index_keys`' with the same arguments, checked first).
 const REINDEX: &str = r"
-local function reindex(p, id, old_rs, old_own, new_rs, new_own)
+local function reindex(ix, id, old_rs, old_own, new_rs, new_own)
   if old_rs == new_rs and old_own == new_own then return end
   if old_rs == '1' then
-    redis.call('ZREM', p .. 'any', id)
-    if old_own then redis.call('ZREM', p .. 'node:' .. old_own, id) end
+    redis.call('ZREM', ix_any(ix), id)
+    if old_own then redis.call('ZREM', ix_node(ix, old_own, id)) end
   end
   if new_rs == '1' then
-    redis.call('ZADD', p .. 'any', 0, id)
-    if new_own then redis.call('ZADD', p .. 'node:' .. new_own, 0, id) end
+    redis.call('ZADD', ix_any(ix), 0, id)
+    if new_own then
+      local k, m = ix_node(ix, new_own, id)
+      redis.call('ZADD', k, 0, m)
+    end
   end
 end
 ";
@@ -89,7 +105,8 @@ return 'ok'
     )
 }
 
-/// KEYS: state. ARGV: id, index prefix, node, seq read by the client, state blob read by the
+/// KEYS: state (then, on a cluster, the slot's `any` and `own` index buckets). ARGV: id, index
+/// prefix ('' on a cluster), node, seq read by the client, state blob read by the
 /// client, now.
 ///
 /// Returns `{'ok', epoch}`, or `{'stale'}` when a commit changed the record since the client
@@ -106,17 +123,20 @@ local f = redis.call('HMGET', KEYS[1], 'ep', 'st', 'own', 'rs', 'seq', 'ts')
 if not f[1] then return redis.error_reply('NMNOTFOUND session') end
 if f[2] == 'terminal' then return redis.error_reply('NMCLOSED session') end
 if f[5] ~= ARGV[4] or f[6] ~= ARGV[5] then return {'stale'} end
-bad = wrong_type(index_keys({}, ARGV[2], f[4], f[3], f[4], ARGV[3]))
+local ix = ix_of(ARGV[2], KEYS[2], KEYS[3])
+bad = wrong_type(index_keys({}, ix, f[4], f[3], f[4], ARGV[3]))
 if bad then return redis.error_reply(bad) end
 local ep = redis.call('HINCRBY', KEYS[1], 'ep', 1)
 redis.call('HSET', KEYS[1], 'own', ARGV[3], 'ua', ARGV[6])
-reindex(ARGV[2], ARGV[1], f[4], f[3], f[4], ARGV[3])
+reindex(ix, ARGV[1], f[4], f[3], f[4], ARGV[3])
 return {'ok', tostring(ep)}
 "
     )
 }
 
-/// Group commit: KEYS are (state, stream, inputs) per commit; ARGV: index prefix, now, then per
+/// Group commit: KEYS are (state, stream, inputs) per commit — on a cluster (index prefix '')
+/// (state, stream, inputs, `any` bucket, `own` bucket), and one commit per call, since the
+/// sessions of a batch live in different slots; ARGV: index prefix, now, then per
 /// commit: id, epoch, expected seq, new seq, state blob, has_work ('1'/'0'), entry count, then
 /// per entry: seq, blob, input id ('' = none).
 ///
@@ -137,7 +157,7 @@ pub(crate) fn commit_many() -> String {
     format!(
         "{CHECK}{REINDEX}{}",
         r"
-local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
+local function commit(ks, ke, ki, ix, now, id, ep, exp, new, ts, work, n, e0)
   -- All or nothing without a TYPE per key on the common path: the reads come first and each
   -- doubles as its key's type check (a read of a key of another type fails, nothing written
   -- yet); the stream, which no read covers, takes the first write, so a foreign key there fails
@@ -175,7 +195,7 @@ local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
     end
   end
   if f[2] ~= exp then return {'err', 'NMCONFLICT ' .. f[2]} end
-  local bad = wrong_type(index_keys({}, p, f[6], f[5], rs, f[5]))
+  local bad = wrong_type(index_keys({}, ix, f[6], f[5], rs, f[5]))
   if bad then return {'err', bad} end
   for i = 0, n - 1 do
     local b = e0 + i * 3
@@ -187,18 +207,22 @@ local function commit(ks, ke, ki, p, now, id, ep, exp, new, ts, work, n, e0)
   end
   if #inputs > 0 then redis.call('HSET', ki, unpack(inputs)) end
   redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now, 'rs', rs)
-  reindex(p, id, f[6], f[5], rs, f[5])
+  reindex(ix, id, f[6], f[5], rs, f[5])
   return {'applied', new}
 end
 
 local p, now = ARGV[1], ARGV[2]
 local a = 3
 local out = {}
-for c = 1, #KEYS / 3 do
+local stride = 3
+if p == '' then stride = 5 end
+for c = 1, #KEYS / stride do
+  local k = (c - 1) * stride
   local n = tonumber(ARGV[a + 6])
   -- pcall: a command error in one commit (which its type checks should leave impossible)
   -- must not abort the script and take the other sessions' outcomes with it.
-  local ok, r = pcall(commit, KEYS[c * 3 - 2], KEYS[c * 3 - 1], KEYS[c * 3], p, now, ARGV[a],
+  local ix = ix_of(p, KEYS[k + 4], KEYS[k + 5])
+  local ok, r = pcall(commit, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], ix, now, ARGV[a],
     ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], n, a + 7)
   if ok then
     out[c] = r
@@ -237,7 +261,8 @@ return {'miss'}
     )
 }
 
-/// KEYS: state. ARGV: id, index prefix, epoch, now.
+/// KEYS: state (then, on a cluster, the slot's `any` and `own` index buckets). ARGV: id, index
+/// prefix ('' on a cluster), epoch, now.
 pub(crate) fn mark_terminal() -> String {
     format!(
         "{CHECK}{REINDEX}{}",
@@ -253,16 +278,18 @@ if f[2] == 'terminal' then
   return 'ok'
 end
 if f[1] ~= ARGV[3] then return redis.error_reply('NMFENCED ' .. f[1]) end
-bad = wrong_type(index_keys({}, ARGV[2], f[4], f[3], '0', f[3]))
+local ix = ix_of(ARGV[2], KEYS[2], KEYS[3])
+bad = wrong_type(index_keys({}, ix, f[4], f[3], '0', f[3]))
 if bad then return redis.error_reply(bad) end
 redis.call('HSET', KEYS[1], 'st', 'terminal', 'rs', '0', 'ua', ARGV[4])
-reindex(ARGV[2], ARGV[1], f[4], f[3], '0', f[3])
+reindex(ix, ARGV[1], f[4], f[3], '0', f[3])
 return 'ok'
 "
     )
 }
 
-/// KEYS: state, stream, inputs. ARGV: id, index prefix. Returns 1 if the session existed.
+/// KEYS: state, stream, inputs (then, on a cluster, the slot's `any` and `own` index buckets).
+/// ARGV: id, index prefix ('' on a cluster). Returns 1 if the session existed.
 ///
 /// `DEL` takes a key of any type, so only the state (which is read) and the index sets (which
 /// are edited) are type-checked.
@@ -277,9 +304,10 @@ if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
 local f = redis.call('HMGET', KEYS[1], 'own', 'rs')
-bad = wrong_type(index_keys({}, ARGV[2], f[2], f[1], '0', f[1]))
+local ix = ix_of(ARGV[2], KEYS[4], KEYS[5])
+bad = wrong_type(index_keys({}, ix, f[2], f[1], '0', f[1]))
 if bad then return redis.error_reply(bad) end
-reindex(ARGV[2], ARGV[1], f[2], f[1], '0', f[1])
+reindex(ix, ARGV[1], f[2], f[1], '0', f[1])
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 return 1
 "

@@ -11,7 +11,7 @@ use normandy_core::{
     Result, ResumablePage, ResumableSession, Seq, SessionId, SessionRecord, SessionStatus,
     SessionStore, TurnState, async_trait, now_ms,
 };
-use redis::aio::ConnectionManager;
+use normandy_redis::RedisConn;
 use redis::{Cmd, Script, Value};
 use tracing::{debug, warn};
 
@@ -43,8 +43,9 @@ const ACTIVATE_ATTEMPTS: usize = 8;
 /// sets `<prefix>:resumable:any` and `<prefix>:resumable:node:<owner>` (members ordered by id,
 /// read with `ZRANGEBYLEX`), kept by the same scripts that change the flag or the owner.
 pub struct RedisStore {
-    /// Reads and non-`WAIT` writes: one reconnecting multiplexed connection.
-    pub(crate) shared: ConnectionManager,
+    /// Reads and non-`WAIT` writes: one reconnecting multiplexed connection, or a cluster
+    /// connection.
+    pub(crate) shared: RedisConn,
     /// Present when the config asks for replica acknowledgements.
     wait: Option<Arc<WaitPool>>,
     /// Sends commits, grouping those of different sessions that arrive together.
@@ -82,12 +83,12 @@ impl RedisStore {
     async fn connect_unbounded(config: &RedisStoreConfig) -> Result<Self> {
         let shared = crate::conn::connect_shared(config).await?;
         let wait = WaitPool::new(config).map(Arc::new);
-        let keys = Keys::new(&config.prefix);
+        let keys = Keys::new(&config.prefix, shared.is_cluster());
         let committer = Arc::new(Committer::new(
             shared.clone(),
             wait.clone(),
             Script::new(&scripts::commit_many()),
-            keys.index.clone(),
+            keys.index_arg().to_string(),
         ));
         let store = Self {
             shared,
@@ -181,7 +182,12 @@ impl RedisStore {
     }
 
     /// The error for a read that met `WRONGTYPE` on `key`, naming what the key holds.
-    async fn wrong_type_read(&self, session: Option<&SessionId>, key: &str, wanted: &str) -> Error {
+    pub(crate) async fn wrong_type_read(
+        &self,
+        session: Option<&SessionId>,
+        key: &str,
+        wanted: &str,
+    ) -> Error {
         let mut con = self.shared.clone();
         let held: Option<String> = redis::cmd("TYPE").arg(key).query_async(&mut con).await.ok();
         error::wrong_type(session, key, held.as_deref(), wanted)
@@ -256,11 +262,13 @@ impl SessionStore for RedisStore {
             let mut record = decode_record(id, fields)?;
             let now = now_ms();
             let mut cmd = redis::cmd("EVALSHA");
+            let index_keys = self.keys.index_keys(id);
             cmd.arg(self.scripts.activate.get_hash())
-                .arg(1)
+                .arg(1 + index_keys.len())
                 .arg(self.keys.state(id))
+                .arg(&index_keys)
                 .arg(id.as_str())
-                .arg(&self.keys.index)
+                .arg(self.keys.index_arg())
                 .arg(node.to_string())
                 .arg(record.seq)
                 .arg(state_bytes)
@@ -358,15 +366,17 @@ impl SessionStore for RedisStore {
                             .unwrap_or_default(),
                     );
                 }
+                let mut keys = vec![
+                    self.keys.state(id),
+                    self.keys.stream(id),
+                    self.keys.inputs(id),
+                ];
+                keys.extend(self.keys.index_keys(id));
                 let call = CommitCall {
                     id: id.clone(),
                     epoch,
                     expected_seq,
-                    keys: [
-                        self.keys.state(id),
-                        self.keys.stream(id),
-                        self.keys.inputs(id),
-                    ],
+                    keys,
                     args,
                 };
                 match self.committer.submit(call).await {
@@ -508,31 +518,9 @@ impl SessionStore for RedisStore {
         limit: usize,
     ) -> Result<ResumablePage> {
         let ctx = Ctx::default();
-        let mut con = self.shared.clone();
-        let key = match owner {
-            OwnerFilter::Node(node) => self.keys.node_index(node),
-            OwnerFilter::Any => self.keys.any_index(),
-        };
-        let min = match cursor {
-            Some(c) => format!("({c}"),
-            None => "-".to_string(),
-        };
-        let ids: Vec<String> = match redis::cmd("ZRANGEBYLEX")
-            .arg(&key)
-            .arg(min)
-            .arg("+")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit.saturating_add(1).min(i64::MAX as usize))
-            .query_async(&mut con)
-            .await
-        {
-            Ok(ids) => ids,
-            Err(e) if error::is_wrong_type(&e) => {
-                return Err(self.wrong_type_read(None, &key, "zset").await);
-            }
-            Err(e) => return Err(error::map(e, ctx)),
-        };
+        let ids = self
+            .resumable_ids(owner, cursor, limit.saturating_add(1))
+            .await?;
         let more = ids.len() > limit;
         let ids: Vec<SessionId> = ids
             .into_iter()
@@ -543,18 +531,21 @@ impl SessionStore for RedisStore {
             .collect::<Result<_>>()?;
         let mut sessions = Vec::with_capacity(ids.len());
         if !ids.is_empty() {
-            let mut pipe = redis::pipe();
-            for id in &ids {
-                pipe.cmd("HMGET")
-                    .arg(self.keys.state(id))
-                    .arg("ep")
-                    .arg("own");
-            }
-            let rows: Vec<(Option<String>, Option<String>)> = pipe
-                .query_async(&mut con)
-                .await
-                .map_err(|e| error::map(e, ctx))?;
-            for (id, (epoch, own)) in ids.into_iter().zip(rows) {
+            // One read per session: on a cluster they live in different slots.
+            let cmds = ids
+                .iter()
+                .map(|id| {
+                    let mut cmd = redis::cmd("HMGET");
+                    cmd.arg(self.keys.state(id)).arg("ep").arg("own");
+                    cmd
+                })
+                .collect();
+            let mut con = self.shared.clone();
+            let replies = con.query_each(cmds).await.map_err(|e| error::map(e, ctx))?;
+            for (id, reply) in ids.into_iter().zip(replies) {
+                let (epoch, own): (Option<String>, Option<String>) = reply
+                    .and_then(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+                    .map_err(|e| error::map(e, Ctx::session(&id)))?;
                 // Deleted between the index read and this one: skip it.
                 let Some(epoch) = epoch else { continue };
                 let epoch = epoch.parse().map_err(|_| {
@@ -577,11 +568,13 @@ impl SessionStore for RedisStore {
 
     async fn mark_terminal(&self, id: &SessionId, epoch: Epoch) -> Result<()> {
         let mut cmd = redis::cmd("EVALSHA");
+        let index_keys = self.keys.index_keys(id);
         cmd.arg(self.scripts.mark_terminal.get_hash())
-            .arg(1)
+            .arg(1 + index_keys.len())
             .arg(self.keys.state(id))
+            .arg(&index_keys)
             .arg(id.as_str())
-            .arg(&self.keys.index)
+            .arg(self.keys.index_arg())
             .arg(epoch)
             .arg(now_ms());
         self.eval_durable(
@@ -596,13 +589,15 @@ impl SessionStore for RedisStore {
 
     async fn delete(&self, id: &SessionId) -> Result<bool> {
         let mut cmd = redis::cmd("EVALSHA");
+        let index_keys = self.keys.index_keys(id);
         cmd.arg(self.scripts.delete.get_hash())
-            .arg(3)
+            .arg(3 + index_keys.len())
             .arg(self.keys.state(id))
             .arg(self.keys.stream(id))
             .arg(self.keys.inputs(id))
+            .arg(&index_keys)
             .arg(id.as_str())
-            .arg(&self.keys.index);
+            .arg(self.keys.index_arg());
         let deleted = self
             .eval_durable(&self.scripts.delete, &cmd, Ctx::session(id), id)
             .await?;

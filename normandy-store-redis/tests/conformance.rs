@@ -1,11 +1,12 @@
 //! The store conformance suite against a real Redis (`NORMANDY_TEST_REDIS_URL`, else a container,
+//! else skipped by name), and again against a Redis Cluster (`NORMANDY_TEST_REDIS_CLUSTER_URLS`,
 //! else skipped by name). Each harness works under its own key prefix.
 
 use std::sync::Arc;
 
 use normandy_core::{Seq, SessionId, SessionStore, async_trait};
 use normandy_store_redis::{RedisStore, RedisStoreConfig};
-use normandy_tests::backends::{redis_url, unique_name};
+use normandy_tests::backends::{redis_cluster_url, redis_url, unique_name};
 use normandy_tests::{StoreHarness, store_conformance};
 
 struct RedisHarness {
@@ -18,6 +19,14 @@ impl RedisHarness {
     async fn new() -> Option<Self> {
         let url = redis_url().await?;
         let prefix = unique_name("store");
+        let store = Arc::new(open(&url, &prefix).await);
+        Some(Self { url, prefix, store })
+    }
+
+    /// The same suite on a Redis Cluster (the seed nodes as one `redis+cluster://` URL).
+    async fn cluster() -> Option<Self> {
+        let url = redis_cluster_url().await?;
+        let prefix = unique_name("store_cluster");
         let store = Arc::new(open(&url, &prefix).await);
         Some(Self { url, prefix, store })
     }
@@ -71,3 +80,4 @@ impl StoreHarness for RedisHarness {
 }
 
 store_conformance!(redis, RedisHarness::new());
+store_conformance!(redis_cluster, RedisHarness::cluster());

@@ -1,12 +1,21 @@
 //! Finding the servers a backend's suite runs against, and skipping by name when there are none.
 //!
-//! Discovery order (DESIGN.md, "Tests"):
+//! Discovery order, the same for every suite (DESIGN.md, "Tests"):
 //! 1. an environment URL: `NORMANDY_TEST_DATABASE_URL` (Postgres) or `NORMANDY_TEST_REDIS_URL`;
-//! 2. with this crate's `containers` feature, a testcontainers container — only if a Docker
+//! 2. the default local server, when it answers a real handshake within a couple of seconds
+//!    ([`LOCAL_POSTGRES_URL`], [`LOCAL_REDIS_URL`]);
+//! 3. with this crate's `containers` feature, a testcontainers container — only if a Docker
 //!    engine answers a quick ping;
-//! 3. otherwise `None`, and the suite reports itself skipped by name through [`skip`].
+//! 4. otherwise `None`, and the test reports itself skipped by name through [`skip`], with every
+//!    step's reason.
 //!
 //! With `NORMANDY_REQUIRE_BACKENDS=1` (CI) a skip is a failure instead.
+//!
+//! # Skips are never passes
+//! A skipped test returns early, so the test runner counts it as passed. [`skip`] therefore also
+//! appends `<test>\t<reason>` to the file named by `NORMANDY_SKIP_LOG` when it is set;
+//! `cargo xtask test` (the README's test command) sets it and prints the skipped tests, grouped by
+//! reason, under the runner's summary.
 //!
 //! # Containers
 //! One container per image is shared by every test of the process: it is started once and kept
@@ -25,6 +34,13 @@ pub const DATABASE_URL_VAR: &str = "NORMANDY_TEST_DATABASE_URL";
 pub const REDIS_URL_VAR: &str = "NORMANDY_TEST_REDIS_URL";
 /// The env var that turns a skipped suite into a failure.
 pub const REQUIRE_BACKENDS_VAR: &str = "NORMANDY_REQUIRE_BACKENDS";
+/// The env var naming a file that [`skip`] appends `<test>\t<reason>` lines to.
+pub const SKIP_LOG_VAR: &str = "NORMANDY_SKIP_LOG";
+
+/// The local Postgres tried when no env URL is set: a default install's superuser and database.
+pub const LOCAL_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// The local Redis tried when no env URL is set.
+pub const LOCAL_REDIS_URL: &str = "redis://127.0.0.1:6379";
 
 /// Postgres image tag used when a container is started.
 pub const POSTGRES_TAG: &str = "17-alpine";
@@ -46,22 +62,77 @@ fn env_url(var: &str) -> Option<String> {
     std::env::var(var).ok().filter(|v| !v.trim().is_empty())
 }
 
-/// A Postgres URL for tests: `NORMANDY_TEST_DATABASE_URL`, else a shared container (feature
-/// `containers`, Docker reachable), else `None` (the reason is kept for [`skip_reason`]).
+/// A Postgres URL for tests: `NORMANDY_TEST_DATABASE_URL`, else [`LOCAL_POSTGRES_URL`] when a
+/// server there accepts a connection, else a shared container (feature `containers`, Docker
+/// reachable), else `None` (the reasons are kept for [`skip_reason`]).
 pub async fn postgres_url() -> Option<String> {
     if let Some(url) = env_url(DATABASE_URL_VAR) {
         return Some(url);
     }
-    discover("postgres", DATABASE_URL_VAR).await
+    static LOCAL: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    match LOCAL
+        .get_or_init(|| probe_postgres(LOCAL_POSTGRES_URL))
+        .await
+    {
+        Ok(()) => Some(LOCAL_POSTGRES_URL.to_string()),
+        Err(why) => {
+            note_unavailable(format!("{DATABASE_URL_VAR} is not set; {why}"));
+            discover("postgres", DATABASE_URL_VAR).await
+        }
+    }
 }
 
-/// A Redis URL for tests: `NORMANDY_TEST_REDIS_URL`, else a shared container (feature
-/// `containers`, Docker reachable), else `None` (the reason is kept for [`skip_reason`]).
+/// A Redis URL for tests: `NORMANDY_TEST_REDIS_URL`, else [`LOCAL_REDIS_URL`] when a server
+/// there answers `PING`, else a shared container (feature `containers`, Docker reachable), else
+/// `None` (the reasons are kept for [`skip_reason`]).
 pub async fn redis_url() -> Option<String> {
     if let Some(url) = env_url(REDIS_URL_VAR) {
         return Some(url);
     }
-    discover("redis", REDIS_URL_VAR).await
+    static LOCAL: tokio::sync::OnceCell<Result<(), String>> = tokio::sync::OnceCell::const_new();
+    match LOCAL.get_or_init(|| probe_redis(LOCAL_REDIS_URL)).await {
+        Ok(()) => Some(LOCAL_REDIS_URL.to_string()),
+        Err(why) => {
+            note_unavailable(format!("{REDIS_URL_VAR} is not set; {why}"));
+            discover("redis", REDIS_URL_VAR).await
+        }
+    }
+}
+
+/// How long a local server gets to answer before discovery moves on.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Whether a Postgres at `url` completes a login and answers `SELECT 1`.
+async fn probe_postgres(url: &str) -> Result<(), String> {
+    use sqlx::Connection;
+    let attempt = async {
+        let mut con = sqlx::PgConnection::connect(url).await?;
+        sqlx::query("SELECT 1").execute(&mut con).await?;
+        con.close().await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("no usable local Postgres at {url}: {e}")),
+        Err(_) => Err(format!(
+            "no usable local Postgres at {url}: no answer in {PROBE_TIMEOUT:?}"
+        )),
+    }
+}
+
+/// Whether a Redis at `url` answers `PING`.
+async fn probe_redis(url: &str) -> Result<(), String> {
+    let attempt = async {
+        let client = redis::Client::open(url)?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut con).await
+    };
+    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("no usable local Redis at {url}: {e}")),
+        Err(_) => Err(format!(
+            "no usable local Redis at {url}: no answer in {PROBE_TIMEOUT:?}"
+        )),
+    }
 }
 
 #[cfg(feature = "containers")]
@@ -96,14 +167,54 @@ pub fn require_backends() -> bool {
     })
 }
 
-/// Reports `name` skipped: prints `SKIPPED <name>: <reason>` to stderr and returns, or panics
-/// with that message when [`require_backends`] is set.
+/// Reports `name` skipped: prints `SKIPPED <name>: <reason>` to stderr, appends it to the
+/// `NORMANDY_SKIP_LOG` file when that is set, and returns — or panics with that message when
+/// [`require_backends`] is set.
 pub fn skip(name: &str, reason: &str) {
     let msg = format!("SKIPPED {name}: {reason}");
     if require_backends() {
         panic!("{msg} ({REQUIRE_BACKENDS_VAR}=1 makes a skipped suite a failure)");
     }
     eprintln!("{msg}");
+    if let Some(path) = env_url(SKIP_LOG_VAR) {
+        record_skip(&path, name, reason);
+    }
+}
+
+/// Like [`skip`], naming the running test itself (nextest's `NEXTEST_TEST_NAME`, else the test
+/// thread's name, which libtest sets to the test's path).
+pub fn skip_this_test(reason: &str) {
+    skip(&current_test_name(), reason);
+}
+
+/// The running test's name, as well as it can be told.
+pub fn current_test_name() -> String {
+    if let Some(name) = env_url("NEXTEST_TEST_NAME") {
+        return name;
+    }
+    match std::thread::current().name() {
+        Some(name) if name != "main" => name.to_string(),
+        _ => "<unnamed test>".to_string(),
+    }
+}
+
+/// Appends one `<test>\t<reason>` line in a single `write` (O_APPEND keeps the lines of parallel
+/// test processes whole). Failing to record is reported, never fatal: the skip itself stands.
+fn record_skip(path: &str, name: &str, reason: &str) {
+    use std::io::Write;
+    let line = format!(
+        "{}\t{}\n",
+        name.replace(['\t', '\n'], " "),
+        reason.replace(['\t', '\n'], " ")
+    );
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("could not record the skip in {path}: {e}");
+    }
 }
 
 /// Why the backends discovered in this process were unavailable, or a generic reason when
@@ -141,6 +252,58 @@ pub fn unique_name(prefix: &str) -> String {
     out.push('_');
     out.push_str(&uuid::Uuid::now_v7().simple().to_string());
     out
+}
+
+/// The env var naming the seed nodes of a Redis Cluster for tests: comma-separated
+/// `redis://host:port` URLs (`.ci/redis-cluster.sh` starts one on ports 7000-7005 and sets it).
+pub const REDIS_CLUSTER_URLS_VAR: &str = "NORMANDY_TEST_REDIS_CLUSTER_URLS";
+
+/// The seed node URLs of a Redis Cluster for tests, from `NORMANDY_TEST_REDIS_CLUSTER_URLS`, or
+/// `None` with the reason kept for [`skip_reason`] (no container is tried: a cluster takes six
+/// servers; run `.ci/redis-cluster.sh`).
+pub async fn redis_cluster_urls() -> Option<Vec<String>> {
+    let urls: Vec<String> = env_url(REDIS_CLUSTER_URLS_VAR)
+        .unwrap_or_default()
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        note_unavailable(format!(
+            "{REDIS_CLUSTER_URLS_VAR} is not set (start a cluster with .ci/redis-cluster.sh)"
+        ));
+        return None;
+    }
+    Some(urls)
+}
+
+/// The test cluster as one `redis+cluster://host1:port1,host2:port2` URL (the form the Redis
+/// backends' configs take), or `None` as [`redis_cluster_urls`].
+pub async fn redis_cluster_url() -> Option<String> {
+    let urls = redis_cluster_urls().await?;
+    let hosts: Vec<&str> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("redis://").trim_end_matches('/'))
+        .collect();
+    Some(format!("redis+cluster://{}", hosts.join(",")))
+}
+
+/// The env var naming a PgBouncer in transaction-pooling mode in front of the test Postgres.
+pub const PGBOUNCER_URL_VAR: &str = "NORMANDY_TEST_PGBOUNCER_URL";
+
+/// A URL of a transaction-pooling PgBouncer in front of the server of [`postgres_url`]:
+/// `NORMANDY_TEST_PGBOUNCER_URL` (`.ci/pgbouncer.sh` starts one and sets it), else `None` with
+/// the reason kept for [`skip_reason`], so the pooler suites skip by name (or fail under
+/// `NORMANDY_REQUIRE_BACKENDS=1`). No container is tried.
+pub async fn pgbouncer_url() -> Option<String> {
+    if let Some(url) = env_url(PGBOUNCER_URL_VAR) {
+        return Some(url);
+    }
+    note_unavailable(format!(
+        "{PGBOUNCER_URL_VAR} is not set (`.ci/pgbouncer.sh` starts a PgBouncer in transaction \
+         mode on 127.0.0.1:6432 and sets it)"
+    ));
+    None
 }
 
 #[cfg(feature = "containers")]
@@ -389,5 +552,29 @@ mod tests {
         let long = unique_name(&"x".repeat(100));
         assert!(long.len() <= 63, "{long}");
         assert!(unique_name("").starts_with("n_"));
+    }
+
+    /// Nothing listens on port 1: discovery moves on with a reason naming the address, quickly.
+    #[tokio::test]
+    async fn a_local_server_that_does_not_answer_is_a_reason_naming_it() {
+        let t = std::time::Instant::now();
+        let pg = probe_postgres("postgres://postgres@127.0.0.1:1/postgres")
+            .await
+            .unwrap_err();
+        assert!(pg.contains("127.0.0.1:1"), "{pg}");
+        let redis = probe_redis("redis://127.0.0.1:1").await.unwrap_err();
+        assert!(redis.contains("127.0.0.1:1"), "{redis}");
+        assert!(t.elapsed() < 2 * PROBE_TIMEOUT + std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn skips_are_recorded_one_whole_line_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("skips.log");
+        let path = path.to_str().unwrap();
+        record_skip(path, "suite_a", "no server\tat all");
+        record_skip(path, "suite_b", "line\nbreak");
+        let log = std::fs::read_to_string(path).unwrap();
+        assert_eq!(log, "suite_a\tno server at all\nsuite_b\tline break\n");
     }
 }

@@ -121,7 +121,10 @@ pub fn have_redis_server(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        crate::backends::skip(test, "redis-server is not on PATH");
+        crate::backends::skip(
+            test,
+            "redis-server does not run here (`redis-server --version` failed)",
+        );
     }
     ok
 }

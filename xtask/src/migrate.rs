@@ -6,17 +6,26 @@
 //! cargo xtask migrate down [--all]           revert the last applied migration (or all)
 //! cargo xtask migrate status [--check]       applied vs pending (--check: fail when pending)
 //! cargo xtask migrate export --to DIR        write the up/down SQL files into DIR
-//! options: --database-url URL (else DATABASE_URL), --schema NAME (search_path)
+//! options: --database-url URL (else DATABASE_URL), --schema NAME (search_path),
+//!          --pooler transaction (or `?pooler=transaction` on the URL)
 //! ```
+//!
+//! Migrations run through the store crate's own runner (`apply_migrations`): one transaction per
+//! migration holding a transaction-scoped advisory lock, with its settings set inside the
+//! transaction, so `up` works through PgBouncer in transaction mode and two processes migrating
+//! at once apply each migration once.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use normandy_store_postgres::{MIGRATIONS_TABLE, migrator};
+use normandy_store_postgres::{
+    MIGRATIONS_TABLE, PgStoreConfig, PoolerMode, applied_migrations, apply_migrations, migrator,
+    revert_migrations,
+};
 use sqlx::migrate::MigrationType;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 const USAGE: &str = "usage: cargo xtask migrate <command> [--database-url URL] [--schema NAME]
+                            [--pooler transaction]
 
 commands:
   up [--only base]      apply every pending migration (or only 0001_base)
@@ -25,12 +34,14 @@ commands:
   export --to DIR       write the migrations as plain up/down SQL files into DIR
 
 The database comes from --database-url, else DATABASE_URL. Applied migrations are recorded in
-the table normandy_migrations.";
+the table normandy_migrations. Behind PgBouncer in transaction mode, RDS Proxy or Supavisor,
+pass --pooler transaction (or put ?pooler=transaction on the URL).";
 
 struct Args {
     cmd: String,
     url: Option<String>,
     schema: Option<String>,
+    pooler: Option<PoolerMode>,
     only: Option<String>,
     all: bool,
     check: bool,
@@ -46,6 +57,7 @@ fn parse(args: &[String]) -> Result<Args> {
         cmd: cmd.clone(),
         url: None,
         schema: None,
+        pooler: None,
         only: None,
         all: false,
         check: false,
@@ -60,6 +72,13 @@ fn parse(args: &[String]) -> Result<Args> {
         match a.as_str() {
             "--database-url" => out.url = Some(value("--database-url")?),
             "--schema" => out.schema = Some(value("--schema")?),
+            "--pooler" => {
+                out.pooler = Some(
+                    value("--pooler")?
+                        .parse()
+                        .map_err(|e| anyhow::anyhow!("{e}"))?,
+                )
+            }
             "--only" => out.only = Some(value("--only")?),
             "--to" => out.to = Some(PathBuf::from(value("--to")?)),
             "--all" => out.all = true,
@@ -80,72 +99,61 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let pool = connect(&args).await?;
+        let config = config(&args)?;
         match args.cmd.as_str() {
-            "up" => up(&pool, args.only.as_deref()).await,
-            "down" => down(&pool, args.all).await,
-            "status" => status(&pool, args.check).await,
+            "up" => up(&config, args.only.as_deref()).await,
+            "down" => down(&config, args.all).await,
+            "status" => status(&config, args.check).await,
             other => bail!("unknown migrate command {other:?}\n\n{USAGE}"),
         }
     })
 }
 
-async fn connect(args: &Args) -> Result<PgPool> {
+fn config(args: &Args) -> Result<PgStoreConfig> {
     let url = match &args.url {
         Some(u) => u.clone(),
         None => std::env::var("DATABASE_URL")
             .context("no database: pass --database-url URL or set DATABASE_URL")?,
     };
-    // Never echo the URL: it may carry a password.
-    let mut opts: PgConnectOptions = url.parse().context("invalid database URL")?;
+    // Never echo the URL: it may carry a password (the config's errors do not repeat it).
+    let mut config = PgStoreConfig::new(&url)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .application_name("normandy-migrate");
     if let Some(schema) = &args.schema {
-        opts = opts.options([("search_path", schema.as_str())]);
+        config = config
+            .schema(schema.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let host = opts.get_host().to_string();
-    let db = opts.get_database().unwrap_or("(default)").to_string();
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(opts)
-        .await
-        .with_context(|| format!("connecting to database {db} on {host}"))?;
-    println!("database {db} on {host}");
-    Ok(pool)
+    if let Some(mode) = args.pooler {
+        config = config.pooler(mode);
+    }
+    println!("migrating {config:?}");
+    Ok(config)
 }
 
-/// Versions recorded as applied, ascending (none when the table does not exist yet).
-async fn applied(pool: &PgPool) -> Result<Vec<i64>> {
-    let exists: bool = sqlx::query_scalar("SELECT to_regclass('normandy_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    if !exists {
-        return Ok(Vec::new());
-    }
-    Ok(
-        sqlx::query_scalar(
-            "SELECT version FROM normandy_migrations WHERE success ORDER BY version",
-        )
-        .fetch_all(pool)
-        .await?,
-    )
+async fn applied(config: &PgStoreConfig) -> Result<Vec<i64>> {
+    applied_migrations(config)
+        .await
+        .map_err(|e| anyhow::anyhow!("reading applied migrations: {e}"))
 }
 
 fn name(version: i64, description: &str) -> String {
     format!("{version:04}_{}", description.replace(' ', "_"))
 }
 
-async fn up(pool: &PgPool, only: Option<&str>) -> Result<()> {
+async fn up(config: &PgStoreConfig, only: Option<&str>) -> Result<()> {
     let m = migrator();
-    let before = applied(pool).await?;
-    match only {
-        None => m.run(pool).await?,
-        Some("base") => m.run_to(1, pool).await?,
+    let up_to = match only {
+        None => None,
+        Some("base") => Some(1),
         Some(other) => bail!("--only takes `base`, not {other:?}"),
-    }
-    let after = applied(pool).await?;
+    };
+    let done = apply_migrations(config, up_to)
+        .await
+        .map_err(|e| anyhow::anyhow!("applying migrations: {e}"))?;
     let new: Vec<String> = m
         .iter()
-        .filter(|x| x.migration_type.is_up_migration())
-        .filter(|x| after.contains(&x.version) && !before.contains(&x.version))
+        .filter(|x| x.migration_type.is_up_migration() && done.contains(&x.version))
         .map(|x| name(x.version, &x.description))
         .collect();
     if new.is_empty() {
@@ -158,9 +166,9 @@ async fn up(pool: &PgPool, only: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-async fn down(pool: &PgPool, all: bool) -> Result<()> {
-    let done = applied(pool).await?;
-    let Some(&last) = done.last() else {
+async fn down(config: &PgStoreConfig, all: bool) -> Result<()> {
+    let done = applied(config).await?;
+    if done.is_empty() {
         println!("nothing applied: nothing to revert");
         return Ok(());
     };
@@ -169,22 +177,19 @@ async fn down(pool: &PgPool, all: bool) -> Result<()> {
     } else {
         done.iter().rev().nth(1).copied().unwrap_or(0)
     };
-    let m = migrator();
-    m.undo(pool, target).await?;
-    for x in m.iter().rev() {
-        if x.migration_type == MigrationType::ReversibleDown
-            && x.version > target
-            && x.version <= last
-            && done.contains(&x.version)
-        {
+    let reverted = revert_migrations(config, target)
+        .await
+        .map_err(|e| anyhow::anyhow!("reverting migrations: {e}"))?;
+    for x in migrator().iter().rev() {
+        if x.migration_type.is_down_migration() && reverted.contains(&x.version) {
             println!("reverted {}", name(x.version, &x.description));
         }
     }
     Ok(())
 }
 
-async fn status(pool: &PgPool, check: bool) -> Result<()> {
-    let done = applied(pool).await?;
+async fn status(config: &PgStoreConfig, check: bool) -> Result<()> {
+    let done = applied(config).await?;
     let m = migrator();
     let mut pending = 0;
     println!("migrations (recorded in {MIGRATIONS_TABLE}):");

@@ -70,7 +70,9 @@ impl Cluster {
     }
 
     /// The Redis combo (tier 2r): Redis store, Redis registry and Redis membership, each on its
-    /// own connection, under one key prefix.
+    /// own connection, under one key prefix. `url` names one server (`redis://host:port`) or a
+    /// Redis Cluster (`redis+cluster://host1:port1,host2:port2`, or a comma-separated list of
+    /// `redis://` node URLs): the same code runs on both (see `normandy_redis::RedisTarget`).
     pub fn redis(catalog: TemplateCatalog, url: &str) -> RedisClusterBuilder {
         RedisClusterBuilder {
             inner: Self::builder(catalog),
@@ -441,9 +443,9 @@ impl RedisClusterBuilder {
                 .require_lease(),
         )
         .await?;
-        let client = redis::Client::open(self.url.as_str())
-            .map_err(|e| Error::Config(format!("invalid Redis URL for membership: {e}")))?;
-        let membership = RedisMembership::connect(client, &registry_prefix, ttl / 3).await?;
+        let target = normandy_redis::RedisTarget::parse(&self.url)
+            .map_err(|e| Error::Config(format!("Redis membership: {e}")))?;
+        let membership = RedisMembership::connect(target, &registry_prefix, ttl / 3).await?;
         let mut inner = self
             .inner
             .registry(Arc::new(registry))
@@ -457,7 +459,8 @@ impl RedisClusterBuilder {
                     let replicas = connected_replicas(&self.url).await?;
                     if replicas > 0 {
                         return Err(Error::Config(format!(
-                            "the Redis server has {replicas} replica(s) but the tier-2r store \
+                            "the Redis server (a primary, on a cluster) has {replicas} \
+                             replica(s) but the tier-2r store \
                              would commit without WAIT: a failover to a replica that missed \
                              the last writes loses acknowledged commits (a non-idempotent tool \
                              could run twice); call RedisClusterBuilder::wait(replicas, timeout), \
@@ -474,26 +477,37 @@ impl RedisClusterBuilder {
     }
 }
 
-/// How many replicas the Redis server at `url` has connected (`INFO replication`).
+/// How many replicas the Redis server at `url` has connected (`INFO replication`); on a
+/// cluster, the most any primary has (a primary with replicas is one a failover can lose
+/// commits on).
 async fn connected_replicas(url: &str) -> Result<u32> {
     let unavailable = |e: redis::RedisError| Error::Unavailable {
         backend: "redis store",
         message: format!("reading INFO replication: {e}"),
     };
-    let client = redis::Client::open(url)
-        .map_err(|e| Error::Config(format!("invalid Redis URL for the store: {e}")))?;
-    let mut con = client
-        .get_multiplexed_async_connection()
+    let target = normandy_redis::RedisTarget::parse(url)
+        .map_err(|e| Error::Config(format!("Redis store: {e}")))?;
+    let timeout = Duration::from_secs(2);
+    let mut con = target
+        .connect(normandy_redis::ConnectOptions {
+            connect_timeout: timeout,
+            response_timeout: timeout,
+        })
         .await
         .map_err(unavailable)?;
-    let info: String = redis::cmd("INFO")
-        .arg("replication")
-        .query_async(&mut con)
+    let infos = con
+        .query_primaries(redis::cmd("INFO").arg("replication"))
         .await
         .map_err(unavailable)?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("connected_slaves:"))
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or(0))
+    let mut most = 0;
+    for info in infos {
+        let info: String = redis::from_redis_value(info).map_err(|e| unavailable(e.into()))?;
+        let n = info
+            .lines()
+            .find_map(|l| l.strip_prefix("connected_slaves:"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
+        most = most.max(n);
+    }
+    Ok(most)
 }

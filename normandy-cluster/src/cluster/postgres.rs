@@ -73,8 +73,9 @@ impl PostgresClusterBuilder {
     }
 
     /// Says a transaction-pooling pooler (PgBouncer, `pool_mode = transaction`) sits in front
-    /// of Postgres: the registry and membership then send every statement unnamed. Nothing of
-    /// theirs depends on session state in either mode.
+    /// of Postgres: the store, the registry and membership then keep no session state on the
+    /// server (unnamed statements, `SET LOCAL` in one transaction per call). The URL option
+    /// `?pooler=transaction` says the same.
     pub fn transaction_pooler(mut self, yes: bool) -> Self {
         self.transaction_pooler = yes;
         self
@@ -177,6 +178,9 @@ impl PostgresClusterBuilder {
                     PgStoreConfig::new(&self.url)?.migrate_on_open(self.migrate_on_open);
                 if let Some(schema) = &self.schema {
                     config = config.schema(schema)?;
+                }
+                if self.transaction_pooler {
+                    config = config.pooler(normandy_store_postgres::PoolerMode::Transaction);
                 }
                 if let Some(n) = self.store_connections {
                     config = config.max_connections(n);

@@ -7,8 +7,29 @@ use std::time::Duration;
 
 use normandy_core::EntryPayload;
 
+/// The Redis this process's tests use, found once by [`redis_or_skip`].
+static REDIS_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Finds Redis as every suite does (`NORMANDY_TEST_REDIS_URL`, else the local default when it
+/// answers, else a container: `normandy_tests::backends`) and keeps it for [`redis_url`]; `None`
+/// after reporting the running test skipped by name (a failure under
+/// `NORMANDY_REQUIRE_BACKENDS=1`). Every test here starts with it.
+pub async fn redis_or_skip() -> Option<String> {
+    match normandy_tests::backends::redis_url().await {
+        Some(url) => Some(REDIS_URL.get_or_init(|| url).clone()),
+        None => {
+            normandy_tests::backends::skip_this_test(&normandy_tests::backends::skip_reason());
+            None
+        }
+    }
+}
+
+/// The Redis found by [`redis_or_skip`], which the test must have called first.
 pub fn redis_url() -> String {
-    std::env::var("NORMANDY_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    REDIS_URL
+        .get()
+        .cloned()
+        .expect("the test starts with `redis_or_skip()`, which finds the Redis server")
 }
 
 /// A key prefix no other test (or run) uses.

@@ -24,9 +24,27 @@ pub use support::*;
 
 pub const SECRET: &str = "test-cluster-secret";
 
+/// The Postgres this process's tests use, found once by [`postgres_or_skip`].
+static POSTGRES_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Finds Postgres as every suite does (`normandy_tests::backends`) and keeps it for
+/// [`postgres_url`]; `None` after reporting the running test skipped by name.
+pub async fn postgres_or_skip() -> Option<String> {
+    match normandy_tests::backends::postgres_url().await {
+        Some(url) => Some(POSTGRES_URL.get_or_init(|| url).clone()),
+        None => {
+            normandy_tests::backends::skip_this_test(&normandy_tests::backends::skip_reason());
+            None
+        }
+    }
+}
+
+/// The Postgres found by [`postgres_or_skip`], which the test must have called first.
 pub fn postgres_url() -> String {
-    std::env::var("NORMANDY_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    POSTGRES_URL
+        .get()
+        .cloned()
+        .expect("the test starts with `postgres_or_skip()`, which finds the Postgres server")
 }
 
 /// Options of one node.

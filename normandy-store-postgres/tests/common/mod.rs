@@ -8,7 +8,7 @@ use normandy_core::{CommitBatch, QueuedInput};
 use normandy_core::{
     Entry, EntryPayload, InputId, Message, Seq, SessionId, SessionStore, TurnState,
 };
-use normandy_store_postgres::{PgStore, PgStoreConfig, migrator};
+use normandy_store_postgres::{PgStore, PgStoreConfig, PoolerMode, apply_migrations, migrator};
 use normandy_tests::StoreHarness;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row};
@@ -24,7 +24,12 @@ pub enum Migrate {
 
 /// One isolated schema `n_<uuid>` on the test server.
 pub struct PgHarness {
+    /// The server, directly: the admin pool and the schema's creation and removal use it.
     pub url: String,
+    /// What the store connects to: `url`, or a transaction pooler in front of the same server.
+    pub store_url: String,
+    /// How the store talks to `store_url`.
+    pub pooler: PoolerMode,
     pub schema: String,
     /// Reported by the store's connections in `pg_stat_activity`.
     pub app_name: String,
@@ -37,6 +42,20 @@ impl PgHarness {
     /// A migrated schema with a store on it.
     pub async fn new(url: &str) -> Self {
         let mut h = Self::bare(url, Migrate::All).await;
+        h.store = Some(Arc::new(h.open().await.expect("open store")));
+        h
+    }
+
+    /// A schema on the server of `url` whose store talks through the transaction pooler at
+    /// `pooler_url` (in front of the same server) in [`PoolerMode::Transaction`]; the schema is
+    /// migrated through the pooler too, by the store crate's own runner.
+    pub async fn through_pooler(url: &str, pooler_url: &str) -> Self {
+        let mut h = Self::bare(url, Migrate::None).await;
+        h.store_url = pooler_url.to_string();
+        h.pooler = PoolerMode::Transaction;
+        apply_migrations(&h.config(), None)
+            .await
+            .expect("migrate through the pooler");
         h.store = Some(Arc::new(h.open().await.expect("open store")));
         h
     }
@@ -73,6 +92,8 @@ impl PgHarness {
         }
         Self {
             url: url.to_string(),
+            store_url: url.to_string(),
+            pooler: PoolerMode::None,
             schema,
             app_name,
             admin,
@@ -82,8 +103,9 @@ impl PgHarness {
 
     /// The config every store of this harness uses.
     pub fn config(&self) -> PgStoreConfig {
-        PgStoreConfig::new(&self.url)
+        PgStoreConfig::new(&self.store_url)
             .expect("config")
+            .pooler(self.pooler)
             .schema(self.schema.clone())
             .expect("schema")
             .application_name(self.app_name.clone())
@@ -181,16 +203,13 @@ impl StoreHarness for PgHarness {
     }
 }
 
-/// The test database URL (`NORMANDY_TEST_DATABASE_URL`, else a container, else `None`: skip,
-/// or a failure under `NORMANDY_REQUIRE_BACKENDS=1`).
+/// The test database URL (`NORMANDY_TEST_DATABASE_URL`, else the local default server when it
+/// answers, else a container, else `None`: the running test is reported skipped by name, or fails
+/// under `NORMANDY_REQUIRE_BACKENDS=1`).
 pub async fn url() -> Option<String> {
     let url = normandy_tests::backends::postgres_url().await;
     if url.is_none() {
-        let reason = normandy_tests::backends::skip_reason();
-        if normandy_tests::backends::require_backends() {
-            panic!("postgres is required (NORMANDY_REQUIRE_BACKENDS=1): {reason}");
-        }
-        eprintln!("SKIPPED postgres: {reason}");
+        normandy_tests::backends::skip_this_test(&normandy_tests::backends::skip_reason());
     }
     url
 }
@@ -223,4 +242,16 @@ pub fn input_batch(expected_seq: Seq, input: &str) -> CommitBatch {
         entries: vec![input_entry(expected_seq + 1, input)],
         state,
     }
+}
+
+/// The test database URL and the transaction pooler in front of it
+/// (`NORMANDY_TEST_PGBOUNCER_URL`), else `None`: the running test is reported skipped by name,
+/// or fails under `NORMANDY_REQUIRE_BACKENDS=1`.
+pub async fn pooler_urls() -> Option<(String, String)> {
+    let direct = url().await?;
+    let pooler = normandy_tests::backends::pgbouncer_url().await;
+    if pooler.is_none() {
+        normandy_tests::backends::skip_this_test(&normandy_tests::backends::skip_reason());
+    }
+    Some((direct, pooler?))
 }

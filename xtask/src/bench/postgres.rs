@@ -6,8 +6,14 @@
 //! - Single-session commit latency (p50/p99): `PgStore::commit` of one entry vs a raw sqlx
 //!   transaction doing the same fenced `UPDATE` of the session row and `INSERT` of the same
 //!   entry bytes (BEGIN, UPDATE, INSERT, COMMIT).
-//! - 64 concurrent sessions: total commits/s through the store (group commit) vs 64 tasks each
-//!   running that raw transaction per commit.
+//! - 64 concurrent sessions: total commits/s through the store (group commit) vs the best raw
+//!   client of the same shape: each step, every session's commit written by one `UNNEST`ed
+//!   statement (the same fenced `UPDATE`, input-id guard and `INSERT` as the store's group
+//!   statement), in chunks under the same 12 KiB message limit, the chunks on parallel
+//!   connections. Also beside 64 tasks each running the raw transaction per commit.
+//! - Poolers: the 64-session workload and single-commit latency with `pooler=transaction`
+//!   (unnamed statements, one explicit transaction per operation) directly, and through the
+//!   PgBouncer of `NORMANDY_TEST_PGBOUNCER_URL` (`.ci/pgbouncer.sh`), beside the default.
 //! - Rehydrate of a 1,000-entry session (`load` + `entries`, decoded) p50 vs raw sqlx fetching
 //!   the same row and 1,000 payloads (not decoded).
 //!
@@ -22,7 +28,7 @@ use normandy_core::codec::{self, BlobKind};
 use normandy_core::{
     CommitAck, CommitBatch, Entry, NewSession, NodeId, ResumePolicy, Seq, SessionId, SessionStore,
 };
-use normandy_store_postgres::{PgStore, PgStoreConfig, migrator};
+use normandy_store_postgres::{PgStore, PgStoreConfig, PoolerMode, migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::report;
@@ -86,7 +92,7 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
     );
     let store = Arc::new(
         PgStore::connect(
-            PgStoreConfig::from_options(opts)
+            PgStoreConfig::from_options(opts.clone())
                 .max_connections(POOL)
                 .schema(schema)?,
         )
@@ -148,7 +154,11 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
         ids.push((id, epoch));
         raw_ids.push(raw_session(&store, &node, &format!("raw-conc-{i:02}")).await?);
     }
-    let (mut ours_s, mut base_s) = (Duration::ZERO, Duration::ZERO);
+    let mut batch_ids = Vec::with_capacity(SESSIONS);
+    for i in 0..SESSIONS {
+        batch_ids.push(raw_session(&store, &node, &format!("raw-batch-{i:02}")).await?);
+    }
+    let (mut ours_s, mut base_s, mut batch_s) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let (mut ours_n, mut base_n) = (0usize, 0usize);
     let mut next_seq = 0u64;
     let stats_before = store.write_stats();
@@ -175,12 +185,25 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
         base_s += t.elapsed();
         base_n += per_round * SESSIONS;
 
+        // Raw batched: per step, every session's commit in UNNEST statements.
+        let t = Instant::now();
+        for s in next_seq..next_seq + per_round as u64 {
+            raw_batch_step(&raw, &batch_ids, s).await?;
+        }
+        batch_s += t.elapsed();
+
         // Ours: {SESSIONS} tasks, each committing `per_round` times in sequence.
         ours_s += workload::commit_concurrently(&store, &ids, next_seq, per_round).await?;
         ours_n += per_round * SESSIONS;
         next_seq += per_round as u64;
     }
     println!("{SESSIONS} concurrent sessions, commits/s, ours (group commit) vs raw sqlx:");
+    report::throughput(
+        &format!("PgStore::commit x{SESSIONS} sessions"),
+        ours_n as f64 / ours_s.as_secs_f64(),
+        &format!("raw UNNEST batch x{SESSIONS} per step"),
+        base_n as f64 / batch_s.as_secs_f64(),
+    );
     report::throughput(
         &format!("PgStore::commit x{SESSIONS} sessions"),
         ours_n as f64 / ours_s.as_secs_f64(),
@@ -196,6 +219,8 @@ async fn bench(base_opts: &PgConnectOptions, schema: &str, quick: bool) -> Resul
         "  (group commit: {commits} commits in {statements} statements, {:.1} per statement)",
         commits as f64 / statements.max(1) as f64
     );
+
+    pooler_cost(base_opts, schema, &store, &node, quick).await?;
 
     // --- rehydrate a 1,000-entry session
     let id = SessionId::new("rehydrate")?;
@@ -295,6 +320,163 @@ impl<'a> RawCommit<'a> {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The raw group statement: the store's shape (fenced `UPDATE` of each session row from
+/// `UNNEST`ed arrays, unless one of its input ids is stored; `INSERT` of the entries of the
+/// rows it updated), written by hand.
+const RAW_GROUP_SQL: &str = "WITH c AS ( \
+        SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[], $4::bytea[]) \
+            AS c(id, epoch, expected_seq, state) \
+     ), e AS ( \
+        SELECT * FROM UNNEST($1::text[], $5::bigint[], $6::bigint[], $7::text[], $8::bytea[]) \
+            AS e(session_id, seq, parent, input_id, payload) \
+     ), dup AS ( \
+        SELECT DISTINCT x.session_id FROM normandy_entries x \
+          JOIN e ON x.session_id = e.session_id AND x.input_id = e.input_id \
+     ), upd AS ( \
+        UPDATE normandy_sessions s SET seq = c.expected_seq + 1, turn_state = c.state, \
+               updated_at = now() \
+          FROM c \
+         WHERE s.id = c.id AND s.epoch = c.epoch AND s.seq = c.expected_seq \
+           AND s.status = 'active' \
+           AND NOT EXISTS (SELECT 1 FROM dup WHERE dup.session_id = c.id) \
+        RETURNING s.id \
+     ), ins AS ( \
+        INSERT INTO normandy_entries (session_id, seq, parent, kind, input_id, payload) \
+        SELECT e.session_id, e.seq, e.parent, 'input', e.input_id, e.payload \
+          FROM e JOIN upd ON upd.id = e.session_id \
+     ) \
+     SELECT count(*) FROM upd";
+
+/// Most sessions per raw group statement: ~400 bytes a commit keeps a chunk under the 12 KiB
+/// the store's batches are held to (sqlx leaves Nagle on; see `PgStoreConfig::max_batch_bytes`).
+const RAW_CHUNK: usize = 28;
+
+/// One step of the raw batched client: every session's commit on top of `expected`, in chunks
+/// of [`RAW_CHUNK`] sessions, the chunks at once on their own connections.
+async fn raw_batch_step(pool: &PgPool, sessions: &[(String, i64)], expected: Seq) -> Result<()> {
+    let seq = expected + 1;
+    let state = codec::encode(BlobKind::TurnState, &state_after(seq)?)?;
+    let payload = codec::encode(BlobKind::Entry, &entry(seq))?;
+    let input = format!("input-{seq}");
+    let expected = i64::try_from(expected)?;
+    let chunks = sessions.chunks(RAW_CHUNK).map(|chunk| {
+        let (ids, epochs): (Vec<&str>, Vec<i64>) =
+            chunk.iter().map(|(id, e)| (id.as_str(), *e)).unzip();
+        let n = chunk.len();
+        let (state, payload, input) = (&state, &payload, &input);
+        async move {
+            let applied: i64 = sqlx::query_scalar(RAW_GROUP_SQL)
+                .bind(&ids)
+                .bind(&epochs)
+                .bind(vec![expected; n])
+                .bind(vec![state.as_slice(); n])
+                .bind(vec![expected + 1; n])
+                .bind(vec![(expected > 0).then_some(expected); n])
+                .bind(vec![input.as_str(); n])
+                .bind(vec![payload.as_slice(); n])
+                .fetch_one(pool)
+                .await?;
+            ensure!(applied == n as i64, "raw batch applied {applied} of {n}");
+            Ok::<_, anyhow::Error>(())
+        }
+    });
+    for r in futures::future::join_all(chunks).await {
+        r?;
+    }
+    Ok(())
+}
+
+/// What `pooler=transaction` costs: the 64-session workload and single-commit latency with the
+/// default (named, cached statements), with `pooler=transaction` directly, and through the
+/// PgBouncer of `NORMANDY_TEST_PGBOUNCER_URL` when it is set.
+async fn pooler_cost(
+    direct: &PgConnectOptions,
+    schema: &str,
+    named: &Arc<PgStore>,
+    node: &NodeId,
+    quick: bool,
+) -> Result<()> {
+    let config =
+        |c: PgStoreConfig| -> Result<PgStoreConfig> { Ok(c.max_connections(POOL).schema(schema)?) };
+    let unnamed = Arc::new(
+        PgStore::connect(config(
+            PgStoreConfig::from_options(direct.clone()).pooler(PoolerMode::Transaction),
+        )?)
+        .await?,
+    );
+    let bouncer = match std::env::var("NORMANDY_TEST_PGBOUNCER_URL") {
+        Ok(url) if !url.is_empty() => Some(Arc::new(
+            PgStore::connect(config(
+                PgStoreConfig::new(&url)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?
+                    .pooler(PoolerMode::Transaction),
+            )?)
+            .await?,
+        )),
+        _ => None,
+    };
+    let mut sides: Vec<(&str, Arc<PgStore>)> = vec![
+        ("direct, named statements (default)", named.clone()),
+        ("direct, pooler=transaction", unnamed),
+    ];
+    if let Some(b) = bouncer {
+        sides.push(("PgBouncer, pooler=transaction", b));
+    }
+    let commits_per_session = if quick { 40 } else { 120 };
+    let per_round = commits_per_session / ROUNDS;
+    let latency_per_round = if quick { 50 } else { 200 };
+    let mut ids: Vec<Vec<(SessionId, u64)>> = Vec::new();
+    for (k, _) in sides.iter().enumerate() {
+        let mut v = Vec::with_capacity(SESSIONS + 1);
+        for i in 0..=SESSIONS {
+            let id = SessionId::new(format!("pooler-{k}-{i:02}"))?;
+            named
+                .create(NewSession::bare(id.clone(), ResumePolicy::Lazy))
+                .await?;
+            v.push((id.clone(), named.activate(&id, node).await?.epoch));
+        }
+        ids.push(v);
+    }
+    let mut elapsed = vec![Duration::ZERO; sides.len()];
+    let mut lat: Vec<Vec<Duration>> = vec![Vec::new(); sides.len()];
+    let mut next = 0u64;
+    let mut lat_next = 0u64;
+    for _ in 0..ROUNDS {
+        for (k, (_, store)) in sides.iter().enumerate() {
+            elapsed[k] +=
+                workload::commit_concurrently(store, &ids[k][..SESSIONS], next, per_round).await?;
+            let (id, epoch) = &ids[k][SESSIONS];
+            for s in lat_next..lat_next + latency_per_round as u64 {
+                let batch = one_entry_batch(s)?;
+                let t = Instant::now();
+                store.commit(id, *epoch, s, &batch).await?;
+                lat[k].push(t.elapsed());
+            }
+        }
+        next += per_round as u64;
+        lat_next += latency_per_round as u64;
+    }
+    println!(
+        "poolers: the store with pooler=transaction (unnamed statements, a transaction per operation):"
+    );
+    let base = (SESSIONS * per_round * ROUNDS) as f64 / elapsed[0].as_secs_f64();
+    let base_p50 = report::percentile(&mut lat[0].clone(), 0.5);
+    for (k, (name, _)) in sides.iter().enumerate() {
+        let rate = (SESSIONS * per_round * ROUNDS) as f64 / elapsed[k].as_secs_f64();
+        report::throughput(&format!("{name} x{SESSIONS}"), rate, "direct, named", base);
+        report::latency(
+            &format!("{name} commit p50"),
+            report::percentile(&mut lat[k], 0.5),
+            "direct, named p50",
+            base_p50,
+        );
+    }
+    if sides.len() < 3 {
+        println!("  (PgBouncer: set NORMANDY_TEST_PGBOUNCER_URL, e.g. after .ci/pgbouncer.sh)");
+    }
+    Ok(())
 }
 
 /// The session row and every entry payload, as bytes.
