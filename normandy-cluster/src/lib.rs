@@ -36,8 +36,13 @@ pub mod rpc;
 pub mod tls;
 pub mod wire;
 
+#[cfg(feature = "postgres")]
+pub use cluster::PostgresClusterBuilder;
 pub use cluster::{Cluster, ClusterBuilder, ClusterStats, MemberEvent, RedisClusterBuilder};
 pub use config::ClusterConfig;
+/// Node leases in Postgres (feature `postgres`); re-exported from the backend crate.
+#[cfg(feature = "postgres")]
+pub use normandy_registry_postgres::PgMembership;
 /// Node leases in Redis; re-exported from the backend crate that implements them.
 pub use normandy_registry_redis::RedisMembership;
 pub use rpc::NodeClient;

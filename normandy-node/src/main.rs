@@ -1,7 +1,7 @@
 //! `normandy-node`: one cluster node with a demo catalog, or a small client of a node.
 //!
 //! ```text
-//! normandy-node [serve] --name a --bind 127.0.0.1:0 --redis-url redis://127.0.0.1:6379 \
+//! normandy-node [serve] --name a --bind 127.0.0.1:0 (--redis-url URL | --postgres-url URL) \
 //!     (--secret-file FILE | --secret S) [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
 //!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 660000] [--peer-keepalive-ms 5000]
 //!     [--wait-replicas N [--wait-timeout-ms 1000] | --accept-commit-loss-on-failover]
@@ -12,6 +12,9 @@
 //! TLS: --tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-server-name normandy-node]
 //!      [--no-tls-client-cert]
 //! ```
+//! With `--postgres-url` and no `--redis-url` the node runs on Postgres alone (tier 2p: store,
+//! registry and membership in `--postgres-schema`; add `--postgres-transaction-pooler` behind
+//! PgBouncer in transaction mode, `--postgres-connections N` for the store's pool, default 16).
 //! Every flag also reads `NORMANDY_<FLAG>` from the environment (`--redis-url` ←
 //! `NORMANDY_REDIS_URL`). Once the RPC server listens, the node prints
 //! `LISTENING <advertised addr> <node> <bound addr>`
@@ -20,8 +23,9 @@
 //! The demo catalog has templates `echo` (a scripted echo, no tools), `demo` (lazy) and
 //! `demo-eager`: a scripted model that
 //! echoes, or — for an input starting with `tool` — calls the non-idempotent `count` tool, which
-//! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`), so tests can
-//! prove no call ran twice.
+//! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`; on Postgres
+//! alone, in the table `normandy_demo_toolruns` of the schema), so tests can prove no call ran
+//! twice.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -41,9 +45,42 @@ use normandy_core::{
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The non-idempotent demo tool: counts its runs per call id in Redis.
+/// Where the demo tool counts its runs.
+#[derive(Clone)]
+enum Counter {
+    /// `INCR <prefix>:toolruns:<session>:<call id>`.
+    Redis(redis::aio::ConnectionManager),
+    /// An upsert into `normandy_demo_toolruns` (tier 2p: no Redis at all).
+    #[cfg(feature = "postgres")]
+    Postgres(sqlx::PgPool),
+}
+
+impl Counter {
+    async fn bump(&self, key: &str) -> anyhow::Result<i64> {
+        match self {
+            Counter::Redis(con) => {
+                let mut con = con.clone();
+                Ok(redis::cmd("INCR")
+                    .arg(key)
+                    .query_async::<i64>(&mut con)
+                    .await?)
+            }
+            #[cfg(feature = "postgres")]
+            Counter::Postgres(pool) => Ok(sqlx::query_scalar(
+                "INSERT INTO normandy_demo_toolruns (key, runs) VALUES ($1, 1) \
+                 ON CONFLICT (key) DO UPDATE SET runs = normandy_demo_toolruns.runs + 1 \
+                 RETURNING runs",
+            )
+            .bind(key)
+            .fetch_one(pool)
+            .await?),
+        }
+    }
+}
+
+/// The non-idempotent demo tool: counts its runs per call id.
 struct CountTool {
-    con: redis::aio::ConnectionManager,
+    counter: Counter,
     prefix: String,
     latency: Duration,
 }
@@ -67,12 +104,7 @@ impl Tool for CountTool {
             tokio::time::sleep(self.latency).await;
         }
         let key = format!("{}:toolruns:{}:{}", self.prefix, ctx.session, ctx.call_id);
-        let mut con = self.con.clone();
-        match redis::cmd("INCR")
-            .arg(&key)
-            .query_async::<i64>(&mut con)
-            .await
-        {
+        match self.counter.bump(&key).await {
             Ok(n) => ToolOutput::ok(format!("run {n}")),
             Err(e) => ToolOutput::error(format!("count failed: {e}")),
         }
@@ -104,7 +136,11 @@ struct Flags {
 }
 
 /// Flags that take no value (beside every `--no-…`).
-const SWITCHES: &[&str] = &["help", "accept-commit-loss-on-failover"];
+const SWITCHES: &[&str] = &[
+    "help",
+    "accept-commit-loss-on-failover",
+    "postgres-transaction-pooler",
+];
 
 impl Flags {
     fn parse(args: impl Iterator<Item = String>) -> anyhow::Result<Self> {
@@ -218,7 +254,11 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
 
 async fn serve(flags: &Flags) -> anyhow::Result<()> {
     let name = flags.get("name").unwrap_or_else(|| "node".into());
-    let redis_url = flags.need("redis-url")?;
+    let redis_url = flags.get("redis-url");
+    let postgres_url = flags.get("postgres-url");
+    if redis_url.is_none() && postgres_url.is_none() {
+        bail!("missing --redis-url (tiers 2 and 2r) or --postgres-url (tier 2p, Postgres alone)");
+    }
     let prefix = flags.get("prefix").unwrap_or_else(|| "normandy".into());
     let secret = flags
         .secret()?
@@ -232,11 +272,18 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     let model_latency = flags.ms("model-latency-ms", 0)?;
     let tool_latency = flags.ms("tool-latency-ms", 0)?;
 
-    let client = redis::Client::open(redis_url.as_str()).context("bad --redis-url")?;
-    let con = client
-        .get_connection_manager()
-        .await
-        .context("cannot connect to Redis for the demo tool")?;
+    let counter = match &redis_url {
+        Some(url) => {
+            let client = redis::Client::open(url.as_str()).context("bad --redis-url")?;
+            Counter::Redis(
+                client
+                    .get_connection_manager()
+                    .await
+                    .context("cannot connect to Redis for the demo tool")?,
+            )
+        }
+        None => postgres_counter(postgres_url.as_deref().unwrap_or_default(), flags).await?,
+    };
     let entry = |policy| {
         (
             ConfigTemplate::new(
@@ -249,7 +296,7 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
             )
             .resume_policy(policy),
             CatalogEntry::with_client(demo_client(model_latency)).tool(CountTool {
-                con: con.clone(),
+                counter: counter.clone(),
                 prefix: prefix.clone(),
                 latency: tool_latency,
             }),
@@ -263,16 +310,21 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         CatalogEntry::with_client(ScriptedClient::echo()),
     )?;
 
+    let config = ClusterConfig {
+        rpc_timeout: flags.ms("rpc-timeout-ms", 660_000)?,
+        peer_keepalive: flags.ms("peer-keepalive-ms", 5_000)?,
+        ..ClusterConfig::default().with_lease_ttl(ttl)
+    };
+    let Some(redis_url) = redis_url else {
+        let node = postgres_alone(catalog, flags, &name, bind, secret, config).await?;
+        return run_until_signalled(node).await;
+    };
     let mut builder = Cluster::redis(catalog, &redis_url)
         .prefix(&prefix)
         .node_name(&name)
         .bind(bind)
         .secret(secret)
-        .config(ClusterConfig {
-            rpc_timeout: flags.ms("rpc-timeout-ms", 660_000)?,
-            peer_keepalive: flags.ms("peer-keepalive-ms", 5_000)?,
-            ..ClusterConfig::default().with_lease_ttl(ttl)
-        })
+        .config(config)
         .reaper(!flags.switch("no-reaper"));
     if let Some(a) = flags.get("advertise") {
         builder = builder.advertise(a);
@@ -296,7 +348,11 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     if let Some(tls) = tls(flags)? {
         builder = builder.tls(tls);
     }
-    let node = builder.build().await?;
+    run_until_signalled(builder.build().await?).await
+}
+
+/// Prints the `LISTENING` line, then serves until SIGTERM or Ctrl-C and shuts down gracefully.
+async fn run_until_signalled(node: Cluster) -> anyhow::Result<()> {
     println!(
         "LISTENING {} {} {}",
         node.address(),
@@ -311,6 +367,87 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Tier 2p: store, registry and membership on Postgres alone.
+#[cfg(feature = "postgres")]
+async fn postgres_alone(
+    catalog: TemplateCatalog,
+    flags: &Flags,
+    name: &str,
+    bind: std::net::SocketAddr,
+    secret: String,
+    config: ClusterConfig,
+) -> anyhow::Result<Cluster> {
+    let url = flags.need("postgres-url")?;
+    let mut builder = Cluster::postgres(catalog, &url)
+        .migrate_on_open(true)
+        .transaction_pooler(flags.switch("postgres-transaction-pooler"))
+        .store_connections(
+            flags
+                .get("postgres-connections")
+                .map(|n| n.parse())
+                .transpose()
+                .context("--postgres-connections must be a number")?
+                .unwrap_or(16),
+        )
+        .node_name(name)
+        .bind(bind)
+        .secret(secret)
+        .config(config)
+        .reaper(!flags.switch("no-reaper"));
+    if let Some(schema) = flags.get("postgres-schema") {
+        builder = builder.schema(schema);
+    }
+    if let Some(a) = flags.get("advertise") {
+        builder = builder.advertise(a);
+    }
+    if let Some(ms) = flags.get("idle-timeout-ms") {
+        builder = builder.idle_timeout(Duration::from_millis(ms.parse()?));
+    }
+    if let Some(tls) = tls(flags)? {
+        builder = builder.tls(tls);
+    }
+    Ok(builder.build().await?)
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_alone(
+    _catalog: TemplateCatalog,
+    _flags: &Flags,
+    _name: &str,
+    _bind: std::net::SocketAddr,
+    _secret: String,
+    _config: ClusterConfig,
+) -> anyhow::Result<Cluster> {
+    bail!("this build has no Postgres support (feature `postgres`)")
+}
+
+/// The demo tool's counter on Postgres alone: a table in the node's schema.
+#[cfg(feature = "postgres")]
+async fn postgres_counter(url: &str, flags: &Flags) -> anyhow::Result<Counter> {
+    let mut options: sqlx::postgres::PgConnectOptions =
+        url.parse().context("bad --postgres-url")?;
+    if let Some(schema) = flags.get("postgres-schema") {
+        options = options.options([("search_path", schema)]);
+    }
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(options)
+        .await
+        .context("cannot connect to Postgres for the demo tool")?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS normandy_demo_toolruns (key text PRIMARY KEY, runs bigint NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .context("cannot create the demo tool's table")?;
+    Ok(Counter::Postgres(pool))
+}
+
+#[cfg(not(feature = "postgres"))]
+async fn postgres_counter(_url: &str, _flags: &Flags) -> anyhow::Result<Counter> {
+    bail!("this build has no Postgres support (feature `postgres`)")
 }
 
 #[cfg(feature = "postgres")]

@@ -4,6 +4,7 @@
 //! # Layout
 //! One idea per file; the node's state is `Node`, grouped into the parts those files own.
 //! - `builder`: [`ClusterBuilder`], [`RedisClusterBuilder`]: checks, binding, the first lease.
+//! - `postgres` (feature `postgres`): `PostgresClusterBuilder`, tier 2p on Postgres alone.
 //! - `route`: where a request goes (local actor, the owner over RPC, a stand-in node) and the
 //!   re-routing loop; the peers' clients and the route cache.
 //! - `lease`: this node's own lease — the refresh loop, the watchdog that stops serving before
@@ -17,6 +18,8 @@ mod builder;
 mod follow;
 mod lease;
 mod members;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod reaper;
 mod route;
 mod serve;
@@ -37,6 +40,8 @@ use tracing::{info, warn};
 
 pub use builder::{ClusterBuilder, RedisClusterBuilder};
 pub use members::MemberEvent;
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresClusterBuilder;
 
 use crate::config::ClusterConfig;
 use crate::rpc::NodeClient;

@@ -64,6 +64,10 @@ pub struct NodeOpts {
     pub advertise: Option<String>,
     /// HTTP/2 keep-alive toward peers (`--peer-keepalive-ms`; default: the node's, 5 s).
     pub peer_keepalive_ms: Option<u64>,
+    /// Tier 2p: no `--redis-url`, everything in `postgres_schema` on Postgres.
+    pub postgres_alone: bool,
+    /// Postgres URL for this node (default: [`postgres_url`]), e.g. through a [`Proxy`].
+    pub postgres_url: Option<String>,
 }
 
 impl NodeOpts {
@@ -79,7 +83,16 @@ impl NodeOpts {
             redis_url: None,
             advertise: None,
             peer_keepalive_ms: None,
+            postgres_alone: false,
+            postgres_url: None,
         }
+    }
+
+    /// Runs on Postgres alone (tier 2p) in `schema` (created by the test): no Redis at all.
+    pub fn postgres_alone(mut self, schema: &str) -> Self {
+        self.postgres_schema = Some(schema.into());
+        self.postgres_alone = true;
+        self
     }
 
     pub fn peer_keepalive(mut self, ms: u64) -> Self {
@@ -132,10 +145,6 @@ impl Node {
         cmd.arg("serve")
             .args(["--name", &opts.name])
             .args(["--bind", "127.0.0.1:0"])
-            .args([
-                "--redis-url",
-                &opts.redis_url.clone().unwrap_or_else(redis_url),
-            ])
             .args(["--prefix", &opts.prefix])
             .args(["--secret", SECRET])
             .args(["--lease-ttl-ms", &opts.lease_ttl_ms.to_string()])
@@ -156,8 +165,18 @@ impl Node {
         if let Some(ms) = opts.peer_keepalive_ms {
             cmd.args(["--peer-keepalive-ms", &ms.to_string()]);
         }
+        if opts.postgres_alone {
+            // Several nodes share the test server's 100 connections with other suites.
+            cmd.args(["--postgres-connections", "6"]);
+        } else {
+            cmd.args([
+                "--redis-url",
+                &opts.redis_url.clone().unwrap_or_else(redis_url),
+            ]);
+        }
         if let Some(schema) = &opts.postgres_schema {
-            cmd.args(["--postgres-url", &postgres_url()])
+            let url = opts.postgres_url.clone().unwrap_or_else(postgres_url);
+            cmd.args(["--postgres-url", &url])
                 .args(["--postgres-schema", schema]);
         }
         set_pdeathsig(&mut cmd);

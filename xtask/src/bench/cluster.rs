@@ -1,7 +1,10 @@
 //! `cargo xtask bench cluster`: failover time and the cost of a remote owner.
 //!
 //! - **Failover**: three `normandy-node` processes (release build) on loopback against Redis
-//!   (`NORMANDY_BENCH_REDIS_URL`, else `NORMANDY_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`).
+//!   (`NORMANDY_BENCH_REDIS_URL`, else `NORMANDY_TEST_REDIS_URL`, else `redis://127.0.0.1:6379`),
+//!   then the same on Postgres alone (tier 2p, `NORMANDY_BENCH_DATABASE_URL`, else
+//!   `NORMANDY_TEST_DATABASE_URL`), followed by the Postgres heartbeat's WAL cost
+//!   (`cluster_pg.rs`). `--failover-only` stops there.
 //!   1,000 eager sessions (200 with `--quick`) are mid-turn on node A (a slow model call), then A
 //!   is SIGKILLed. Printed separately: *detection* (kill → B no longer lists A) and *resume*
 //!   (detection → every session live again on B or C, by their reapers, with no request).
@@ -79,8 +82,34 @@ impl Drop for Proc {
     }
 }
 
+/// Where a node process keeps its state.
+pub(super) enum Backend {
+    /// Tier 2r: Redis store, registry and membership under a key prefix.
+    Redis,
+    /// Tier 2p: store, registry and membership in this Postgres schema, nothing in Redis.
+    Postgres {
+        /// The database URL.
+        url: String,
+    },
+}
+
 fn spawn(bin: &std::path::Path, name: &str, prefix: &str, model_ms: u64) -> Result<Proc> {
+    spawn_on(bin, name, prefix, model_ms, &Backend::Redis)
+}
+
+/// A node on `backend`: `prefix` is the Redis key prefix, or the Postgres schema.
+fn spawn_on(
+    bin: &std::path::Path,
+    name: &str,
+    prefix: &str,
+    model_ms: u64,
+    backend: &Backend,
+) -> Result<Proc> {
     let mut cmd = Command::new(bin);
+    match backend {
+        Backend::Redis => cmd.args(["--redis-url", &redis_url()]),
+        Backend::Postgres { url } => cmd.args(["--postgres-url", url, "--postgres-schema", prefix]),
+    };
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
     // async-signal-safe. The kernel SIGKILLs the node if this process dies without dropping it
     // (interrupted bench), so no node outlives the bench.
@@ -94,14 +123,7 @@ fn spawn(bin: &std::path::Path, name: &str, prefix: &str, model_ms: u64) -> Resu
     }
     let mut child = cmd
         .args(["serve", "--name", name, "--bind", "127.0.0.1:0"])
-        .args([
-            "--redis-url",
-            &redis_url(),
-            "--prefix",
-            prefix,
-            "--secret",
-            SECRET,
-        ])
+        .args(["--prefix", prefix, "--secret", SECRET])
         .args(["--model-latency-ms", &model_ms.to_string()])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
@@ -156,20 +178,40 @@ async fn cleanup(prefix: &str) -> Result<()> {
 
 async fn bench(quick: bool) -> Result<()> {
     let bin = node_binary()?;
+    let pg_url = super::cluster_pg::database_url();
+    let only_failover = std::env::args().any(|a| a == "--failover-only");
     println!("cluster (Redis {}, lease TTL 1.5 s):", redis_url());
-    failover(&bin, quick).await?;
-    remote_send(&bin, quick).await?;
+    failover(&bin, quick, &Backend::Redis).await?;
+    println!("cluster on Postgres alone (tier 2p, lease TTL 1.5 s):");
+    failover(
+        &bin,
+        quick,
+        &Backend::Postgres {
+            url: pg_url.clone(),
+        },
+    )
+    .await?;
+    super::cluster_pg::heartbeat_wal(&pg_url, quick).await?;
+    if !only_failover {
+        remote_send(&bin, quick).await?;
+    }
     Ok(())
 }
 
-async fn failover(bin: &std::path::Path, quick: bool) -> Result<()> {
+async fn failover(bin: &std::path::Path, quick: bool, backend: &Backend) -> Result<()> {
     let n = if quick { 200 } else { 1000 };
-    let prefix = format!("bench-failover-{}", std::process::id());
-    cleanup(&prefix).await?;
+    let prefix = match backend {
+        Backend::Redis => {
+            let prefix = format!("bench-failover-{}", std::process::id());
+            cleanup(&prefix).await?;
+            prefix
+        }
+        Backend::Postgres { url } => super::cluster_pg::fresh_schema(url, "failover").await?,
+    };
     // A slow model keeps every turn mid-flight when A dies.
-    let a = spawn(bin, "a", &prefix, 30_000)?;
-    let b = spawn(bin, "b", &prefix, 30_000)?;
-    let c = spawn(bin, "c", &prefix, 30_000)?;
+    let a = spawn_on(bin, "a", &prefix, 30_000, backend)?;
+    let b = spawn_on(bin, "b", &prefix, 30_000, backend)?;
+    let c = spawn_on(bin, "c", &prefix, 30_000, backend)?;
     for p in [&a, &b, &c] {
         wait_members(&p.client, 3).await?;
     }
@@ -266,7 +308,10 @@ async fn failover(bin: &std::path::Path, quick: bool) -> Result<()> {
         s.abort();
     }
     drop((b, c));
-    cleanup(&prefix).await?;
+    match backend {
+        Backend::Redis => cleanup(&prefix).await?,
+        Backend::Postgres { url } => super::cluster_pg::drop_schema(url, &prefix).await?,
+    }
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! same run, and the ratio.
 
 mod cluster;
+mod cluster_pg;
 mod engine;
 mod llm;
 mod lmdb;

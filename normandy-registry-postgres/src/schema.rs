@@ -1,0 +1,115 @@
+//! The registry's schema: the embedded migration and the check made when a pool opens.
+
+use normandy_core::{Error, Result};
+
+use crate::error::{BACKEND, map_sqlx, missing_migration};
+use crate::lease::Db;
+
+/// The table in which [`migrator`] records what it applied (not the store's
+/// `normandy_migrations`, nor an application's `_sqlx_migrations`).
+pub const MIGRATIONS_TABLE: &str = "normandy_registry_migrations";
+
+/// The one migration, by the name its files carry.
+pub(crate) const MIGRATION_NAME: &str = "0001_registry";
+
+/// The registry's migration (`0001_registry`: the node leases and placements tables),
+/// embedded at build time, recording into [`MIGRATIONS_TABLE`]. Tables go in the connection's
+/// `search_path`. Run it with `migrator().run(&pool)`.
+///
+/// sqlx's migrator takes a session advisory lock and relies on the connection's
+/// `search_path`, neither of which survives a transaction-pooling pooler: through one,
+/// [`PgRegistryConfig::migrate_on_open`](crate::PgRegistryConfig::migrate_on_open) applies the
+/// migration its own way (one transaction, a transaction-scoped lock, the same record format).
+pub fn migrator() -> sqlx::migrate::Migrator {
+    let mut m = sqlx::migrate!("./migrations");
+    m.dangerous_set_table_name(MIGRATIONS_TABLE);
+    m
+}
+
+/// Applies the migration if asked, then refuses a database without the registry's tables.
+pub(crate) async fn check(db: &Db, migrate: bool) -> Result<()> {
+    if migrate {
+        if db.begin.is_some() {
+            apply_pooled(db).await?;
+        } else {
+            migrator().run(&db.pool).await.map_err(|e| Error::Backend {
+                backend: BACKEND,
+                message: format!("applying the registry migration: {e}"),
+                retryable: false,
+            })?;
+        }
+    }
+    let mut conn = db.conn().await?;
+    let present: bool = sqlx::query_scalar(
+        "SELECT to_regclass('normandy_node_leases') IS NOT NULL \
+           AND to_regclass('normandy_placements') IS NOT NULL",
+    )
+    .persistent(db.persistent)
+    .fetch_one(conn.get())
+    .await
+    .map_err(map_sqlx)?;
+    conn.finish().await?;
+    if present {
+        Ok(())
+    } else {
+        Err(missing_migration())
+    }
+}
+
+/// Behind a transaction pooler sqlx's migrator cannot work (it takes a session advisory lock
+/// and relies on the search path of the startup packet), so the migration is applied in one
+/// transaction that sets its search path, holds a transaction-scoped advisory lock on the
+/// schema, reads the record under it and commits the migration with its record, in sqlx's
+/// table format: concurrent starts apply it once, and `migrator()` later sees it applied.
+async fn apply_pooled(db: &Db) -> Result<()> {
+    let m = migrator();
+    let mut tx = db.tx().await?;
+    let run = async {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('normandy_registry_migrations:' \
+             || current_schema(), 0))",
+        )
+        .persistent(false)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::raw_sql(
+            "CREATE TABLE IF NOT EXISTS normandy_registry_migrations ( \
+               version BIGINT PRIMARY KEY, description TEXT NOT NULL, \
+               installed_on TIMESTAMPTZ NOT NULL DEFAULT now(), success BOOLEAN NOT NULL, \
+               checksum BYTEA NOT NULL, execution_time BIGINT NOT NULL)",
+        )
+        .execute(&mut *tx)
+        .await?;
+        for migration in m.iter().filter(|m| m.migration_type.is_up_migration()) {
+            let done: Option<i64> = sqlx::query_scalar(
+                "SELECT version FROM normandy_registry_migrations WHERE version = $1",
+            )
+            .bind(migration.version)
+            .persistent(false)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if done.is_some() {
+                continue;
+            }
+            let started = std::time::Instant::now();
+            sqlx::raw_sql(migration.sql.clone())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "INSERT INTO normandy_registry_migrations \
+                   (version, description, success, checksum, execution_time) \
+                 VALUES ($1, $2, true, $3, $4)",
+            )
+            .bind(migration.version)
+            .bind(migration.description.as_ref())
+            .bind(migration.checksum.as_ref())
+            .bind(i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX))
+            .persistent(false)
+            .execute(&mut *tx)
+            .await?;
+        }
+        Ok::<(), sqlx::Error>(())
+    };
+    run.await.map_err(map_sqlx)?;
+    tx.commit().await.map_err(map_sqlx)
+}
