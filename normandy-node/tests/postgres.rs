@@ -80,6 +80,9 @@ async fn history_summary(n: &Node, id: &SessionId) -> Summary {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lazy_and_eager_sessions_survive_the_owners_sigkill_on_postgres_alone() {
+    let Some(_) = common::postgres_or_skip().await else {
+        return;
+    };
     let schema = Schema::new("kill").await;
     const EAGER: usize = 12;
     let mut ns = nodes(&schema, &["a", "b", "c"], |o| {
@@ -191,6 +194,9 @@ async fn lazy_and_eager_sessions_survive_the_owners_sigkill_on_postgres_alone() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_paused_owner_is_fenced_after_a_survivor_takes_over_on_postgres_alone() {
+    let Some(_) = common::postgres_or_skip().await else {
+        return;
+    };
     let schema = Schema::new("pause").await;
     let ns = nodes(&schema, &["a", "b"], |o| o.model_latency(2000)).await;
     let (a, b) = (&ns[0], &ns[1]);
@@ -281,6 +287,9 @@ async fn a_paused_owner_is_fenced_after_a_survivor_takes_over_on_postgres_alone(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_racing_to_place_100_sessions_on_postgres_give_each_exactly_one_owner() {
+    let Some(_) = common::postgres_or_skip().await else {
+        return;
+    };
     let schema = Schema::new("race").await;
     let ns = nodes(&schema, &["a", "b"], |o| o).await;
     let mut ids = Vec::new();
@@ -324,6 +333,9 @@ async fn two_nodes_racing_to_place_100_sessions_on_postgres_give_each_exactly_on
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_cut_off_from_postgres_stops_serving_and_never_reaps() {
+    let Some(_) = common::postgres_or_skip().await else {
+        return;
+    };
     let schema = Schema::new("cut").await;
     let upstream = postgres_url()
         .split('@')
