@@ -505,7 +505,7 @@ async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     );
     assert_eq!(s.ended.get(&second), Some(&1));
     // The session keeps working, routed to b from a as well.
-    wait_serving(a).await;
+    a.wait_ready().await;
     assert_eq!(a.send(&id, "again").await.unwrap().text(), "echo: again");
     assert_eq!(
         reg.lookup(&id).await.unwrap().unwrap().owner.to_string(),
@@ -513,45 +513,6 @@ async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     );
     drop(ns);
     cleanup(&prefix).await;
-}
-
-/// Sends "slow one" to `id` through `a` in the background; returns once `b` reads the input
-/// committed, with the input's id and the pending call.
-async fn slow_input_committed(
-    a: &Node,
-    b: &Node,
-    id: &SessionId,
-) -> (
-    InputId,
-    tokio::task::JoinHandle<normandy_core::Result<normandy_core::TurnOutcome>>,
-) {
-    let first = InputId::generate();
-    let c = a.client.clone();
-    let (id2, first2) = (id.clone(), first.clone());
-    let pending = tokio::spawn(async move {
-        c.send(
-            &id2,
-            first2,
-            vec![normandy_core::ContentBlock::text("slow one")],
-        )
-        .await
-    });
-    eventually(Duration::from_secs(5), "input committed on a", || {
-        let b = b.client.clone();
-        let id = id.clone();
-        let first = first.clone();
-        async move {
-            summarize(&b.history(&id, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&first)
-        }
-    })
-    .await;
-    (first, pending)
-}
-
-async fn wait_serving(n: &Node) {
-    n.wait_ready().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -302,6 +302,37 @@ fn set_pdeathsig(cmd: &mut Command) {
     }
 }
 
+/// Sends "slow one" to `id` through `a` in the background; returns once `b` reads the input
+/// committed, with the input's id and the pending call.
+pub async fn slow_input_committed(
+    a: &Node,
+    b: &Node,
+    id: &SessionId,
+) -> (
+    InputId,
+    tokio::task::JoinHandle<normandy_core::Result<TurnOutcome>>,
+) {
+    let first = InputId::generate();
+    let c = a.client.clone();
+    let (id2, first2) = (id.clone(), first.clone());
+    let pending = tokio::spawn(async move {
+        c.send(&id2, first2, vec![ContentBlock::text("slow one")])
+            .await
+    });
+    eventually(Duration::from_secs(5), "input committed on a", || {
+        let b = b.client.clone();
+        let id = id.clone();
+        let first = first.clone();
+        async move {
+            summarize(&b.history(&id, 0, 100).await.unwrap())
+                .inputs
+                .contains_key(&first)
+        }
+    })
+    .await;
+    (first, pending)
+}
+
 /// Inputs, turn ends and tool results of a session's history.
 #[derive(Debug, Default)]
 pub struct Summary {
