@@ -5,7 +5,10 @@
 //! then failed, and that input could never be stored afterwards.
 //!
 //! Against a real Redis (`NORMANDY_TEST_REDIS_URL`, else a container, else skipped by name),
-//! each test under its own prefix.
+//! each test under its own prefix. The tests whose keys are the same on a Redis Cluster
+//! (a session's own keys: the cluster's index is one bucket per slot, not the sets named here)
+//! run a second time there (`NORMANDY_TEST_REDIS_CLUSTER_URLS`), through the cluster's own
+//! scripts (one commit per call, index buckets declared in `KEYS`).
 
 use std::collections::VecDeque;
 
@@ -14,18 +17,28 @@ use normandy_core::{
     NewSession, NodeId, OwnerFilter, QueuedInput, ResumePolicy, SessionId, SessionStatus,
     SessionStore, TurnState,
 };
+use normandy_redis::{ConnectOptions, RedisConn, RedisTarget};
 use normandy_store_redis::{RedisStore, RedisStoreConfig};
-use normandy_tests::backends::{redis_url, skip, skip_reason, unique_name};
-use redis::aio::MultiplexedConnection;
+use normandy_tests::backends::{redis_cluster_url, redis_url, skip, skip_reason, unique_name};
 
 struct Env {
     store: RedisStore,
-    con: MultiplexedConnection,
+    con: RedisConn,
 }
 
 impl Env {
     async fn new(name: &str) -> Option<Self> {
-        let Some(url) = redis_url().await else {
+        Self::at(name, false).await
+    }
+
+    /// On the single server, or on the cluster.
+    async fn at(name: &str, cluster: bool) -> Option<Self> {
+        let url = if cluster {
+            redis_cluster_url().await
+        } else {
+            redis_url().await
+        };
+        let Some(url) = url else {
             skip(name, &skip_reason());
             return None;
         };
@@ -36,9 +49,12 @@ impl Env {
         )
         .await
         .unwrap();
-        let con = redis::Client::open(url.as_str())
+        let con = RedisTarget::parse(&url)
             .unwrap()
-            .get_multiplexed_async_connection()
+            .connect(ConnectOptions {
+                connect_timeout: std::time::Duration::from_secs(5),
+                response_timeout: std::time::Duration::from_secs(5),
+            })
             .await
             .unwrap();
         Some(Self { store, con })
@@ -150,7 +166,7 @@ async fn nothing_written(env: &mut Env, id: &SessionId, owner: &NodeId, planted:
         assert!(!env.exists(&stream).await, "entries written");
     }
     let index = env.index(&format!("node:{owner}"));
-    if index != planted {
+    if index != planted && !env.con.is_cluster() {
         let page = env
             .store
             .list_resumable(&OwnerFilter::Node(owner.clone()), None, 10)
@@ -163,9 +179,29 @@ async fn nothing_written(env: &mut Env, id: &SessionId, owner: &NodeId, planted:
     }
 }
 
-#[tokio::test]
-async fn a_commit_over_a_foreign_stream_key_writes_nothing_and_applies_once_it_is_gone() {
-    let Some(mut env) = Env::new("a_commit_over_a_foreign_stream_key").await else {
+/// Stamps `$body(cluster)` as a test on the single server and one on the cluster.
+macro_rules! on_both {
+    ($name:ident, $cluster:ident, $body:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            $body(stringify!($name), false).await
+        }
+
+        #[tokio::test]
+        async fn $cluster() {
+            $body(stringify!($cluster), true).await
+        }
+    };
+}
+
+on_both!(
+    a_commit_over_a_foreign_stream_key_writes_nothing_and_applies_once_it_is_gone,
+    on_a_cluster_a_commit_over_a_foreign_stream_key_writes_nothing_and_applies_once_it_is_gone,
+    foreign_stream_key
+);
+
+async fn foreign_stream_key(name: &str, cluster: bool) {
+    let Some(mut env) = Env::at(name, cluster).await else {
         return;
     };
     let (id, epoch) = env.eager("s1", &node("n")).await;
@@ -241,9 +277,51 @@ async fn a_commit_over_foreign_inputs_or_index_keys_writes_nothing_and_applies_o
     env.store.purge().await.unwrap();
 }
 
+/// On a cluster, the inputs hash (the index buckets are the cluster's own layout): nothing
+/// written, and the same commit applies once the key is gone. A lone input on the expected seq
+/// is checked and recorded by one `HSETNX`, so a foreign key there is that write failing.
 #[tokio::test]
-async fn create_over_a_foreign_state_key_is_corrupt_not_already_exists() {
-    let Some(mut env) = Env::new("create_over_a_foreign_state_key").await else {
+async fn on_a_cluster_a_commit_over_a_foreign_inputs_key_writes_nothing_and_applies_once_it_is_gone()
+ {
+    let Some(mut env) = Env::at("on_a_cluster_a_commit_over_a_foreign_inputs_key", true).await
+    else {
+        return;
+    };
+    let n = node("n");
+    let (id, epoch) = env.eager("s-inputs", &n).await;
+    let key = env.key(&id, "i");
+    env.plant(&key).await;
+    let err = env
+        .store
+        .commit(&id, epoch, 0, &input(1, "in-1"))
+        .await
+        .unwrap_err();
+    names_the_key(&err, Some(&id), &key, "hash");
+    nothing_written(&mut env, &id, &n, &key).await;
+    env.repair(&key).await;
+    let ack = env
+        .store
+        .commit(&id, epoch, 0, &input(1, "in-1"))
+        .await
+        .unwrap();
+    assert_eq!(ack, CommitAck::Applied { seq: 1 });
+    let page = env
+        .store
+        .list_resumable(&OwnerFilter::Node(n.clone()), None, 10)
+        .await
+        .unwrap();
+    assert!(page.sessions.iter().any(|s| s.id == id), "not indexed");
+    env.store.purge().await.unwrap();
+}
+
+on_both!(
+    create_over_a_foreign_state_key_is_corrupt_not_already_exists,
+    on_a_cluster_create_over_a_foreign_state_key_is_corrupt_not_already_exists,
+    foreign_state_key
+);
+
+async fn foreign_state_key(name: &str, cluster: bool) {
+    let Some(mut env) = Env::at(name, cluster).await else {
         return;
     };
     let id = SessionId::new("s-create").unwrap();
