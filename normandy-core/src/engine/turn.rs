@@ -21,8 +21,8 @@ use crate::error::{Error, Result};
 use crate::hooks::{HookDecision, ToolCall};
 use crate::llm::{ModelRequest, ModelResponse};
 use crate::model::{
-    CallInfo, ContentBlock, DoubtReason, EntryPayload, InDoubt, InputId, Message, Role,
-    SessionId, StopReason, TurnStatus, Usage,
+    CallInfo, ContentBlock, DoubtReason, EntryPayload, InDoubt, InputId, Message, Role, SessionId,
+    StopReason, TurnStatus, Usage,
 };
 use crate::store::now_ms;
 use crate::tools::{self, ToolContext, ToolOutput};
