@@ -1,0 +1,29 @@
+//! The files a fault run writes and the checker that reads them (issue 18).
+//!
+//! A run records what its clients saw ([`history`]: every operation as `invoke`, then `ok` with
+//! the seq it was stored at, `fail`, or `info` when the outcome is unknown), then reads the
+//! final log straight from the store and lists every tool execution a tool recorded outside
+//! the store. [`check()`] decides from those three files alone whether the promise held:
+//!
+//! - no input id stored twice in a session, and every session's seqs dense from 1;
+//! - every `ok` stored at the seq it was acknowledged with; nothing that failed stored;
+//! - real time: an input acknowledged before another was invoked is stored before it, and each
+//!   client's inputs to one session are stored in the order it sent them;
+//! - epochs never go back along a session's log;
+//! - every tool call with a recorded result ran exactly once, or, where a crash fell between
+//!   the execution and its record, the result says so (in doubt) or an idempotent tool ran
+//!   again under the same key; no result without an execution;
+//!
+//! and what became of each `info` (stored, at which seq, or not).
+//!
+//! The file formats are plain JSON lines, documented on [`history::Op`],
+//! [`history::StoredEntry`] and [`history::ToolRun`], so any other checker can read the same
+//! run.
+//!
+//! Not here yet: the workload, the nemesis and `cargo xtask chaos` (the rest of issue 18).
+
+pub mod check;
+pub mod history;
+
+pub use check::{Report, Violation, ViolationKind, check};
+pub use history::{Files, Op, OpType, ReadError, StoredEntry, ToolRun};
