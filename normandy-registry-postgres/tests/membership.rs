@@ -202,20 +202,11 @@ async fn nodes_starting_at_once_on_an_empty_schema_all_open_and_migrate_once() {
     for o in opens {
         o.await.unwrap().expect("every node opens");
     }
-    let root = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&s.url)
-        .await
-        .unwrap();
-    let applied: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.normandy_registry_migrations",
-        s.name
-    )))
-    .fetch_one(&root)
-    .await
-    .unwrap();
-    assert_eq!(applied, 1, "the migration was applied once");
-    root.close().await;
+    assert_eq!(
+        s.migrations_recorded().await,
+        1,
+        "the migration was applied once"
+    );
     let again = normandy_registry_postgres::apply_migration(&s.config())
         .await
         .unwrap();
@@ -258,14 +249,11 @@ async fn through_a_transaction_pooler_the_migration_applies_once_and_leases_hold
         .connect(&url)
         .await
         .unwrap();
-    let applied: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*) FROM {}.normandy_registry_migrations",
-        s.name
-    )))
-    .fetch_one(&root)
-    .await
-    .unwrap();
-    assert_eq!(applied, 1, "the migration was applied once");
+    assert_eq!(
+        s.migrations_recorded().await,
+        1,
+        "the migration was applied once"
+    );
     let ttl = Duration::from_millis(500);
     let a = member("a", 1, 7301);
     assert_eq!(ms[0].join(&a, ttl).await.unwrap(), JoinOutcome::Joined);

@@ -76,6 +76,24 @@ impl Schema {
             .expect("connect membership")
     }
 
+    /// Rows in the schema's `normandy_registry_migrations` (read straight from the server).
+    pub async fn migrations_recorded(&self) -> i64 {
+        let root = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&self.url)
+            .await
+            .expect("connect to the test database");
+        let n = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {}.normandy_registry_migrations",
+            self.name
+        )))
+        .fetch_one(&root)
+        .await
+        .expect("count the migration records");
+        root.close().await;
+        n
+    }
+
     pub async fn drop(&self) {
         if let Ok(root) = PgPoolOptions::new()
             .max_connections(1)
