@@ -342,7 +342,7 @@ impl StreamParser for ChunkParser {
         // Every chunk but an error report is read in one pass; the `Value` below is only for
         // errors.
         let mut chunk = Chunk::default();
-        let read = chunk.read(data);
+        let read = chunk.read(data, self.response_id.is_none());
         if read.is_ok() && !chunk.error {
             self.chunk(&mut chunk, deltas)?;
             return Ok(None);

@@ -14,7 +14,8 @@
 //! 0 (or without an index); later choices are still read as choices, so a chunk that would not
 //! parse as a whole still fails; a member given twice is serde's `duplicate field` error; `null`
 //! stands for an absent member; unknown members are skipped. `id` and `model` are borrowed from
-//! the event when they have no JSON escapes and copied when they have.
+//! the event when they have no JSON escapes and copied when they have; `id` is read only until
+//! the parser has one (only the first is kept).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -66,10 +67,15 @@ pub(super) struct FunctionDelta {
 
 impl<'a> Chunk<'a> {
     /// Reads `data`, a whole chunk, into `self` (a fresh `Chunk`). On an error `self` holds
-    /// whatever was read before it.
-    pub(super) fn read(&mut self, data: &'a str) -> serde_json::Result<()> {
+    /// whatever was read before it. With `want_id` false, `id` is skipped unread: the parser
+    /// keeps the first one, and every chunk repeats it.
+    pub(super) fn read(&mut self, data: &'a str, want_id: bool) -> serde_json::Result<()> {
         let mut de = serde_json::Deserializer::from_str(data);
-        ChunkSeed(self).deserialize(&mut de)?;
+        ChunkSeed {
+            chunk: self,
+            want_id,
+        }
+        .deserialize(&mut de)?;
         de.end()
     }
 }
@@ -140,7 +146,7 @@ macro_rules! fields {
         }
 
         impl Field for $name {
-            fn from_name(name: &str) -> Option<Self> {
+                    fn from_name(name: &str) -> Option<Self> {
                 match name {
                     $($key => Some(Self::$variant),)*
                     _ => None,
@@ -153,7 +159,7 @@ macro_rules! fields {
                 }
             }
 
-            fn bit(self) -> u8 {
+                    fn bit(self) -> u8 {
                 1 << self as u8
             }
         }
@@ -222,7 +228,11 @@ impl<'de> Visitor<'de> for TextVisitor {
 }
 
 /// The chunk object.
-struct ChunkSeed<'c, 'a>(&'c mut Chunk<'a>);
+struct ChunkSeed<'c, 'a> {
+    chunk: &'c mut Chunk<'a>,
+    /// Whether to read `id` (else it is skipped).
+    want_id: bool,
+}
 
 impl<'de: 'a, 'a> DeserializeSeed<'de> for ChunkSeed<'_, 'a> {
     type Value = ();
@@ -240,10 +250,13 @@ impl<'de: 'a, 'a> Visitor<'de> for ChunkSeed<'_, 'a> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        let chunk = self.0;
+        let chunk = self.chunk;
         let mut seen = 0;
         while let Some(field) = next_field(&mut map, &mut seen)? {
             match field {
+                ChunkField::Id if !self.want_id => {
+                    map.next_value::<IgnoredAny>()?;
+                }
                 ChunkField::Id => chunk.id = map.next_value::<Text<'de>>()?.0,
                 ChunkField::Model => chunk.model = map.next_value::<Text<'de>>()?.0,
                 ChunkField::Error => {
@@ -290,24 +303,29 @@ impl<'de> Visitor<'de> for Choices<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let first = self.0;
-        let mut taken = false;
         loop {
-            if taken {
-                let mut other = Choice::default();
-                if seq.next_element_seed(ChoiceSeed(&mut other))?.is_none() {
-                    return Ok(());
-                }
-            } else {
-                if seq.next_element_seed(ChoiceSeed(first))?.is_none() {
-                    return Ok(());
-                }
-                if first.index.unwrap_or(0) == 0 {
-                    taken = true;
-                } else {
-                    *first = Choice::default();
-                }
+            if seq.next_element_seed(ChoiceSeed(first))?.is_none() {
+                return Ok(());
             }
+            if first.index.unwrap_or(0) == 0 {
+                break;
+            }
+            *first = Choice::default();
         }
+        while seq.next_element_seed(OtherChoice)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// A choice after the first: read as one (so that a chunk that would not parse as a whole still
+/// fails), then dropped. Its `Choice` is made only when there is one to read.
+struct OtherChoice;
+
+impl<'de> DeserializeSeed<'de> for OtherChoice {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        ChoiceSeed(&mut Choice::default()).deserialize(d)
     }
 }
 
@@ -395,7 +413,7 @@ mod tests {
 
     fn read(data: &str) -> serde_json::Result<Chunk<'_>> {
         let mut chunk = Chunk::default();
-        chunk.read(data).map(|()| chunk)
+        chunk.read(data, true).map(|()| chunk)
     }
 
     #[test]
@@ -406,6 +424,15 @@ mod tests {
         assert_eq!(c.choice.content.as_deref(), Some("Hi"));
         assert_eq!(c.choice.index, Some(0));
         assert!(c.choice.finish_reason.is_none() && c.usage.is_none() && !c.error);
+    }
+
+    #[test]
+    fn the_id_is_skipped_once_the_parser_has_one() {
+        let mut c = Chunk::default();
+        c.read(r#"{"id":"c2","model":"m","choices":[]}"#, false)
+            .unwrap();
+        assert!(c.id.is_none());
+        assert_eq!(c.model.as_deref(), Some("m"));
     }
 
     #[test]
