@@ -159,6 +159,13 @@ impl PgRegistryConfig {
     /// and switches server connections between transactions), every operation opens its own
     /// transaction with `BEGIN; SET LOCAL …` instead, in one round trip.
     pub(crate) async fn open(&self) -> Result<Db> {
+        let db = self.open_unchecked().await?;
+        crate::schema::check(&db, self.migrate_on_open).await?;
+        Ok(db)
+    }
+
+    /// Opens the pool without looking at the schema.
+    pub(crate) async fn open_unchecked(&self) -> Result<Db> {
         let ms = |d: Duration| d.as_millis().max(1).to_string();
         let timeouts = [
             ("statement_timeout", ms(self.statement_timeout)),
@@ -197,9 +204,7 @@ impl PgRegistryConfig {
             .connect_with(options)
             .await
             .map_err(map_sqlx)?;
-        let db = Db::new(pool, begin);
-        crate::schema::check(&db, self.migrate_on_open).await?;
-        Ok(db)
+        Ok(Db::new(pool, begin))
     }
 }
 

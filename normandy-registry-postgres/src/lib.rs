@@ -6,8 +6,9 @@
 //! - [`config`]: [`PgRegistryConfig`] — URL, schema, pool, server timeouts, and the
 //!   transaction-pooler switch; opening the pool.
 //! - `error`: the one function that maps sqlx errors to [`normandy_core::Error`].
-//! - `schema`: [`migrator`] (`0001_registry`, recorded in `normandy_registry_migrations`) and
-//!   the check made when a pool opens.
+//! - `schema`: the migration (`0001_registry`, recorded in `normandy_registry_migrations`):
+//!   [`apply_migration`], safe from many processes at once, sqlx's [`migrator`], and the check
+//!   made when a pool opens.
 //! - `lease`: node lease rows — the one implementation and policy behind both types below.
 //! - [`registry`]: [`PgRegistry`] — `register` / `lookup` / `unregister`, one statement each.
 //! - [`membership`]: [`PgMembership`], the cluster's membership on the same lease rows.
@@ -70,4 +71,4 @@ mod schema;
 pub use config::PgRegistryConfig;
 pub use membership::PgMembership;
 pub use registry::PgRegistry;
-pub use schema::{MIGRATIONS_TABLE, migrator};
+pub use schema::{MIGRATIONS_TABLE, apply_migration, migrator};

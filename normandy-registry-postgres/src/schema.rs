@@ -1,8 +1,9 @@
 //! The registry's schema: the embedded migration and the check made when a pool opens.
 
-use normandy_core::{Error, Result};
+use normandy_core::Result;
 
-use crate::error::{BACKEND, map_sqlx, missing_migration};
+use crate::PgRegistryConfig;
+use crate::error::{map_sqlx, missing_migration};
 use crate::lease::Db;
 
 /// The table in which [`migrator`] records what it applied (not the store's
@@ -14,30 +15,43 @@ pub(crate) const MIGRATION_NAME: &str = "0001_registry";
 
 /// The registry's migration (`0001_registry`: the node leases and placements tables),
 /// embedded at build time, recording into [`MIGRATIONS_TABLE`]. Tables go in the connection's
-/// `search_path`. Run it with `migrator().run(&pool)`.
+/// `search_path`.
 ///
-/// sqlx's migrator takes a session advisory lock and relies on the connection's
-/// `search_path`, neither of which survives a transaction-pooling pooler: through one,
-/// [`PgRegistryConfig::migrate_on_open`](crate::PgRegistryConfig::migrate_on_open) applies the
-/// migration its own way (one transaction, a transaction-scoped lock, the same record format).
+/// This is sqlx's migrator, for tools that take one. The registry itself
+/// ([`PgRegistryConfig::migrate_on_open`](crate::PgRegistryConfig::migrate_on_open)) and
+/// [`apply_migration`] do not run it: its session advisory lock and its reliance on the
+/// `search_path` do not survive a transaction-pooling pooler, and a lock of its own would let
+/// a node that connects directly and one behind a pooler apply the migration at the same
+/// moment. Both paths take the one transaction-scoped lock instead.
 pub fn migrator() -> sqlx::migrate::Migrator {
     let mut m = sqlx::migrate!("./migrations");
     m.dangerous_set_table_name(MIGRATIONS_TABLE);
     m
 }
 
+/// Applies the registry's migration (`0001_registry`) with `config`'s connection settings —
+/// its schema, and its [transaction-pooler](PgRegistryConfig::transaction_pooler) mode — unless
+/// it is applied already. Any number of processes may run it at once, directly or through a
+/// pooler: it is applied once (see `migrate_on_open`, which does the same when a registry
+/// opens). `cargo xtask migrate up --registry` runs it.
+///
+/// Returns whether this call applied it (false: the database had it).
+pub async fn apply_migration(config: &PgRegistryConfig) -> Result<bool> {
+    let db = config
+        .clone()
+        .migrate_on_open(false)
+        .max_connections(1)
+        .open_unchecked()
+        .await?;
+    let applied = apply_locked(&db).await;
+    db.pool.close().await;
+    applied
+}
+
 /// Applies the migration if asked, then refuses a database without the registry's tables.
 pub(crate) async fn check(db: &Db, migrate: bool) -> Result<()> {
     if migrate {
-        if db.begin.is_some() {
-            apply_pooled(db).await?;
-        } else {
-            migrator().run(&db.pool).await.map_err(|e| Error::Backend {
-                backend: BACKEND,
-                message: format!("applying the registry migration: {e}"),
-                retryable: false,
-            })?;
-        }
+        apply_locked(db).await?;
     }
     let mut conn = db.conn().await?;
     let present: bool = sqlx::query_scalar(
@@ -56,14 +70,15 @@ pub(crate) async fn check(db: &Db, migrate: bool) -> Result<()> {
     }
 }
 
-/// Behind a transaction pooler sqlx's migrator cannot work (it takes a session advisory lock
-/// and relies on the search path of the startup packet), so the migration is applied in one
-/// transaction that sets its search path, holds a transaction-scoped advisory lock on the
-/// schema, reads the record under it and commits the migration with its record, in sqlx's
-/// table format: concurrent starts apply it once, and `migrator()` later sees it applied.
-async fn apply_pooled(db: &Db) -> Result<()> {
+/// Applies the migration in one transaction that holds a transaction-scoped advisory lock on
+/// the schema *before* it creates the record table, reads the record under the lock and commits
+/// the migration with its record, in sqlx's table format. Concurrent starts (directly or
+/// through a transaction pooler, whose connections change between transactions) apply it once,
+/// and [`migrator`] later sees it applied.
+async fn apply_locked(db: &Db) -> Result<bool> {
     let m = migrator();
     let mut tx = db.tx().await?;
+    let mut applied = false;
     let run = async {
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtextextended('normandy_registry_migrations:' \
@@ -91,6 +106,7 @@ async fn apply_pooled(db: &Db) -> Result<()> {
             if done.is_some() {
                 continue;
             }
+            applied = true;
             let started = std::time::Instant::now();
             sqlx::raw_sql(migration.sql.clone())
                 .execute(&mut *tx)
@@ -111,5 +127,6 @@ async fn apply_pooled(db: &Db) -> Result<()> {
         Ok::<(), sqlx::Error>(())
     };
     run.await.map_err(map_sqlx)?;
-    tx.commit().await.map_err(map_sqlx)
+    tx.commit().await.map_err(map_sqlx)?;
+    Ok(applied)
 }

@@ -184,6 +184,45 @@ async fn a_database_without_the_migration_is_refused_with_the_command_to_run() {
     s.drop().await;
 }
 
+/// Eight nodes starting at once on an empty schema, straight to Postgres: every one opens, and
+/// the migration is applied once. Afterwards `apply_migration` finds nothing to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_starting_at_once_on_an_empty_schema_all_open_and_migrate_once() {
+    let Some(s) = schema("nodes_starting_at_once_on_an_empty_schema").await else {
+        return;
+    };
+    let opens: Vec<_> = (0..8)
+        .map(|_| {
+            let config = s.config();
+            tokio::spawn(
+                async move { normandy_registry_postgres::PgRegistry::connect(config).await },
+            )
+        })
+        .collect();
+    for o in opens {
+        o.await.unwrap().expect("every node opens");
+    }
+    let root = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&s.url)
+        .await
+        .unwrap();
+    let applied: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*) FROM {}.normandy_registry_migrations",
+        s.name
+    )))
+    .fetch_one(&root)
+    .await
+    .unwrap();
+    assert_eq!(applied, 1, "the migration was applied once");
+    root.close().await;
+    let again = normandy_registry_postgres::apply_migration(&s.config())
+        .await
+        .unwrap();
+    assert!(!again, "a migrated database has nothing to apply");
+    s.drop().await;
+}
+
 /// Through PgBouncer in transaction mode (`NORMANDY_TEST_PGBOUNCER_URL`): four nodes starting
 /// at once apply the migration once, into the schema asked for (the pooler drops the
 /// `search_path` startup parameter, so only `SET LOCAL` puts it there), and the lease policy

@@ -318,8 +318,12 @@ fn parse_item(item: &Value, ctx: Ctx<'_>) -> Result<Reply> {
         }
     };
     let bad = || error::unexpected(ctx, "commit", item);
-    let Value::Array(parts) = item else {
-        return Err(bad());
+    // An applied commit is its new seq alone (the common case, kept small: the reply of a
+    // batch is built by Lua and converted to RESP item by item).
+    let parts = match item {
+        Value::BulkString(seq) => return Ok(Reply::Applied(parse_u64(seq).ok_or_else(bad)?)),
+        Value::Array(parts) => parts,
+        _ => return Err(bad()),
     };
     let parts: Vec<Vec<u8>> = parts
         .iter()

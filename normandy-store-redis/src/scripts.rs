@@ -142,27 +142,43 @@ return {'ok', tostring(ep)}
 ///
 /// Each commit checks, in `InMemoryStore::commit`'s order, NotFound, SessionClosed, Fenced,
 /// DuplicateInput, Conflict, and only then writes its entries, input ids, state and index
-/// together. The reply has one item per commit — `{'applied', seq}`, `{'dup', input, seq}` or
-/// `{'err', '<code> <detail>'}` — so commits of different sessions sharing one script never
-/// affect each other's outcome; Redis runs the whole script atomically, so each commit is.
+/// together. The reply has one item per commit — the new seq when applied, `{'dup', input,
+/// seq}` or `{'err', '<code> <detail>'}` — so commits of different sessions sharing one script
+/// never affect each other's outcome; Redis runs the whole script atomically, so each commit is.
 ///
-/// Before its first write, each commit has checked the type of every key it will write: the
-/// state and inputs hashes by reading them first, the index sets its reindex touches with
-/// `TYPE`, and the stream by writing it first (a failed first `XADD` has written nothing). A key
-/// that something else wrote under our prefix fails that commit alone with `NMWRONGTYPE`, having
-/// written nothing, and the same commit applies once the key is gone. (Reads as type checks keep
-/// `TYPE` calls off the common path: three per commit cost about a sixth of the throughput.) (Any other command error inside one commit is its
-/// `NMSCRIPT` error, caught by `pcall` so the batch's other commits keep their outcomes.)
+/// All or nothing: before a commit's first write that cannot fail, it has checked the type of
+/// every key it will write — the state hash by reading it first, the index sets its reindex
+/// touches with `TYPE`; the writes that may still fail on a foreign key (the input's `HSETNX`,
+/// the first `XADD`) go first, and an `HSETNX` is taken back if the `XADD` after it fails. A
+/// key that something else wrote under our prefix fails that commit alone with
+/// `NMWRONGTYPE`, having written nothing, and the same commit applies once the key is gone.
+/// (Reads and first writes as type checks keep `TYPE` calls off the common path: three per
+/// commit cost about a sixth of the throughput.) Any other command error inside one commit is
+/// its `NMSCRIPT` error, caught by `pcall` so the batch's other commits keep their outcomes.
+///
+/// Server time, the common commit (one input entry on the expected seq): four commands —
+/// `HMGET` of the state, `HSETNX` of the input id (its duplicate check and its record in one),
+/// `XADD`, `HSET` of the state. Measured with `INFO commandstats` on batches of 22 commits:
+/// 6.7 µs of script time per commit, where reading the inputs with `HMGET` and writing them
+/// with `HSET` (release 0.1) took 8.6.
 pub(crate) fn commit_many() -> String {
     format!(
         "{CHECK}{REINDEX}{}",
         r"
+-- A duplicate input: reported with the seq it was stored at, after a write (to `wa`, a field
+-- no reader decodes), so that a WAIT after this script covers the stored input too: a
+-- duplicate is reported only once the original is as durable as a fresh commit would be.
+local function dup(ks, input, at)
+  redis.call('HINCRBY', ks, 'wa', 1)
+  return {'dup', input, at}
+end
 local function commit(ks, ke, ki, ix, now, id, ep, exp, new, ts, work, n, e0)
   -- All or nothing without a TYPE per key on the common path: the reads come first and each
   -- doubles as its key's type check (a read of a key of another type fails, nothing written
-  -- yet); the stream, which no read covers, takes the first write, so a foreign key there fails
-  -- before anything is written; the index sets are type-checked only when reindex will touch
-  -- them. Keys of another type are named by `wrong_type`.
+  -- yet); the one write that can still fail on a foreign key (the first XADD, or the input's
+  -- HSETNX) comes first, and anything written before a failure is undone; the index sets are
+  -- type-checked only when reindex will touch them. Keys of another type are named by
+  -- `wrong_type`.
   local f = redis.pcall('HMGET', ks, 'ep', 'seq', 'st', 'pol', 'own', 'rs')
   if f.err then return {'err', wrong_type({ks, 'hash'}) or ('NMSCRIPT ' .. f.err)} end
   if not f[1] then return {'err', 'NMNOTFOUND session'} end
@@ -170,7 +186,7 @@ local function commit(ks, ke, ki, ix, now, id, ep, exp, new, ts, work, n, e0)
   if f[1] ~= ep then return {'err', 'NMFENCED ' .. f[1]} end
   local rs = '0'
   if work == '1' and f[4] == 'eager' then rs = '1' end
-  -- Input ids (distinct within a batch: the caller validates that) are checked in one read.
+  -- Input ids (distinct within a batch: the caller validates that).
   local inputs = {}
   for i = 0, n - 1 do
     local b = e0 + i * 3
@@ -179,36 +195,48 @@ local function commit(ks, ke, ki, ix, now, id, ep, exp, new, ts, work, n, e0)
       inputs[#inputs + 1] = ARGV[b]
     end
   end
-  if #inputs > 0 then
+  -- A duplicate is reported before a conflict. The common case, one input on the expected seq,
+  -- checks and records it in one HSETNX below; otherwise the inputs are read here.
+  local one = #inputs == 2 and f[2] == exp
+  if #inputs > 0 and not one then
     local names = {}
     for i = 1, #inputs, 2 do names[#names + 1] = inputs[i] end
     local seen = redis.pcall('HMGET', ki, unpack(names))
     if seen.err then return {'err', wrong_type({ki, 'hash'}) or ('NMSCRIPT ' .. seen.err)} end
     for i, at in ipairs(seen) do
-      if at then
-        -- A write (to `wa`, a field no reader decodes), so that a WAIT after this script
-        -- covers the stored input too: a duplicate is reported only once the original is as
-        -- durable as a fresh commit would be.
-        redis.call('HINCRBY', ks, 'wa', 1)
-        return {'dup', names[i], at}
-      end
+      if at then return dup(ks, names[i], at) end
     end
   end
   if f[2] ~= exp then return {'err', 'NMCONFLICT ' .. f[2]} end
-  local bad = wrong_type(index_keys({}, ix, f[6], f[5], rs, f[5]))
-  if bad then return {'err', bad} end
+  if rs ~= f[6] then
+    local bad = wrong_type(index_keys({}, ix, f[6], f[5], rs, f[5]))
+    if bad then return {'err', bad} end
+  end
+  if one then
+    local added = redis.pcall('HSETNX', ki, inputs[1], inputs[2])
+    if type(added) == 'table' then
+      return {'err', wrong_type({ki, 'hash'}) or ('NMSCRIPT ' .. tostring(added.err))}
+    end
+    if added == 0 then return dup(ks, inputs[1], redis.call('HGET', ki, inputs[1])) end
+  end
   for i = 0, n - 1 do
     local b = e0 + i * 3
     local added = redis.pcall('XADD', ke, '0-' .. ARGV[b], 'e', ARGV[b + 1])
     if type(added) == 'table' and added.err then
-      -- Only the first XADD can fail this way, before any write of this commit.
+      -- Only the first XADD can fail this way, before any write of this commit but the
+      -- input's HSETNX, which is taken back.
+      if one then redis.call('HDEL', ki, inputs[1]) end
       return {'err', wrong_type({ke, 'stream'}) or ('NMSCRIPT ' .. added.err)}
     end
   end
-  if #inputs > 0 then redis.call('HSET', ki, unpack(inputs)) end
-  redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now, 'rs', rs)
-  reindex(ix, id, f[6], f[5], rs, f[5])
-  return {'applied', new}
+  if #inputs > 0 and not one then redis.call('HSET', ki, unpack(inputs)) end
+  if rs == f[6] then
+    redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now)
+  else
+    redis.call('HSET', ks, 'seq', new, 'ts', ts, 'ua', now, 'rs', rs)
+    reindex(ix, id, f[6], f[5], rs, f[5])
+  end
+  return new
 end
 
 local p, now = ARGV[1], ARGV[2]

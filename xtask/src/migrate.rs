@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! cargo xtask migrate up [--only base]       apply all pending migrations (or only 0001_base)
+//!                         [--registry]        and the tier-2p registry's (0001_registry)
 //! cargo xtask migrate down [--all]           revert the last applied migration (or all)
 //! cargo xtask migrate status [--check]       applied vs pending (--check: fail when pending)
 //! cargo xtask migrate export --to DIR        write the up/down SQL files into DIR
@@ -18,6 +19,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
+use normandy_registry_postgres::{MIGRATIONS_TABLE as REGISTRY_MIGRATIONS_TABLE, PgRegistryConfig};
 use normandy_store_postgres::{
     MIGRATIONS_TABLE, PgStoreConfig, PoolerMode, applied_migrations, apply_migrations, migrator,
     revert_migrations,
@@ -29,6 +31,8 @@ const USAGE: &str = "usage: cargo xtask migrate <command> [--database-url URL] [
 
 commands:
   up [--only base]      apply every pending migration (or only 0001_base)
+     [--registry]       also apply the Postgres registry's migration (tier 2p: Postgres alone,
+                        recorded in normandy_registry_migrations)
   down [--all]          revert the last applied migration (or every one)
   status [--check]      list applied and pending migrations (--check: exit 1 when any is pending)
   export --to DIR       write the migrations as plain up/down SQL files into DIR
@@ -45,6 +49,7 @@ struct Args {
     only: Option<String>,
     all: bool,
     check: bool,
+    registry: bool,
     to: Option<PathBuf>,
 }
 
@@ -61,6 +66,7 @@ fn parse(args: &[String]) -> Result<Args> {
         only: None,
         all: false,
         check: false,
+        registry: false,
         to: None,
     };
     while let Some(a) = it.next() {
@@ -83,6 +89,7 @@ fn parse(args: &[String]) -> Result<Args> {
             "--to" => out.to = Some(PathBuf::from(value("--to")?)),
             "--all" => out.all = true,
             "--check" => out.check = true,
+            "--registry" => out.registry = true,
             "-h" | "--help" => bail!("{USAGE}"),
             other => bail!("unknown argument {other:?}\n\n{USAGE}"),
         }
@@ -101,7 +108,13 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     rt.block_on(async move {
         let config = config(&args)?;
         match args.cmd.as_str() {
-            "up" => up(&config, args.only.as_deref()).await,
+            "up" => {
+                up(&config, args.only.as_deref()).await?;
+                if args.registry {
+                    up_registry(&args).await?;
+                }
+                Ok(())
+            }
             "down" => down(&config, args.all).await,
             "status" => status(&config, args.check).await,
             other => bail!("unknown migrate command {other:?}\n\n{USAGE}"),
@@ -109,12 +122,16 @@ pub(crate) fn run(args: &[String]) -> Result<()> {
     })
 }
 
-fn config(args: &Args) -> Result<PgStoreConfig> {
-    let url = match &args.url {
-        Some(u) => u.clone(),
+fn url(args: &Args) -> Result<String> {
+    match &args.url {
+        Some(u) => Ok(u.clone()),
         None => std::env::var("DATABASE_URL")
-            .context("no database: pass --database-url URL or set DATABASE_URL")?,
-    };
+            .context("no database: pass --database-url URL or set DATABASE_URL"),
+    }
+}
+
+fn config(args: &Args) -> Result<PgStoreConfig> {
+    let url = url(args)?;
     // Never echo the URL: it may carry a password (the config's errors do not repeat it).
     let mut config = PgStoreConfig::new(&url)
         .map_err(|e| anyhow::anyhow!("{e}"))?
@@ -162,6 +179,30 @@ async fn up(config: &PgStoreConfig, only: Option<&str>) -> Result<()> {
         for n in new {
             println!("applied {n}");
         }
+    }
+    Ok(())
+}
+
+/// The registry's one migration, with the same URL, schema and pooler mode as the store's.
+async fn up_registry(args: &Args) -> Result<()> {
+    let mut config = PgRegistryConfig::new(&url(args)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .application_name("normandy-migrate");
+    if let Some(schema) = &args.schema {
+        config = config
+            .schema(schema.clone())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    if let Some(mode) = args.pooler {
+        config = config.transaction_pooler(mode == PoolerMode::Transaction);
+    }
+    let applied = normandy_registry_postgres::apply_migration(&config)
+        .await
+        .map_err(|e| anyhow::anyhow!("applying the registry migration: {e}"))?;
+    if applied {
+        println!("applied 0001_registry (recorded in {REGISTRY_MIGRATIONS_TABLE})");
+    } else {
+        println!("registry up to date: nothing to apply");
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 //! input accepted; model response received; each tool result recorded; turn finished.
 
 mod actor;
+mod commit;
 mod input;
 mod stream;
 mod turn;

@@ -13,7 +13,8 @@
 //! - Registry: `register` and `lookup` latency vs a raw `HSET` / `HGET` of a placement.
 //!
 //! Latency samples of ours and of the baseline alternate one by one, and the throughput windows
-//! run back to back, so a noisy neighbour on the machine hits both sides alike (as far as it can).
+//! alternate too (five of each, 2 s or 0.5 s with `--quick`; medians printed), so a noisy
+//! neighbour on the machine hits both sides alike (as far as it can).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -52,7 +53,7 @@ async fn bench(quick: bool) -> Result<()> {
     println!("bench redis ({url}, prefix {tag}; no WAIT unless stated)");
 
     let per_round = if quick { 200 } else { 2000 };
-    let window = Duration::from_secs(if quick { 2 } else { 5 });
+    let window = Duration::from_millis(if quick { 500 } else { 2000 });
 
     let store = Arc::new(
         RedisStore::connect(RedisStoreConfig::new(&url)?.prefix(&tag))
@@ -73,14 +74,10 @@ async fn bench(quick: bool) -> Result<()> {
         rows(ours, base, "raw XADD+HSET pipeline");
 
         // --- throughput, 64 sessions
-        let (ours, base) = throughput(&store, |_| raw.clone(), &tag, window, None).await?;
-        println!("throughput, {SESSIONS} concurrent sessions, {window:?} each side:");
-        report::throughput(
-            "RedisStore::commit",
-            ours,
-            "raw pipeline, 1 multiplexed conn",
-            base,
-        );
+        let tp = throughput(&store, |_| raw.clone(), &tag, window, None).await?;
+        println!("throughput, {SESSIONS} concurrent sessions, windows of {window:?}:");
+        throughput_row("RedisStore::commit", tp, "raw pipeline, 1 multiplexed conn");
+        let ours = tp.0;
         if ours < 100_000.0 {
             // Each commit runs its fenced checks as Lua on the server (about 3x the server time
             // of the raw commands, by INFO commandstats), so the server saturates first.
@@ -221,71 +218,99 @@ async fn latency(
     Ok((ours, base))
 }
 
-/// Commits/s from 64 tasks, one session each, for `window`: ours, then the raw pipeline.
+/// Windows of each side in one throughput figure: ours and the raw pipeline take turns, so load
+/// that comes and goes on the machine hits both alike; the figure is the median window.
+const WINDOWS: usize = 5;
+
+/// Commits/s from 64 tasks, one session each: `WINDOWS` windows of our store alternating with
+/// as many of the raw pipeline. Returns the medians (ours, raw) and the median of the windows'
+/// ratios.
 async fn throughput(
     store: &Arc<RedisStore>,
     raw_con: impl Fn(usize) -> MultiplexedConnection,
     tag: &str,
     window: Duration,
     wait: Option<()>,
-) -> Result<(f64, f64)> {
-    // Ours.
+) -> Result<(f64, f64, f64)> {
     let mut sessions = Vec::new();
     for s in 0..SESSIONS {
-        sessions.push(new_session(store, &format!("tp-{s}")).await?);
+        let (id, epoch) = new_session(store, &format!("tp-{s}")).await?;
+        sessions.push((id, epoch, 0u64));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let started = Instant::now();
-    for (s, (id, epoch)) in sessions.into_iter().enumerate() {
-        let (store, stop, count) = (store.clone(), stop.clone(), count.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut seq = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let b = batch(seq, s)?;
-                store.commit(&id, epoch, seq, &b).await?;
-                seq += 1;
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
-    }
-    tokio::time::sleep(window).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let ours = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let raw_cons: Vec<MultiplexedConnection> = (0..SESSIONS).map(raw_con).collect();
+    let mut raw_seqs = vec![0u64; SESSIONS];
+    let (mut ours, mut base, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..WINDOWS {
+        // Ours.
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let started = Instant::now();
+        for (s, (id, epoch, seq)) in sessions.iter().cloned().enumerate() {
+            let (store, stop, count) = (store.clone(), stop.clone(), count.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut seq = seq;
+                while !stop.load(Ordering::Relaxed) {
+                    let b = batch(seq, s)?;
+                    store.commit(&id, epoch, seq, &b).await?;
+                    seq += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(seq)
+            }));
+        }
+        tokio::time::sleep(window).await;
+        stop.store(true, Ordering::Relaxed);
+        for (t, session) in tasks.into_iter().zip(sessions.iter_mut()) {
+            session.2 = t.await??;
+        }
+        let o = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
 
-    // Raw.
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    let started = Instant::now();
-    for s in 0..SESSIONS {
-        let (stop, count) = (stop.clone(), count.clone());
-        let mut con = raw_con(s);
-        let tag = tag.to_string();
-        let wait = wait.is_some();
-        tasks.push(tokio::spawn(async move {
-            let mut seq = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let b = batch(seq, s)?;
-                raw_commit(&mut con, &tag, 1000 + s, &b, wait).await?;
-                seq += 1;
-                count.fetch_add(1, Ordering::Relaxed);
-            }
-            anyhow::Ok(())
-        }));
+        // Raw.
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        let started = Instant::now();
+        for s in 0..SESSIONS {
+            let (stop, count) = (stop.clone(), count.clone());
+            let mut con = raw_cons[s].clone();
+            let tag = tag.to_string();
+            let wait = wait.is_some();
+            let mut seq = raw_seqs[s];
+            tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let b = batch(seq, s)?;
+                    raw_commit(&mut con, &tag, 1000 + s, &b, wait).await?;
+                    seq += 1;
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                anyhow::Ok(seq)
+            }));
+        }
+        tokio::time::sleep(window).await;
+        stop.store(true, Ordering::Relaxed);
+        for (t, seq) in tasks.into_iter().zip(raw_seqs.iter_mut()) {
+            *seq = t.await??;
+        }
+        let b = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+        ours.push(o);
+        base.push(b);
+        ratios.push(o / b);
     }
-    tokio::time::sleep(window).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await??;
-    }
-    let base = count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    Ok((ours, base))
+    Ok((median(&mut ours), median(&mut base), median(&mut ratios)))
+}
+
+fn median(xs: &mut [f64]) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
+/// Prints a throughput row of medians, with the median of the windows' ratios.
+fn throughput_row(label: &str, (ours, base, ratio): (f64, f64, f64), base_label: &str) {
+    println!(
+        "  {label:<44} {ours:>12.0}/s   {base_label:<34} {base:>12.0}/s   ratio {ratio:.2} \
+         (median of {WINDOWS} alternating windows each)"
+    );
 }
 
 async fn registry_latency(
@@ -474,13 +499,12 @@ async fn wait_part(quick: bool, per_round: usize, window: Duration) -> Result<()
     for _ in 0..SESSIONS {
         raw_cons.push(client.get_multiplexed_async_connection().await?);
     }
-    let (ours, base) = throughput(&store, |s| raw_cons[s].clone(), tag, window, Some(())).await?;
-    println!("  throughput, {SESSIONS} concurrent sessions, {window:?} each side:");
-    report::throughput(
+    let tp = throughput(&store, |s| raw_cons[s].clone(), tag, window, Some(())).await?;
+    println!("  throughput, {SESSIONS} concurrent sessions, windows of {window:?}:");
+    throughput_row(
         "RedisStore::commit + WAIT 1",
-        ours,
+        tp,
         "raw pipeline + WAIT 1, 64 conns",
-        base,
     );
     drop(replica);
     drop(primary);
