@@ -222,10 +222,13 @@ fn planner(req: &ModelRequest) -> normandy_core::Result<ModelResponse> {
                 .get(&format!("t{turn_no}-sum"))
                 .cloned()
                 .unwrap_or_default();
+            // The ledger's first sentence ("Recorded as ledger line N."); the rest of its
+            // result is a hint for real models.
             let ledger = results
                 .get(&format!("t{turn_no}-ledger"))
-                .cloned()
-                .unwrap_or_default();
+                .and_then(|r| r.split_inclusive(". ").next())
+                .unwrap_or_default()
+                .trim_end();
             let lines: Vec<String> = items
                 .iter()
                 .enumerate()
@@ -235,7 +238,7 @@ fn planner(req: &ModelRequest) -> normandy_core::Result<ModelResponse> {
                 })
                 .collect();
             ModelResponse::text(format!(
-                "Trip total: {total}\n{}\nRecorded: {ledger}",
+                "Trip total: {total}\n{}\n{ledger}",
                 lines.join("\n")
             ))
             .with_usage(200, 60)
@@ -261,11 +264,12 @@ fn model(args: &Args) -> Result<(ConfigTemplate, CatalogEntry)> {
             println!("model: the OpenAI-compatible server at {base_url}");
             let name = args.model_name.clone().unwrap_or_else(|| "default".into());
             let config = OpenAiConfig::default().base_url(base_url);
-            // Low temperature and a bounded answer: the same question should take the same
-            // path every run. The key, if any, is a credential: resolved on this node, never
-            // stored.
+            // Greedy sampling, a fixed seed (for servers that sample anyway) and a bounded
+            // answer: the same question should take the same path every run. The key, if any,
+            // is a credential: resolved on this node, never stored.
             let template = ConfigTemplate::new("trip-planner", name)
                 .param("temperature", 0.0)
+                .param("seed", 7)
                 .param("max_tokens", args.max_tokens);
             match key_env {
                 Some(var) => {

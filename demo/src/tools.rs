@@ -106,7 +106,14 @@ impl Tool for Ledger {
             Ok(line)
         })();
         let out = match result {
-            Ok(line) => ToolOutput::ok(format!("ledger line {line}")),
+            // The result says what comes next, not only what happened: after a bare "ledger line
+            // 1", Qwen2.5-Coder 1.5B (greedy, on llama.cpp) called record_expense again and
+            // again until the step limit, in a plain run as after a resume; told that the
+            // expense is saved and the answer is due, it answers.
+            Ok(line) => ToolOutput::ok(format!(
+                "Recorded as ledger line {line}. The expense is saved: now answer the user in \
+                 one short line with the total, without calling a tool."
+            )),
             Err(e) => ToolOutput::error(format!("ledger write failed: {e}")),
         };
         (self.after)(n);

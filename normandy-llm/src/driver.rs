@@ -19,7 +19,7 @@ use normandy_core::{Error, ModelDelta, ModelEvent, ModelResponse, ModelStream, R
 use crate::error::{malformed, request_id};
 use crate::http::HttpConfig;
 use crate::retry;
-use crate::sse::{self, SseEvent, SseEvents};
+use crate::sse::{self, SseEvent};
 
 /// What an adapter's protocol does with the events of one streamed response.
 pub(crate) trait StreamParser: Send + Unpin + 'static {
@@ -74,6 +74,7 @@ pub(crate) fn stream<P: StreamParser>(
     let backoff = retry::backoff(&cfg, cfg.max_retries).build();
     let budget = cfg.max_retries;
     Box::pin(Driver {
+        open: sse::events,
         post: Arc::new(Post {
             provider,
             cfg,
@@ -97,15 +98,15 @@ struct Post<M> {
     make: M,
 }
 
-/// Where one streamed call stands.
-enum State<P> {
+/// Where one streamed call stands; `E` is the response body's events ([`sse::events`]).
+enum State<P, E> {
     /// About to POST: the first time, or after the wait that follows a cut stream.
     Start,
     /// The POST (with its own retries) is under way; it hands back the budget it left.
     Sending(BoxFuture<'static, (Result<reqwest::Response>, u32)>),
     /// Reading the events of a 2xx response.
     Reading {
-        events: SseEvents,
+        events: E,
         request_id: Option<String>,
         parser: P,
     },
@@ -115,7 +116,9 @@ enum State<P> {
     Finished,
 }
 
-struct Driver<P, M, N, R> {
+struct Driver<P, M, N, R, E> {
+    /// [`sse::events`], which names `E` (an unnameable type, so not boxed per response).
+    open: fn(reqwest::Response) -> E,
     post: Arc<Post<M>>,
     new_parser: N,
     redact: R,
@@ -130,11 +133,12 @@ struct Driver<P, M, N, R> {
     pending: Vec<ModelDelta>,
     /// The whole response, yielded once `pending` is empty.
     done: Option<ModelResponse>,
-    state: State<P>,
+    state: State<P, E>,
 }
 
-impl<P, M, N, R> Stream for Driver<P, M, N, R>
+impl<P, M, N, R, E> Stream for Driver<P, M, N, R, E>
 where
+    E: Stream<Item = Result<SseEvent>> + Unpin,
     P: StreamParser,
     M: Fn() -> reqwest::RequestBuilder + Send + Sync + 'static,
     N: Fn(Option<String>) -> P + Unpin,
@@ -173,7 +177,7 @@ where
                             let id = request_id(response.headers());
                             this.state = State::Reading {
                                 parser: (this.new_parser)(id.clone()),
-                                events: sse::events(response),
+                                events: (this.open)(response),
                                 request_id: id,
                             };
                             continue;
@@ -193,7 +197,9 @@ where
                     match ready!(Pin::new(events).poll_next(cx)) {
                         Some(Ok(event)) => match parser.feed(&event, &mut this.pending) {
                             Ok(done) => {
-                                this.done = done;
+                                if done.is_some() {
+                                    this.done = done;
+                                }
                                 // Yielded by popping: the first delta last.
                                 this.pending.reverse();
                                 if let Some(delta) = this.pending.pop() {
@@ -236,7 +242,7 @@ where
     }
 }
 
-impl<P, M, N, R> Driver<P, M, N, R>
+impl<P, M, N, R, E> Driver<P, M, N, R, E>
 where
     M: Fn() -> reqwest::RequestBuilder,
     R: Fn(Error) -> Error,

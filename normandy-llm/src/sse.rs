@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 
 use futures::Stream;
 use normandy_core::{Error, Result};
-use sse_stream::{Sse, SseByteStream};
+use sse_stream::SseByteStream;
 
 use crate::error::local_error;
 use crate::retry::provider_error;
@@ -23,10 +23,6 @@ pub(crate) struct SseEvent {
     pub(crate) data: String,
 }
 
-/// `sse-stream`'s events of one response body. Boxed once per response, because reqwest's
-/// `bytes_stream()` is an unnameable `impl Stream`; polled through that one pointer per event.
-type RawEvents = Pin<Box<dyn Stream<Item = Result<Sse, sse_stream::Error>> + Send>>;
-
 /// The events of a streamed response. Blocks without data (comments, `retry:` alone) are skipped.
 ///
 /// A read error (the connection cut, the read timeout) is a retryable [`Error::Provider`] whose
@@ -34,24 +30,33 @@ type RawEvents = Pin<Box<dyn Stream<Item = Result<Sse, sse_stream::Error>> + Sen
 /// the adapter's name and the request id).
 ///
 /// A plain `Stream` rather than `StreamExt::filter_map` over `sse-stream`: that combinator makes
-/// and polls a future per event, for a mapping that never waits.
-pub(crate) struct SseEvents {
-    inner: RawEvents,
+/// and polls a future per event, for a mapping that never waits. Generic over reqwest's byte
+/// stream (an unnameable `impl Stream`, named by [`events`]' return type) rather than boxing it:
+/// unboxed, `sse-stream`'s poll is inlined here and its event is not copied out through a
+/// virtual call on every poll.
+pub(crate) struct SseEvents<S: Stream<Item = reqwest::Result<bytes::Bytes>>> {
+    inner: SseByteStream<S>,
 }
 
 /// The events of `response`'s body.
-pub(crate) fn events(response: reqwest::Response) -> SseEvents {
+pub(crate) fn events(
+    response: reqwest::Response,
+) -> SseEvents<impl Stream<Item = reqwest::Result<bytes::Bytes>> + Send + Unpin + 'static> {
     SseEvents {
-        inner: Box::pin(SseByteStream::new(response.bytes_stream())),
+        inner: SseByteStream::new(response.bytes_stream()),
     }
 }
 
-impl Stream for SseEvents {
+impl<S> Stream for SseEvents<S>
+where
+    S: Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+{
     type Item = Result<SseEvent>;
 
+    #[inline]
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
-            match ready!(self.inner.as_mut().poll_next(cx)) {
+            match ready!(Pin::new(&mut self.inner).poll_next(cx)) {
                 Some(Ok(sse)) => {
                     if let Some(data) = sse.data {
                         return Poll::Ready(Some(Ok(SseEvent {

@@ -29,6 +29,9 @@
 //! network waits. A real stream trickles in over seconds, where what a user waits for is the work
 //! on one event; the time to the first text delta (request building, sending, the headers, the
 //! first events) is printed beside it for that reason.
+//!
+//! `NORMANDY_BENCH_LLM_ONLY=openai` (or `anthropic`) runs one provider only: for a profile of
+//! one adapter, e.g. `valgrind --tool=callgrind target/release/xtask bench llm --quick`.
 
 mod mock;
 mod raw;
@@ -86,8 +89,12 @@ pub(crate) fn run(quick: bool) -> Result<()> {
          runtime; {DELTAS} text deltas per answer; {rounds} rounds × {per_round} responses per \
          path after {warm_up} of warm-up)"
     );
+    let only = std::env::var("NORMANDY_BENCH_LLM_ONLY").ok();
     rt.block_on(async {
         for (kind, kb) in [Kind::OpenAi, Kind::Anthropic].into_iter().zip(stream_kb) {
+            if only.as_deref().is_some_and(|only| only != kind.name()) {
+                continue;
+            }
             let bench = Bench::new(kind, &mock, text.len())?;
             bench.run(rounds, per_round, warm_up, kb).await?;
         }
@@ -102,6 +109,15 @@ pub(crate) fn run(quick: bool) -> Result<()> {
 enum Kind {
     OpenAi,
     Anthropic,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::OpenAi => "openai",
+            Kind::Anthropic => "anthropic",
+        }
+    }
 }
 
 /// The paths measured, in their starting order.
@@ -209,10 +225,7 @@ impl Bench {
     }
 
     async fn run(&self, rounds: usize, per_round: usize, warm_up: usize, kb: f64) -> Result<()> {
-        let name = match self.kind {
-            Kind::OpenAi => "openai",
-            Kind::Anthropic => "anthropic",
-        };
+        let name = self.kind.name();
         for path in PATHS {
             // Warm-up: connections open, pools and allocator caches filled, code paged in.
             let mut scratch = Measured::default();

@@ -370,7 +370,7 @@ const QWEN_TOOLS_TEMPLATE: &str = r##"{%- if tools %}
         {{- "\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments in a ```json code block:\n```json\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n```<|im_end|>\n" }}
+    {{- "\n</tools>\n\nFor each function call, return a json object with function name and arguments in a ```json code block:\n```json\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n```<|im_end|>\n" }}
 {%- else %}
     {%- if messages[0]['role'] == 'system' %}
         {{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}
