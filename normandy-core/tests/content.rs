@@ -567,7 +567,7 @@ impl LlmClient for Flaky {
                     reason: "stream cut".into(),
                 }),
                 text("two"),
-                Ok(ModelEvent::Done(ModelResponse::text("two"))),
+                Ok(ModelEvent::Done(Box::new(ModelResponse::text("two")))),
             ]
         };
         Ok(futures::stream::iter(events).boxed())

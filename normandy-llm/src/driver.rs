@@ -154,7 +154,7 @@ where
         }
         if let Some(response) = this.done.take() {
             this.state = State::Finished;
-            return Poll::Ready(Some(Ok(ModelEvent::Done(response))));
+            return Poll::Ready(Some(Ok(ModelEvent::Done(Box::new(response)))));
         }
         loop {
             let failure = match &mut this.state {
@@ -208,7 +208,9 @@ where
                                 }
                                 if let Some(response) = this.done.take() {
                                     this.state = State::Finished;
-                                    return Poll::Ready(Some(Ok(ModelEvent::Done(response))));
+                                    return Poll::Ready(Some(Ok(ModelEvent::Done(Box::new(
+                                        response,
+                                    )))));
                                 }
                                 continue;
                             }

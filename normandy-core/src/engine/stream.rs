@@ -43,7 +43,7 @@ pub(super) async fn stream_call(
                 debug!(%reason, "the model client restarted its call");
                 attempt.number = live.next_attempt();
             }
-            ModelEvent::Done(response) => return Ok(response),
+            ModelEvent::Done(response) => return Ok(*response),
         }
     }
     Err(Error::Model {
