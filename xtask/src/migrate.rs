@@ -99,6 +99,9 @@ fn parse(args: &[String]) -> Result<Args> {
 
 pub(crate) fn run(args: &[String]) -> Result<()> {
     let args = parse(args)?;
+    if args.registry && args.cmd != "up" {
+        bail!("--registry goes with `up` only\n\n{USAGE}");
+    }
     if args.cmd == "export" {
         return export(args.to.as_ref().context("export needs --to DIR")?);
     }
