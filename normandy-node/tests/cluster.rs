@@ -402,7 +402,7 @@ async fn a_node_paused_past_its_lease_rejoins_as_a_new_incarnation_and_its_old_a
     let old: NodeId = a.node_id.parse().unwrap();
     let id = a.client.start("demo", None).await.unwrap(); // lazy: no reaper takes it over
     a.send(&id, "warm up").await.unwrap(); // placed on a
-    let (first, pending) = slow_input_committed(a, b, &id).await;
+    let (first, pending) = input_committed(a, b, &id, "slow one").await;
     // The caller goes away; a's actor runs the turn on (a caller still waiting would have a
     // retry the new incarnation serves, which may rightly commit).
     pending.abort();
@@ -464,7 +464,7 @@ async fn paused_owner_is_fenced_after_a_survivor_takes_over() {
     let (a, b) = (&ns[0], &ns[1]);
     let id = a.client.start("demo", None).await.unwrap();
     a.send(&id, "warm up").await.unwrap(); // placed on a
-    let (first, pending) = slow_input_committed(a, b, &id).await;
+    let (first, pending) = input_committed(a, b, &id, "slow one").await;
     a.signal(Signal::SIGSTOP);
     // Past a's lease: b takes the session over (epoch bump), continues the interrupted turn,
     // then runs the new input.
@@ -704,22 +704,7 @@ async fn a_node_cut_off_from_redis_stops_serving_and_never_reaps() {
     let lazy = a.client.start("demo", None).await.unwrap();
     a.send(&lazy, "on a").await.unwrap();
     let eager = a.client.start("demo-eager", None).await.unwrap();
-    let input = InputId::generate();
-    let c = a.client.clone();
-    let (e2, i2) = (eager.clone(), input.clone());
-    let pending = tokio::spawn(async move {
-        c.send(&e2, i2, vec![normandy_core::ContentBlock::text("tool cut")])
-            .await
-    });
-    eventually(Duration::from_secs(5), "eager input committed", || {
-        let (b, eager, input) = (b.client.clone(), eager.clone(), input.clone());
-        async move {
-            summarize(&b.history(&eager, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&input)
-        }
-    })
-    .await;
+    let (input, pending) = input_committed(&a, &b, &eager, "tool cut").await;
 
     proxy.blackhole(true);
     let cut = tokio::time::Instant::now();

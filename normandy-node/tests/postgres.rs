@@ -202,27 +202,7 @@ async fn a_paused_owner_is_fenced_after_a_survivor_takes_over_on_postgres_alone(
     let (a, b) = (&ns[0], &ns[1]);
     let id = a.client.start("demo", None).await.unwrap();
     a.send(&id, "warm up").await.unwrap(); // placed on a
-    let first = InputId::generate();
-    let pending = {
-        let (c, id, first) = (a.client.clone(), id.clone(), first.clone());
-        tokio::spawn(async move {
-            c.send(
-                &id,
-                first,
-                vec![normandy_core::ContentBlock::text("slow one")],
-            )
-            .await
-        })
-    };
-    eventually(Duration::from_secs(5), "input committed on a", || {
-        let (b, id, first) = (b.client.clone(), id.clone(), first.clone());
-        async move {
-            summarize(&b.history(&id, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&first)
-        }
-    })
-    .await;
+    let (first, pending) = input_committed(a, b, &id, "slow one").await;
     a.signal(Signal::SIGSTOP);
     // Past a's lease (1.5 s, expiry on the server's clock): b takes the session over in one
     // statement (epoch bump), continues the interrupted turn, then runs the new input.
@@ -363,23 +343,7 @@ async fn a_node_cut_off_from_postgres_stops_serving_and_never_reaps() {
     let lazy = a.client.start("demo", None).await.unwrap();
     a.send(&lazy, "on a").await.unwrap();
     let eager = a.client.start("demo-eager", None).await.unwrap();
-    let input = InputId::generate();
-    let pending = {
-        let (c, e, i) = (a.client.clone(), eager.clone(), input.clone());
-        tokio::spawn(async move {
-            c.send(&e, i, vec![normandy_core::ContentBlock::text("tool cut")])
-                .await
-        })
-    };
-    eventually(Duration::from_secs(5), "eager input committed", || {
-        let (b, eager, input) = (b.client.clone(), eager.clone(), input.clone());
-        async move {
-            summarize(&b.history(&eager, 0, 100).await.unwrap())
-                .inputs
-                .contains_key(&input)
-        }
-    })
-    .await;
+    let (input, pending) = input_committed(&a, &b, &eager, "tool cut").await;
 
     proxy.blackhole(true);
     let cut = tokio::time::Instant::now();

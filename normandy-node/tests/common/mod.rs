@@ -302,23 +302,22 @@ fn set_pdeathsig(cmd: &mut Command) {
     }
 }
 
-/// Sends "slow one" to `id` through `a` in the background; returns once `b` reads the input
+/// Sends `text` to `id` through `a` in the background; returns once `b` reads the input
 /// committed, with the input's id and the pending call.
-pub async fn slow_input_committed(
+pub async fn input_committed(
     a: &Node,
     b: &Node,
     id: &SessionId,
+    text: &str,
 ) -> (
     InputId,
     tokio::task::JoinHandle<normandy_core::Result<TurnOutcome>>,
 ) {
     let first = InputId::generate();
     let c = a.client.clone();
-    let (id2, first2) = (id.clone(), first.clone());
-    let pending = tokio::spawn(async move {
-        c.send(&id2, first2, vec![ContentBlock::text("slow one")])
-            .await
-    });
+    let (id2, first2, text) = (id.clone(), first.clone(), text.to_string());
+    let pending =
+        tokio::spawn(async move { c.send(&id2, first2, vec![ContentBlock::text(text)]).await });
     eventually(Duration::from_secs(5), "input committed on a", || {
         let b = b.client.clone();
         let id = id.clone();
