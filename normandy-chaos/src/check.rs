@@ -10,7 +10,7 @@ use crate::history::{Files, OpType};
 pub enum ViolationKind {
     /// An input acknowledged `ok` is not in the final log.
     LostAck,
-    /// An input acknowledged `ok` is stored at another seq than the one acknowledged.
+    /// An input acknowledged `ok` whose turn's end is not stored at the seq acknowledged.
     AckedAtOtherSeq,
     /// An input whose send failed is in the final log.
     FailedButStored,
@@ -146,6 +146,7 @@ pub fn check(files: &Files) -> Report {
         logs.entry(&e.session).or_default().push(e);
     }
     let mut stored_inputs: HashMap<(&str, &str), u64> = HashMap::new();
+    let mut stored_ends: HashMap<(&str, &str), u64> = HashMap::new();
     for (session, log) in &mut logs {
         log.sort_by_key(|e| e.seq);
         for (i, e) in log.iter().enumerate() {
@@ -169,6 +170,11 @@ pub fn check(files: &Files) -> Report {
                         pair[1].seq, pair[1].epoch, pair[0].seq, pair[0].epoch
                     ),
                 );
+            }
+        }
+        for e in log.iter().filter(|e| e.kind == "turn_end") {
+            if let Some(input) = e.input_id.as_deref() {
+                stored_ends.entry((session, input)).or_insert(e.seq);
             }
         }
         for e in log.iter().filter(|e| e.kind == "input") {
@@ -227,14 +233,22 @@ pub fn check(files: &Files) -> Report {
                             op.input_id
                         ),
                     ),
-                    (Some(s), Some(a)) if s != a => bad(
-                        ViolationKind::AckedAtOtherSeq,
-                        &op.session,
-                        format!(
-                            "input {} acknowledged at seq {a}, stored at {s}",
-                            op.input_id
-                        ),
-                    ),
+                    (Some(s), Some(a)) => {
+                        let end = stored_ends
+                            .get(&(op.session.as_str(), op.input_id.as_str()))
+                            .copied();
+                        if end != Some(a) {
+                            bad(
+                                ViolationKind::AckedAtOtherSeq,
+                                &op.session,
+                                format!(
+                                    "input {} (stored at seq {s}) acknowledged with its turn \
+                                     ending at seq {a}; stored turn end: {end:?}",
+                                    op.input_id
+                                ),
+                            );
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -21,7 +21,9 @@ pub struct Op {
     pub input_id: String,
     /// A monotonic timestamp, nanoseconds since the run started.
     pub time_ns: u64,
-    /// The seq the store acknowledged the input at (`ok` only).
+    /// The seq the acknowledgement named (`ok` only): that of the input's turn end, the
+    /// `turn_end` entry whose `input_id` is this input's (a send is acknowledged when its turn
+    /// ends, and the outcome names where).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
 }
@@ -52,7 +54,7 @@ pub struct StoredEntry {
     pub seq: u64,
     /// `input`, `assistant`, `tool_started`, `tool_result`, … (the entry's payload kind).
     pub kind: String,
-    /// The input's id, on an input entry.
+    /// The input's id, on an `input` entry and on the `turn_end` entry of its turn.
     #[serde(default)]
     pub input_id: Option<String>,
     /// The tool call's id, on a tool entry.

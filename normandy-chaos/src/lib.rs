@@ -6,7 +6,8 @@
 //! the store. [`check()`] decides from those three files alone whether the promise held:
 //!
 //! - no input id stored twice in a session, and every session's seqs dense from 1;
-//! - every `ok` stored at the seq it was acknowledged with; nothing that failed stored;
+//! - every `ok` stored, its turn ending at the seq it was acknowledged with; nothing that
+//!   failed stored;
 //! - real time: an input acknowledged before another was invoked is stored before it, and each
 //!   client's inputs to one session are stored in the order it sent them;
 //! - epochs never go back along a session's log;

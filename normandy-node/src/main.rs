@@ -5,8 +5,10 @@
 //!     (--secret-file FILE | --secret S) [--prefix P] [--postgres-url URL [--postgres-schema S]] [--no-reaper] \
 //!     [--lease-ttl-ms 1500] [--rpc-timeout-ms 660000] [--peer-keepalive-ms 5000]
 //!     [--wait-replicas N [--wait-timeout-ms 1000] | --accept-commit-loss-on-failover]
-//!     [--model-latency-ms 0] [--tool-latency-ms 0] [--idle-timeout-ms N]
+//!     [--model-latency-ms 0] [--tool-latency-ms 0] [--tool-log FILE] [--idle-timeout-ms N]
 //!     [--worker-threads N] [TLS]
+//! normandy-node local --name w1 (--lmdb-dir DIR | --postgres-url URL [--postgres-schema S]) \
+//!     [--tool-log FILE] [--model-latency-ms 0] [--tool-latency-ms 0]
 //! normandy-node client --to ADDR (--secret-file FILE | --secret S) [TLS] health | start TEMPLATE [ID] | send ID TEXT | history ID
 //!
 //! TLS: --tls-cert PEM --tls-key PEM --tls-ca PEM [--tls-server-name normandy-node]
@@ -20,12 +22,14 @@
 //! `LISTENING <advertised addr> <node> <bound addr>`
 //! on stdout; readiness is the `health` RPC.
 //!
-//! The demo catalog has templates `echo` (a scripted echo, no tools), `demo` (lazy) and
-//! `demo-eager`: a scripted model that
-//! echoes, or — for an input starting with `tool` — calls the non-idempotent `count` tool, which
-//! counts its runs per call id in Redis (`<prefix>:toolruns:<session>:<call id>`; on Postgres
-//! alone, in the table `normandy_demo_toolruns` of the schema), so tests can prove no call ran
-//! twice.
+//! `local` serves one process on a local registry (tiers 0d and 1), driven by JSON lines on
+//! stdin: the fault harness's worker (see `local.rs`).
+//!
+//! Every node serves the demo catalog (`demo.rs`): templates `echo`, `demo` (lazy) and
+//! `demo-eager`, whose scripted model echoes, or calls the non-idempotent `count` tool (an input
+//! starting with `tool`) or the idempotent `lookup` tool (`idem`); `count` counts its runs per
+//! call id in Redis (`<prefix>:toolruns:<session>:<call id>`; on Postgres alone, in the table
+//! `normandy_demo_toolruns`), and `--tool-log FILE` appends one JSON line per tool execution.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,101 +37,18 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use normandy_cluster::{Cluster, ClusterConfig, ClusterTls, NodeClient};
-use normandy_core::{
-    CatalogEntry, ConfigTemplate, ContentBlock, InputId, ModelResponse, ResumePolicy,
-    ScriptedClient, SessionId, TemplateCatalog, Tool, ToolContext, ToolOutput, ToolSpec,
-    async_trait,
-};
+use normandy_core::{ContentBlock, InputId, SessionId, TemplateCatalog};
+
+mod demo;
+mod local;
+
+use demo::{Counter, DemoTools, ToolLog};
 
 /// mimalloc, not glibc's malloc: a turn served for a remote caller frees on one worker thread
 /// what another allocated, and glibc's arena locks then cost the owner node about 2 futex calls
 /// per turn.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// Where the demo tool counts its runs.
-#[derive(Clone)]
-enum Counter {
-    /// `INCR <prefix>:toolruns:<session>:<call id>`.
-    Redis(redis::aio::ConnectionManager),
-    /// An upsert into `normandy_demo_toolruns` (tier 2p: no Redis at all).
-    #[cfg(feature = "postgres")]
-    Postgres(sqlx::PgPool),
-}
-
-impl Counter {
-    async fn bump(&self, key: &str) -> anyhow::Result<i64> {
-        match self {
-            Counter::Redis(con) => {
-                let mut con = con.clone();
-                Ok(redis::cmd("INCR")
-                    .arg(key)
-                    .query_async::<i64>(&mut con)
-                    .await?)
-            }
-            #[cfg(feature = "postgres")]
-            Counter::Postgres(pool) => Ok(sqlx::query_scalar(
-                "INSERT INTO normandy_demo_toolruns (key, runs) VALUES ($1, 1) \
-                 ON CONFLICT (key) DO UPDATE SET runs = normandy_demo_toolruns.runs + 1 \
-                 RETURNING runs",
-            )
-            .bind(key)
-            .fetch_one(pool)
-            .await?),
-        }
-    }
-}
-
-/// The non-idempotent demo tool: counts its runs per call id.
-struct CountTool {
-    counter: Counter,
-    prefix: String,
-    latency: Duration,
-}
-
-#[async_trait]
-impl Tool for CountTool {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "count".into(),
-            description: "Counts how often this call ran (a stand-in for a paid action).".into(),
-            input_schema: serde_json::json!({"type": "object"}),
-        }
-    }
-
-    fn idempotent(&self) -> bool {
-        false
-    }
-
-    async fn call(&self, _input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
-        if !self.latency.is_zero() {
-            tokio::time::sleep(self.latency).await;
-        }
-        let key = format!("{}:toolruns:{}:{}", self.prefix, ctx.session, ctx.call_id);
-        match self.counter.bump(&key).await {
-            Ok(n) => ToolOutput::ok(format!("run {n}")),
-            Err(e) => ToolOutput::error(format!("count failed: {e}")),
-        }
-    }
-}
-
-fn demo_client(latency: Duration) -> ScriptedClient {
-    ScriptedClient::from_fn(|req| {
-        let results = req.last_tool_results();
-        if !results.is_empty() {
-            let text: Vec<&str> = results.iter().map(|(_, c, _)| *c).collect();
-            return Ok(ModelResponse::text(format!("done: {}", text.join(", "))));
-        }
-        let text = req.last_user_text().unwrap_or_default();
-        if text.starts_with("tool") {
-            // Deterministic call id: a re-issued model call asks for the same call.
-            let id = format!("call-{}", req.messages.len());
-            return Ok(ModelResponse::tool_call(id, "count", serde_json::json!({})));
-        }
-        Ok(ModelResponse::text(format!("echo: {text}")))
-    })
-    .with_latency(latency)
-}
 
 struct Flags {
     values: HashMap<String, String>,
@@ -238,7 +159,7 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             "{}",
             include_str!("main.rs")
                 .lines()
-                .take(13)
+                .take(15)
                 .map(|l| l.trim_start_matches("//! ").trim_start_matches("//!"))
                 .collect::<Vec<_>>()
                 .join("\n")
@@ -247,8 +168,9 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
     }
     match flags.positional.first().map(String::as_str) {
         Some("client") => client(flags).await,
+        Some("local") => local::local(flags).await,
         None | Some("serve") => serve(flags).await,
-        Some(other) => bail!("unknown command {other:?} (serve | client)"),
+        Some(other) => bail!("unknown command {other:?} (serve | local | client)"),
     }
 }
 
@@ -284,31 +206,13 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         }
         None => postgres_counter(postgres_url.as_deref().unwrap_or_default(), flags).await?,
     };
-    let entry = |policy| {
-        (
-            ConfigTemplate::new(
-                if policy == ResumePolicy::Eager {
-                    "demo-eager"
-                } else {
-                    "demo"
-                },
-                "scripted",
-            )
-            .resume_policy(policy),
-            CatalogEntry::with_client(demo_client(model_latency)).tool(CountTool {
-                counter: counter.clone(),
-                prefix: prefix.clone(),
-                latency: tool_latency,
-            }),
-        )
+    let tools = DemoTools {
+        counter,
+        prefix: prefix.clone(),
+        latency: tool_latency,
+        log: flags.get("tool-log").map(|p| ToolLog::open(&p)).transpose()?,
     };
-    let (t1, e1) = entry(ResumePolicy::Lazy);
-    let (t2, e2) = entry(ResumePolicy::Eager);
-    // `echo`: the plainest session (no tools), for benchmarks of the routing path.
-    let catalog = TemplateCatalog::new().with(t1, e1)?.with(t2, e2)?.with(
-        ConfigTemplate::new("echo", "scripted"),
-        CatalogEntry::with_client(ScriptedClient::echo()),
-    )?;
+    let catalog = demo::catalog(tools, model_latency)?;
 
     let config = ClusterConfig {
         rpc_timeout: flags.ms("rpc-timeout-ms", 660_000)?,
@@ -451,7 +355,7 @@ async fn postgres_counter(_url: &str, _flags: &Flags) -> anyhow::Result<Counter>
 }
 
 #[cfg(feature = "postgres")]
-async fn postgres_store(
+pub(crate) async fn postgres_store(
     url: &str,
     schema: Option<String>,
 ) -> anyhow::Result<Arc<dyn normandy_core::SessionStore>> {
@@ -464,7 +368,7 @@ async fn postgres_store(
 }
 
 #[cfg(not(feature = "postgres"))]
-async fn postgres_store(
+pub(crate) async fn postgres_store(
     _url: &str,
     _schema: Option<String>,
 ) -> anyhow::Result<Arc<dyn normandy_core::SessionStore>> {

@@ -16,7 +16,7 @@ fn op(process: u64, kind: OpType, session: &str, input: &str, t: u64, seq: Optio
 
 fn entry(session: &str, seq: u64, kind: &str, id: Option<&str>, epoch: u64) -> StoredEntry {
     let (input_id, call_id) = match kind {
-        "input" => (id.map(String::from), None),
+        "input" | "turn_end" => (id.map(String::from), None),
         _ => (None, id.map(String::from)),
     };
     StoredEntry {
@@ -40,18 +40,19 @@ fn tool(call: &str, key: &str, idempotent: bool) -> ToolRun {
 }
 
 /// Two clients on two sessions: i1 then i2 from client 1 and i3 from client 2 on s1 (i3 sent
-/// after i1's ack, i2 after i3's), a tool call on s1 after a failover (epoch 2), and on s2 an
-/// input of unknown outcome that was stored and one that failed.
+/// after i1's ack, i2 after i3's; each acknowledged at its turn's end), a tool call on s1 after
+/// a failover (epoch 2), and on s2 an input of unknown outcome that was stored and one that
+/// failed.
 fn good() -> Files {
     use OpType::*;
     Files {
         history: vec![
             op(1, Invoke, "s1", "i1", 10, None),
-            op(1, Ok, "s1", "i1", 20, Some(1)),
+            op(1, Ok, "s1", "i1", 20, Some(2)),
             op(2, Invoke, "s1", "i3", 21, None),
-            op(2, Ok, "s1", "i3", 29, Some(2)),
+            op(2, Ok, "s1", "i3", 29, Some(4)),
             op(1, Invoke, "s1", "i2", 30, None),
-            op(1, Ok, "s1", "i2", 40, Some(3)),
+            op(1, Ok, "s1", "i2", 40, Some(8)),
             op(2, Invoke, "s2", "i4", 50, None),
             op(2, Info, "s2", "i4", 60, None),
             op(2, Invoke, "s2", "i5", 61, None),
@@ -59,10 +60,13 @@ fn good() -> Files {
         ],
         stored: vec![
             entry("s1", 1, "input", Some("i1"), 1),
-            entry("s1", 2, "input", Some("i3"), 1),
-            entry("s1", 3, "input", Some("i2"), 2),
-            entry("s1", 4, "assistant", Some("c1"), 2),
-            entry("s1", 5, "tool_result", Some("c1"), 2),
+            entry("s1", 2, "turn_end", Some("i1"), 1),
+            entry("s1", 3, "input", Some("i3"), 1),
+            entry("s1", 4, "turn_end", Some("i3"), 1),
+            entry("s1", 5, "input", Some("i2"), 2),
+            entry("s1", 6, "assistant", Some("c1"), 2),
+            entry("s1", 7, "tool_result", Some("c1"), 2),
+            entry("s1", 8, "turn_end", Some("i2"), 2),
             entry("s2", 1, "input", Some("i4"), 1),
         ],
         tools: vec![tool("c1", "k1", false)],
@@ -106,6 +110,13 @@ fn a_lost_acknowledgement_is_caught() {
 }
 
 #[test]
+fn an_acknowledgement_naming_another_turn_end_is_caught() {
+    let mut f = good();
+    f.history[5].seq = Some(4);
+    assert_eq!(kinds(&f), vec![ViolationKind::AckedAtOtherSeq]);
+}
+
+#[test]
 fn an_input_stored_twice_is_caught() {
     let mut f = good();
     f.stored.push(entry("s2", 2, "input", Some("i4"), 1));
@@ -115,7 +126,7 @@ fn an_input_stored_twice_is_caught() {
 #[test]
 fn a_seq_gap_is_caught() {
     let mut f = good();
-    f.stored[5].seq = 2;
+    f.stored[8].seq = 2;
     assert!(
         kinds(&f).contains(&ViolationKind::SeqNotDense),
         "{:?}",
@@ -133,7 +144,7 @@ fn a_failed_input_that_was_stored_is_caught() {
 #[test]
 fn an_epoch_going_back_is_caught() {
     let mut f = good();
-    f.stored[4].epoch = 1;
+    f.stored[6].epoch = 1;
     assert_eq!(kinds(&f), vec![ViolationKind::EpochBackwards]);
 }
 
@@ -142,10 +153,11 @@ fn real_time_order_broken_is_caught() {
     let mut f = good();
     // i3 (sent after i1's ack) stored before i1; the acks claim the stored seqs, so only the
     // order is wrong.
-    f.stored[0].input_id = Some("i3".into());
-    f.stored[1].input_id = Some("i1".into());
-    f.history[1].seq = Some(2);
-    f.history[3].seq = Some(1);
+    for (i, id) in [(0, "i3"), (1, "i3"), (2, "i1"), (3, "i1")] {
+        f.stored[i].input_id = Some(id.into());
+    }
+    f.history[1].seq = Some(4);
+    f.history[3].seq = Some(2);
     assert_eq!(kinds(&f), vec![ViolationKind::RealTimeOrder]);
 }
 
@@ -153,10 +165,11 @@ fn real_time_order_broken_is_caught() {
 fn one_clients_inputs_out_of_order_are_caught() {
     let mut f = good();
     // Client 1's i2 stored before its i1.
-    f.stored[0].input_id = Some("i2".into());
-    f.stored[2].input_id = Some("i1".into());
-    f.history[1].seq = Some(3);
-    f.history[5].seq = Some(1);
+    for (i, id) in [(0, "i2"), (1, "i2"), (4, "i1"), (7, "i1")] {
+        f.stored[i].input_id = Some(id.into());
+    }
+    f.history[1].seq = Some(8);
+    f.history[5].seq = Some(2);
     assert!(
         kinds(&f).contains(&ViolationKind::ClientOrder),
         "{:?}",
@@ -192,7 +205,7 @@ fn a_result_for_a_call_that_never_ran_is_caught_unless_in_doubt() {
     let mut f = good();
     f.tools.clear();
     assert_eq!(kinds(&f), vec![ViolationKind::PhantomResult]);
-    f.stored[4].in_doubt = true;
+    f.stored[6].in_doubt = true;
     let report = check(&f);
     assert!(report.is_valid(), "{report}");
     assert_eq!(report.tool_in_doubt, 1);
@@ -201,7 +214,7 @@ fn a_result_for_a_call_that_never_ran_is_caught_unless_in_doubt() {
 #[test]
 fn two_results_for_one_call_are_caught() {
     let mut f = good();
-    f.stored.push(entry("s1", 6, "tool_result", Some("c1"), 2));
+    f.stored.push(entry("s1", 9, "tool_result", Some("c1"), 2));
     assert_eq!(kinds(&f), vec![ViolationKind::DuplicateResult]);
 }
 
@@ -230,6 +243,6 @@ fn the_files_round_trip_and_a_bad_line_is_named() {
     text.push_str("{\"session\": \"s1\", \"seq\": \"seven\"}\n");
     std::fs::write(dir.join("final.jsonl"), text).unwrap();
     let err = Files::read(&dir).unwrap_err().to_string();
-    assert!(err.contains("final.jsonl:7:"), "{err}");
+    assert!(err.contains("final.jsonl:10:"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
