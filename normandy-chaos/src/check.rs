@@ -330,10 +330,18 @@ pub fn check(files: &Files) -> Report {
             })
             .collect();
         done.sort_unstable();
-        let mut invoked: Vec<(&Operation, u64)> = list
-            .iter()
-            .filter_map(|op| seq_of(op).map(|s| (*op, s)))
-            .collect();
+        // Each stored input once, at its first invocation: a resend of an input whose first
+        // attempt may already have landed is no later than that attempt.
+        let mut first: HashMap<&str, (&Operation, u64)> = HashMap::new();
+        for op in list {
+            if let Some(s) = seq_of(op) {
+                let e = first.entry(op.input_id.as_str()).or_insert((*op, s));
+                if op.invoked_ns < e.0.invoked_ns {
+                    e.0 = op;
+                }
+            }
+        }
+        let mut invoked: Vec<(&Operation, u64)> = first.into_values().collect();
         invoked.sort_by_key(|(op, _)| op.invoked_ns);
         let mut next = 0;
         let mut highest: Option<(u64, &str)> = None;

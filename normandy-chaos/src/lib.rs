@@ -21,10 +21,13 @@
 //! [`history::StoredEntry`] and [`history::ToolRun`], so any other checker can read the same
 //! run.
 //!
-//! Not here yet: the workload, the nemesis and `cargo xtask chaos` (the rest of issue 18).
+//! [`run`] makes such a run: real `normandy-node` processes with a [`proxy`] on each link, a
+//! workload of clients, and a nemesis drawing its faults from a seed (`cargo xtask chaos`).
 
 pub mod check;
 pub mod history;
+pub mod proxy;
+pub mod run;
 
 pub use check::{Report, Violation, ViolationKind, check};
 pub use history::{Files, Op, OpType, ReadError, StoredEntry, ToolRun};

@@ -691,8 +691,7 @@ async fn a_node_cut_off_from_redis_stops_serving_and_never_reaps() {
         return;
     };
     let prefix = unique_prefix("cut");
-    let proxy = Proxy::start().await;
-    let a_url = proxy.url.clone();
+    let (proxy, a_url) = redis_proxy().await;
     let a = Node::spawn(NodeOpts {
         redis_url: Some(a_url),
         ..NodeOpts::new("a", &prefix).model_latency(1500)

@@ -23,7 +23,7 @@ async fn a_and_b_behind_link(
 ) -> (Node, Node, Proxy) {
     // The proxy listens first, so b can advertise it; it learns b's port once b has bound one
     // (no port is probed and released, so nothing else can take it meanwhile).
-    let link = Proxy::pending().await;
+    let link = Proxy::pending().await.expect("bind a proxy");
     let a = Node::spawn(a_opts(NodeOpts::new("a", prefix))).await;
     let b = Node::spawn(b_opts(NodeOpts::new("b", prefix).advertising(&link.addr))).await;
     link.point_at(&b.address);

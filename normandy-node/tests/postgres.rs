@@ -323,7 +323,7 @@ async fn a_node_cut_off_from_postgres_stops_serving_and_never_reaps() {
         .and_then(|rest| rest.split('/').next())
         .unwrap_or("127.0.0.1:5432")
         .to_string();
-    let proxy = Proxy::to(&upstream).await;
+    let proxy = Proxy::to(&upstream).await.expect("bind a proxy");
     let through_proxy = postgres_url().replacen(&upstream, &proxy.addr, 1);
     let a = Node::spawn(NodeOpts {
         postgres_url: Some(through_proxy),

@@ -162,6 +162,24 @@ fn real_time_order_broken_is_caught() {
 }
 
 #[test]
+fn a_resend_is_ordered_by_its_first_attempt() {
+    use OpType::*;
+    let mut f = good();
+    // i3's first attempt (unknown outcome) went out before i1's ack and landed first; client 2
+    // resent it, as a new process, after i1's ack: no order is broken.
+    for (i, id) in [(0, "i3"), (1, "i3"), (2, "i1"), (3, "i1")] {
+        f.stored[i].input_id = Some(id.into());
+    }
+    f.history[1].seq = Some(4);
+    f.history[2] = op(2, Invoke, "s1", "i3", 15, None);
+    f.history[3] = op(2, Info, "s1", "i3", 16, None);
+    f.history.insert(4, op(5, Invoke, "s1", "i3", 21, None));
+    f.history.insert(5, op(5, Ok, "s1", "i3", 29, Some(2)));
+    let report = check(&f);
+    assert!(report.is_valid(), "{report}");
+}
+
+#[test]
 fn one_clients_inputs_out_of_order_are_caught() {
     let mut f = good();
     // Client 1's i2 stored before its i1.
