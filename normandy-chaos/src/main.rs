@@ -72,7 +72,9 @@ fn config(args: &[String]) -> anyhow::Result<RunConfig> {
         if matches!(name, "no-wait" | "quiet") {
             switches.push(name.to_string());
         } else {
-            let v = it.next().with_context(|| format!("--{name} needs a value"))?;
+            let v = it
+                .next()
+                .with_context(|| format!("--{name} needs a value"))?;
             values.insert(name.to_string(), v.clone());
         }
     }

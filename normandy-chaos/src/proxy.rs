@@ -121,7 +121,9 @@ impl Proxy {
     /// The local ports of the upstream connections open now.
     pub fn upstream_ports(&self) -> Vec<u16> {
         let ports = self.state.upstream_ports.lock();
-        ports.map(|p| p.iter().copied().collect()).unwrap_or_default()
+        ports
+            .map(|p| p.iter().copied().collect())
+            .unwrap_or_default()
     }
 }
 

@@ -7,6 +7,7 @@
 //! # Layout
 //! - `bench` (feature `bench`): `cargo xtask bench <engine|lmdb|postgres|redis|all>`: our figures
 //!   beside a raw-client baseline measured in the same run, with the ratio.
+//! - `chaos`: `cargo xtask chaos --tier T --faults N --seed S --out DIR`, the fault harness.
 //! - `migrate`: `cargo xtask migrate <up|down|status|export>` for the Postgres store.
 //! - `test`: the README's test command, with the list of backend skips under the summary.
 //! - `llm_server`: a local llama.cpp server for the real-model test.
@@ -15,6 +16,7 @@
 mod alloc;
 #[cfg(feature = "bench")]
 mod bench;
+mod chaos;
 mod llm_server;
 mod migrate;
 mod test;
@@ -30,6 +32,9 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bench <engine|llm|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
+  chaos --tier <0d|1|2|2p|2r> --faults N --seed S --out DIR [--clients 6] [--sessions 8]
+        [--no-wait] [--quiet]
+                      a fault run against real node processes, checked (normandy-chaos)
   llm-server [--model qwen|gemma] [--port N] [--print-env]
                       local OpenAI-compatible llama-server (Qwen2.5-Coder 1.5B Instruct, or
                       Gemma 3 270M) for the opt-in end-to-end LLM test
@@ -46,6 +51,7 @@ fn main() -> Result<()> {
     };
     match cmd.as_str() {
         "bench" => bench(rest),
+        "chaos" => chaos::run(rest),
         "llm-server" => llm_server::run(rest),
         "migrate" => migrate::run(rest),
         "test" => test::run(rest),

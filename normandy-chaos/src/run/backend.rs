@@ -95,9 +95,11 @@ pub(crate) async fn create_schema(url: &str, schema: &str) -> anyhow::Result<sql
         .await
         .with_context(|| format!("cannot connect to Postgres at {url}"))?;
     // The schema name is ours (`chaos_<tier>_<millis>`), never input.
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS {schema}")))
-        .execute(&pool)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE SCHEMA IF NOT EXISTS {schema}"
+    )))
+    .execute(&pool)
+    .await?;
     Ok(pool)
 }
 
@@ -134,7 +136,14 @@ impl RedisServer {
         std::fs::create_dir_all(&self.dir)?;
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "yes", "--appendfsync", "always"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
             .arg("--dir")
             .arg(&self.dir)
             .arg("--logfile")
@@ -320,7 +329,10 @@ impl FinalStore {
 
     /// Every entry of `sessions`, straight from the store.
     pub(crate) async fn read(&self, sessions: &[String]) -> anyhow::Result<Vec<StoredEntry>> {
-        let store = self.open().await.context("cannot open the store to read the final log")?;
+        let store = self
+            .open()
+            .await
+            .context("cannot open the store to read the final log")?;
         let mut out = Vec::new();
         for s in sessions {
             let id = SessionId::new(s)?;

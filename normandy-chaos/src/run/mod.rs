@@ -8,7 +8,7 @@ mod procs;
 mod workload;
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -90,7 +90,11 @@ impl RunSummary {
             config.sessions,
             self.elapsed.as_secs_f64()
         );
-        let by_kind: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k} {n}")).collect();
+        let by_kind: Vec<String> = self
+            .faults
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
         t += &format!("faults by kind    {}\n", by_kind.join(", "));
         if self.terminated > 0 {
             t += &format!("pg backends killed {}\n", self.terminated);
@@ -179,7 +183,11 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     };
     let mut procs = Vec::new();
     for i in 0..count {
-        let name = format!("{}{}", if config.tier.is_cluster() { "n" } else { "w" }, i + 1);
+        let name = format!(
+            "{}{}",
+            if config.tier.is_cluster() { "n" } else { "w" },
+            i + 1
+        );
         let mut links = Vec::new();
         let mut args: Vec<String> = vec![
             "--name".into(),
@@ -240,7 +248,14 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
             }
             ProcKind::Local
         };
-        procs.push(Proc::new(&name, kind, &config.node_bin, args, &out.join("logs"), links));
+        procs.push(Proc::new(
+            &name,
+            kind,
+            &config.node_bin,
+            args,
+            &out.join("logs"),
+            links,
+        ));
     }
     for p in &mut procs {
         p.start().await?;
@@ -289,7 +304,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
             progress(i + 1, plan.len(), &history, started);
         }
     }
-    if config.progress {
+    if config.progress && std::io::stderr().is_terminal() {
         eprintln!();
     }
     world.heal().await?;
@@ -315,7 +330,11 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         Tier::RedisStore => FinalStore::Redis {
             url: format!(
                 "redis://{}",
-                world.redis.as_ref().map(RedisPair::primary_addr).unwrap_or_default()
+                world
+                    .redis
+                    .as_ref()
+                    .map(RedisPair::primary_addr)
+                    .unwrap_or_default()
             ),
             prefix: format!("{tag}:store"),
         },
@@ -339,9 +358,11 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         r.shutdown().await;
     }
     if let Some(pool) = &pg {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {tag} CASCADE")))
-            .execute(pool)
-            .await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS {tag} CASCADE"
+        )))
+        .execute(pool)
+        .await;
     }
     if config.tier == Tier::RedisPostgres {
         drop_keys(&config.redis_url, &tag).await;
@@ -361,15 +382,22 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     Ok(summary)
 }
 
+/// The progress line: redrawn on a terminal, else one line per tenth of the run (CI logs).
 fn progress(done: usize, total: usize, history: &History, started: Instant) {
+    let terminal = std::io::stderr().is_terminal();
+    if !terminal && done % total.div_ceil(10) != 0 && done != total {
+        return;
+    }
     let c = |i: usize| history.counts[i].load(Ordering::Relaxed);
     eprint!(
-        "\r  faults {done}/{total}  ops {}: ok {} fail {} info {}  {:.0} s   ",
+        "{}  faults {done}/{total}  ops {}: ok {} fail {} info {}  {:.0} s{}",
+        if terminal { "\r" } else { "" },
         c(0),
         c(1),
         c(2),
         c(3),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if terminal { "   " } else { "\n" }
     );
     let _ = std::io::stderr().flush();
 }

@@ -69,7 +69,8 @@ pub(crate) struct Fault {
 /// The faults a tier can suffer.
 fn kinds(tier: Tier) -> Vec<FaultKind> {
     use FaultKind::*;
-    let mut k = vec![Kill, Kill, Pause];
+    // Kills weigh most: a process dying mid-turn is the fault users meet most.
+    let mut k = vec![Kill, Kill, Kill, Pause, Pause];
     let mut links = Vec::new();
     if tier.uses_postgres() {
         links.push(Link::Postgres);
@@ -91,7 +92,13 @@ fn kinds(tier: Tier) -> Vec<FaultKind> {
 }
 
 /// The schedule of `n` faults for `tier` on `procs` processes, from `seed` alone.
-pub(crate) fn schedule(tier: Tier, procs: usize, n: usize, seed: u64, lease: Duration) -> Vec<Fault> {
+pub(crate) fn schedule(
+    tier: Tier,
+    procs: usize,
+    n: usize,
+    seed: u64,
+    lease: Duration,
+) -> Vec<Fault> {
     let mut rng = StdRng::seed_from_u64(seed);
     let kinds = kinds(tier);
     let ms = |rng: &mut StdRng, lo: u64, hi: u64| Duration::from_millis(rng.random_range(lo..hi));

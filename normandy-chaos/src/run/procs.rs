@@ -58,7 +58,8 @@ impl Conn {
                 }
             }
             Conn::Stdio(c) => {
-                let req = json!({"op": "send", "session": session, "input_id": input_id, "text": text});
+                let req =
+                    json!({"op": "send", "session": session, "input_id": input_id, "text": text});
                 let ok = c.call(req).await?;
                 ok.get("end_seq")
                     .and_then(serde_json::Value::as_u64)
@@ -142,8 +143,10 @@ impl StdioConn {
 
     fn pending(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Result<serde_json::Value, CallError>>>>
-    {
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<u64, oneshot::Sender<Result<serde_json::Value, CallError>>>,
+    > {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -349,7 +352,11 @@ impl Proc {
     /// SIGSTOP (`true`) or SIGCONT (`false`).
     pub(crate) fn pause(&mut self, stop: bool) {
         if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            let signal = if stop { Signal::SIGSTOP } else { Signal::SIGCONT };
+            let signal = if stop {
+                Signal::SIGSTOP
+            } else {
+                Signal::SIGCONT
+            };
             let _ = kill(Pid::from_raw(pid as i32), signal);
             self.paused = stop;
         }
