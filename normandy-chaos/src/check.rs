@@ -33,6 +33,10 @@ pub enum ViolationKind {
     PhantomResult,
     /// Two results for one tool call.
     DuplicateResult,
+    /// An entry seen on an event stream is not the final log's entry at its seq.
+    StreamNotInLog,
+    /// A subscriber's entries of a session skip or repeat a seq.
+    StreamGap,
 }
 
 /// One broken promise, with what the checker saw.
@@ -426,12 +430,56 @@ pub fn check(files: &Files) -> Report {
             }
         }
     }
+    check_streams(files, &logs, &mut bad);
     report.executed_without_result = runs
         .keys()
         .filter(|(s, c)| !results.contains_key(&(*s, *c)))
         .count();
     report.violations = violations;
     report
+}
+
+/// Every streamed entry against the final log, and each subscriber's run of seqs.
+fn check_streams(
+    files: &Files,
+    logs: &BTreeMap<&str, Vec<&crate::StoredEntry>>,
+    bad: &mut impl FnMut(ViolationKind, &str, String),
+) {
+    let mut last: HashMap<(u64, &str), u64> = HashMap::new();
+    for ev in &files.events {
+        let stored = logs
+            .get(ev.session.as_str())
+            .and_then(|log| log.iter().find(|e| e.seq == ev.seq));
+        match stored {
+            Some(e)
+                if e.kind == ev.kind && e.input_id == ev.input_id && e.call_id == ev.call_id => {}
+            other => bad(
+                ViolationKind::StreamNotInLog,
+                &ev.session,
+                format!(
+                    "subscriber {} saw {} {:?}{:?} at seq {}; the log has {:?}",
+                    ev.subscriber,
+                    ev.kind,
+                    ev.input_id,
+                    ev.call_id,
+                    ev.seq,
+                    other.map(|e| (&e.kind, &e.input_id, &e.call_id))
+                ),
+            ),
+        }
+        if let Some(prev) = last.insert((ev.subscriber, &ev.session), ev.seq)
+            && ev.seq != prev + 1
+        {
+            bad(
+                ViolationKind::StreamGap,
+                &ev.session,
+                format!(
+                    "subscriber {} saw seq {} after seq {prev}",
+                    ev.subscriber, ev.seq
+                ),
+            );
+        }
+    }
 }
 
 #[cfg(test)]

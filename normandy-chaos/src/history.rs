@@ -82,7 +82,29 @@ pub struct ToolRun {
     pub idempotent: bool,
 }
 
-/// The three files of a run, read.
+/// One entry as a subscriber saw it on a session's event stream: `{"subscriber": 1,
+/// "session": "s1", "seq": 7, "kind": "input", "input_id": "i42", "call_id": null}`. One line
+/// per entry of `events.jsonl`. A subscriber that loses its stream subscribes again after the
+/// last seq it saw, so its entries of one session are one unbroken run of seqs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Streamed {
+    /// The subscriber.
+    pub subscriber: u64,
+    /// The session.
+    pub session: String,
+    /// The entry's seq.
+    pub seq: u64,
+    /// The entry's payload kind, as in `final.jsonl`.
+    pub kind: String,
+    /// The input's id, on `input` and `turn_end` entries.
+    #[serde(default)]
+    pub input_id: Option<String>,
+    /// The tool call's id, on tool entries.
+    #[serde(default)]
+    pub call_id: Option<String>,
+}
+
+/// The files of a run, read.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Files {
     /// `history.jsonl`.
@@ -91,6 +113,8 @@ pub struct Files {
     pub stored: Vec<StoredEntry>,
     /// `tools.jsonl`.
     pub tools: Vec<ToolRun>,
+    /// `events.jsonl`, when the run had subscribers (empty when the file is absent).
+    pub events: Vec<Streamed>,
 }
 
 /// A run's files could not be read.
@@ -117,20 +141,31 @@ pub enum ReadError {
 }
 
 impl Files {
-    /// Reads `history.jsonl`, `final.jsonl` and `tools.jsonl` from `dir`.
+    /// Reads `history.jsonl`, `final.jsonl`, `tools.jsonl` and, if there is one,
+    /// `events.jsonl` from `dir`.
     pub fn read(dir: &Path) -> Result<Files, ReadError> {
+        let events = dir.join("events.jsonl");
         Ok(Files {
             history: read_lines(&dir.join("history.jsonl"))?,
             stored: read_lines(&dir.join("final.jsonl"))?,
             tools: read_lines(&dir.join("tools.jsonl"))?,
+            events: if events.exists() {
+                read_lines(&events)?
+            } else {
+                Vec::new()
+            },
         })
     }
 
-    /// Writes the three files into `dir`.
+    /// Writes the files into `dir` (`events.jsonl` only when there are events).
     pub fn write(&self, dir: &Path) -> Result<(), ReadError> {
         write_lines(&dir.join("history.jsonl"), &self.history)?;
         write_lines(&dir.join("final.jsonl"), &self.stored)?;
-        write_lines(&dir.join("tools.jsonl"), &self.tools)
+        write_lines(&dir.join("tools.jsonl"), &self.tools)?;
+        if !self.events.is_empty() {
+            write_lines(&dir.join("events.jsonl"), &self.events)?;
+        }
+        Ok(())
     }
 }
 

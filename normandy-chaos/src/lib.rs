@@ -15,6 +15,10 @@
 //!   the execution and its record, the result says so (in doubt) or an idempotent tool ran
 //!   again under the same key; no result without an execution;
 //!
+//! - every entry a subscriber saw on an event stream is the final log's entry at that seq, and
+//!   a subscriber's entries of one session are one unbroken run of seqs (the stream is a
+//!   prefix of the log, resumed where it broke);
+//!
 //! and what became of each `info` (stored, at which seq, or not).
 //!
 //! The file formats are plain JSON lines, documented on [`history::Op`],
@@ -30,4 +34,4 @@ pub mod proxy;
 pub mod run;
 
 pub use check::{Report, Violation, ViolationKind, check};
-pub use history::{Files, Op, OpType, ReadError, StoredEntry, ToolRun};
+pub use history::{Files, Op, OpType, ReadError, StoredEntry, Streamed, ToolRun};

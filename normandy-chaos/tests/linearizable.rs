@@ -204,7 +204,7 @@ fn ours(ops: &[Gen], log: &[u32], acked: &HashMap<u32, u64>) -> bool {
     let files = Files {
         history: events,
         stored,
-        tools: Vec::new(),
+        ..Files::default()
     };
     check(&files).is_valid()
 }

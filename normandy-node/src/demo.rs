@@ -185,7 +185,10 @@ fn demo_client(latency: Duration) -> ScriptedClient {
 }
 
 /// The demo catalog, its model answering after `model_latency`.
-pub(crate) fn catalog(tools: DemoTools, model_latency: Duration) -> anyhow::Result<TemplateCatalog> {
+pub(crate) fn catalog(
+    tools: DemoTools,
+    model_latency: Duration,
+) -> anyhow::Result<TemplateCatalog> {
     let entry = |policy| {
         let name = if policy == ResumePolicy::Eager {
             "demo-eager"

@@ -1,10 +1,12 @@
 //! `normandy-node local`: one process on a local registry (tiers 0d and 1: LMDB, or Postgres
 //! without a cluster), driven by JSON lines on stdin — the fault harness's worker.
 //!
-//! Requests, one per line: `{"id": 1, "op": "start", "session": "s1", "template": "demo"}` or
-//! `{"id": 2, "op": "send", "session": "s1", "input_id": "i1", "text": "hello"}`. Replies, one per
-//! line, in any order: `{"id": 2, "ok": {"end_seq": 4}}` or `{"id": 2, "error": {"kind":
-//! "Fenced", "message": "…"}}`. The process prints `READY <node id>` once it serves, resumes the
+//! Requests, one per line: `{"id": 1, "op": "start", "session": "s1", "template": "demo"}`,
+//! `{"id": 2, "op": "send", "session": "s1", "input_id": "i1", "text": "hello"}` or `{"id": 3,
+//! "op": "subscribe", "session": "s1", "after": 0}`. Replies, one per line, in any order: `{"id":
+//! 2, "ok": {"end_seq": 4}}` or `{"id": 2, "error": {"kind": "Fenced", "message": "…"}}`; a
+//! subscription answers `{"id": 3, "entry": {…}}` per committed entry, then `{"id": 3, "ok": {}}`
+//! when the stream ends (or an error). The process prints `READY <node id>` once it serves, resumes the
 //! store's interrupted eager sessions in the background (every one: a single host's restart), and
 //! exits when stdin closes.
 
@@ -30,6 +32,8 @@ struct Request {
     input_id: Option<String>,
     #[serde(default)]
     text: Option<String>,
+    #[serde(default)]
+    after: u64,
 }
 
 pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
@@ -49,7 +53,10 @@ pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
         counter: Counter::LogOnly,
         prefix: String::new(),
         latency: flags.ms("tool-latency-ms", 0)?,
-        log: flags.get("tool-log").map(|p| ToolLog::open(&p)).transpose()?,
+        log: flags
+            .get("tool-log")
+            .map(|p| ToolLog::open(&p))
+            .transpose()?,
     };
     let catalog = crate::demo::catalog(tools, flags.ms("model-latency-ms", 0)?)?;
     let sessions = Sessions::builder(catalog)
@@ -82,7 +89,7 @@ pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
         };
         let (sessions, tx) = (sessions.clone(), tx.clone());
         tokio::spawn(async move {
-            let reply = match serve(&sessions, &req).await {
+            let reply = match serve(&sessions, &req, &tx).await {
                 Ok(ok) => json!({"id": req.id, "ok": ok}),
                 Err(e) => json!({"id": req.id, "error": {
                     "kind": format!("{:?}", e.kind()),
@@ -98,7 +105,11 @@ pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(sessions: &Sessions, req: &Request) -> normandy_core::Result<serde_json::Value> {
+async fn serve(
+    sessions: &Sessions,
+    req: &Request,
+    tx: &tokio::sync::mpsc::UnboundedSender<String>,
+) -> normandy_core::Result<serde_json::Value> {
     let session = SessionId::new(&req.session)?;
     match req.op.as_str() {
         "start" => {
@@ -118,9 +129,22 @@ async fn serve(sessions: &Sessions, req: &Request) -> normandy_core::Result<serd
                 .await?;
             Ok(json!({"end_seq": outcome.end_seq}))
         }
+        "subscribe" => {
+            use futures::StreamExt;
+            let mut events = sessions.subscribe(&session, req.after).await?;
+            while let Some(ev) = events.next().await {
+                if let normandy_core::TurnEvent::Entry(e) = ev? {
+                    let line = json!({"id": req.id, "entry": &*e});
+                    if tx.send(line.to_string()).is_err() {
+                        break;
+                    }
+                }
+            }
+            Ok(json!({}))
+        }
         other => Err(normandy_core::Error::InvalidInput {
             session: Some(session),
-            reason: format!("unknown op {other:?} (start | send)"),
+            reason: format!("unknown op {other:?} (start | send | subscribe)"),
         }),
     }
 }

@@ -210,7 +210,10 @@ async fn serve(flags: &Flags) -> anyhow::Result<()> {
         counter,
         prefix: prefix.clone(),
         latency: tool_latency,
-        log: flags.get("tool-log").map(|p| ToolLog::open(&p)).transpose()?,
+        log: flags
+            .get("tool-log")
+            .map(|p| ToolLog::open(&p))
+            .transpose()?,
     };
     let catalog = demo::catalog(tools, model_latency)?;
 

@@ -1,7 +1,7 @@
 //! The checker accepts a run that kept the promise, and rejects each way of breaking it.
 
 use super::*;
-use crate::history::{Op, StoredEntry, ToolRun};
+use crate::history::{Op, StoredEntry, Streamed, ToolRun};
 
 fn op(process: u64, kind: OpType, session: &str, input: &str, t: u64, seq: Option<u64>) -> Op {
     Op {
@@ -70,6 +70,23 @@ fn good() -> Files {
             entry("s2", 1, "input", Some("i4"), 1),
         ],
         tools: vec![tool("c1", "k1", false)],
+        // A subscriber saw s1's first three entries, on a stream it resumed after seq 2.
+        events: vec![
+            streamed(1, "input", Some("i1")),
+            streamed(2, "turn_end", Some("i1")),
+            streamed(3, "input", Some("i3")),
+        ],
+    }
+}
+
+fn streamed(seq: u64, kind: &str, input: Option<&str>) -> Streamed {
+    Streamed {
+        subscriber: 1,
+        session: "s1".into(),
+        seq,
+        kind: kind.into(),
+        input_id: input.map(String::from),
+        call_id: None,
     }
 }
 
@@ -156,6 +173,7 @@ fn real_time_order_broken_is_caught() {
     for (i, id) in [(0, "i3"), (1, "i3"), (2, "i1"), (3, "i1")] {
         f.stored[i].input_id = Some(id.into());
     }
+    f.events.clear();
     f.history[1].seq = Some(4);
     f.history[3].seq = Some(2);
     assert_eq!(kinds(&f), vec![ViolationKind::RealTimeOrder]);
@@ -170,6 +188,7 @@ fn a_resend_is_ordered_by_its_first_attempt() {
     for (i, id) in [(0, "i3"), (1, "i3"), (2, "i1"), (3, "i1")] {
         f.stored[i].input_id = Some(id.into());
     }
+    f.events.clear();
     f.history[1].seq = Some(4);
     f.history[2] = op(2, Invoke, "s1", "i3", 15, None);
     f.history[3] = op(2, Info, "s1", "i3", 16, None);
@@ -186,6 +205,7 @@ fn one_clients_inputs_out_of_order_are_caught() {
     for (i, id) in [(0, "i2"), (1, "i2"), (4, "i1"), (7, "i1")] {
         f.stored[i].input_id = Some(id.into());
     }
+    f.events.clear();
     f.history[1].seq = Some(8);
     f.history[5].seq = Some(2);
     assert!(
@@ -248,6 +268,20 @@ fn an_execution_without_a_result_is_counted() {
     let report = check(&f);
     assert!(report.is_valid(), "{report}");
     assert_eq!(report.executed_without_result, 1);
+}
+
+#[test]
+fn a_streamed_entry_the_log_does_not_have_is_caught() {
+    let mut f = good();
+    f.events[2].input_id = Some("i2".into());
+    assert_eq!(kinds(&f), vec![ViolationKind::StreamNotInLog]);
+}
+
+#[test]
+fn a_stream_that_skips_a_seq_is_caught() {
+    let mut f = good();
+    f.events.remove(1);
+    assert_eq!(kinds(&f), vec![ViolationKind::StreamGap]);
 }
 
 #[test]

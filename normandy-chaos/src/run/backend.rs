@@ -356,27 +356,47 @@ impl FinalStore {
 /// One entry as `final.jsonl` carries it. Entries do not record the epoch of their writer, so
 /// every entry carries the session's epoch at the end of the run.
 fn stored_entry(session: &str, e: &normandy_core::Entry, epoch: u64) -> StoredEntry {
-    let kind = serde_json::to_value(&e.payload)
-        .ok()
-        .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from))
-        .unwrap_or_else(|| "unknown".into());
-    let (input_id, call_id, in_doubt) = match &e.payload {
-        EntryPayload::Input { input_id, .. } | EntryPayload::TurnEnd { input_id, .. } => {
-            (Some(input_id.to_string()), None, false)
-        }
-        EntryPayload::ToolStarted { call_id, .. } => (None, Some(call_id.clone()), false),
-        EntryPayload::ToolResult {
-            call_id, in_doubt, ..
-        } => (None, Some(call_id.clone()), in_doubt.is_some()),
-        _ => (None, None, false),
-    };
+    let f = EntryFields::of(e);
     StoredEntry {
         session: session.into(),
         seq: e.seq,
-        kind,
-        input_id,
-        call_id,
+        kind: f.kind,
+        input_id: f.input_id,
+        call_id: f.call_id,
         epoch,
-        in_doubt,
+        in_doubt: f.in_doubt,
+    }
+}
+
+/// What the files say of an entry.
+pub(crate) struct EntryFields {
+    pub(crate) kind: String,
+    pub(crate) input_id: Option<String>,
+    pub(crate) call_id: Option<String>,
+    pub(crate) in_doubt: bool,
+}
+
+impl EntryFields {
+    pub(crate) fn of(e: &normandy_core::Entry) -> Self {
+        let kind = serde_json::to_value(&e.payload)
+            .ok()
+            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from))
+            .unwrap_or_else(|| "unknown".into());
+        let (input_id, call_id, in_doubt) = match &e.payload {
+            EntryPayload::Input { input_id, .. } | EntryPayload::TurnEnd { input_id, .. } => {
+                (Some(input_id.to_string()), None, false)
+            }
+            EntryPayload::ToolStarted { call_id, .. } => (None, Some(call_id.clone()), false),
+            EntryPayload::ToolResult {
+                call_id, in_doubt, ..
+            } => (None, Some(call_id.clone()), in_doubt.is_some()),
+            _ => (None, None, false),
+        };
+        Self {
+            kind,
+            input_id,
+            call_id,
+            in_doubt,
+        }
     }
 }

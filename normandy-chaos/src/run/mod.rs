@@ -100,7 +100,8 @@ impl RunSummary {
             t += &format!("pg backends killed {}\n", self.terminated);
         }
         t += &format!(
-            "operations       {} invoked: ok {}, fail {}, info {} (stored {}, not stored {})\n",
+            "operations       {} invoked: ok {}, fail {}, info {} (of their inputs: stored {}, \
+             never stored {})\n",
             r.invoked,
             r.ok,
             r.failed,
@@ -290,6 +291,22 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
             ))
         })
         .collect();
+    let events = workload::Events::default();
+    let stop_subscribers = Arc::new(AtomicBool::new(false));
+    let subscribers: Vec<_> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            tokio::spawn(workload::subscriber(
+                i as u64 + 1,
+                config.seed,
+                s.clone(),
+                slots.clone(),
+                events.clone(),
+                stop_subscribers.clone(),
+            ))
+        })
+        .collect();
     let plan = schedule(config.tier, procs.len(), config.faults, config.seed, LEASE);
     let mut world = World {
         procs,
@@ -322,6 +339,10 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         Duration::from_secs(120),
     )
     .await;
+    stop_subscribers.store(true, Ordering::Relaxed);
+    for s in subscribers {
+        let _ = s.await;
+    }
     for p in &mut world.procs {
         p.stop().await;
     }
@@ -349,6 +370,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
         history: history.ops(),
         stored,
         tools,
+        events: std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner())),
     };
     files.write(out)?;
     let report = check(&files);

@@ -10,10 +10,11 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::StreamExt;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use normandy_cluster::NodeClient;
-use normandy_core::{ContentBlock, InputId, SessionId};
+use normandy_core::{ContentBlock, Entry, InputId, SessionId, TurnEvent};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
@@ -29,6 +30,10 @@ pub(crate) const OP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A failed call: the error's kind (`ErrorKind`'s name) and message.
 pub(crate) type CallError = (String, String);
+
+/// A session's committed entries, as a subscription delivers them.
+pub(crate) type EntryStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Entry, CallError>> + Send>>;
 
 /// How a client reaches one process.
 #[derive(Clone)]
@@ -68,6 +73,33 @@ impl Conn {
         }
     }
 
+    /// Subscribes to `session`'s entries after `after`.
+    pub(crate) async fn subscribe(
+        &self,
+        session: &str,
+        after: u64,
+    ) -> Result<EntryStream, CallError> {
+        match self {
+            Conn::Rpc(c) => {
+                let (session, _) = ids(session, "subscribe")?;
+                let stream =
+                    match tokio::time::timeout(OP_TIMEOUT, c.subscribe(&session, after)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return Err((format!("{:?}", e.kind()), e.to_string())),
+                        Err(_) => return Err(timeout()),
+                    };
+                Ok(Box::pin(stream.filter_map(|ev| async move {
+                    match ev {
+                        Ok(TurnEvent::Entry(e)) => Some(Ok((*e).clone())),
+                        Ok(_) => None,
+                        Err(e) => Some(Err((format!("{:?}", e.kind()), e.to_string()))),
+                    }
+                })))
+            }
+            Conn::Stdio(c) => c.subscribe(session, after).await,
+        }
+    }
+
     /// Creates `session` from `template`.
     pub(crate) async fn start(&self, session: &str, template: &str) -> Result<(), CallError> {
         match self {
@@ -99,10 +131,14 @@ fn ids(session: &str, input: &str) -> Result<(SessionId, InputId), CallError> {
     ))
 }
 
+type Pending = HashMap<u64, oneshot::Sender<Result<serde_json::Value, CallError>>>;
+type Streams = HashMap<u64, tokio::sync::mpsc::UnboundedSender<Result<Entry, CallError>>>;
+
 /// A local worker's request/reply channel: requests numbered, replies matched by number.
 pub(crate) struct StdioConn {
     stdin: tokio::sync::Mutex<ChildStdin>,
-    pending: std::sync::Mutex<HashMap<u64, oneshot::Sender<Result<serde_json::Value, CallError>>>>,
+    pending: std::sync::Mutex<Pending>,
+    streams: std::sync::Mutex<Streams>,
     next: AtomicU64,
 }
 
@@ -111,6 +147,7 @@ impl StdioConn {
         let conn = Arc::new(Self {
             stdin: tokio::sync::Mutex::new(stdin),
             pending: std::sync::Mutex::default(),
+            streams: std::sync::Mutex::default(),
             next: AtomicU64::new(1),
         });
         let reader = conn.clone();
@@ -123,6 +160,14 @@ impl StdioConn {
                 let Some(id) = v.get("id").and_then(serde_json::Value::as_u64) else {
                     continue;
                 };
+                if let Some(entry) = v.get("entry") {
+                    let entry = serde_json::from_value::<Entry>(entry.clone())
+                        .map_err(|e| ("Corrupt".to_string(), format!("bad entry: {e}")));
+                    if let Some(tx) = reader.streams().get(&id) {
+                        let _ = tx.send(entry);
+                    }
+                    continue;
+                }
                 let reply = match (v.get("ok"), v.get("error")) {
                     (Some(ok), _) => Ok(ok.clone()),
                     (None, Some(e)) => Err((
@@ -131,23 +176,48 @@ impl StdioConn {
                     )),
                     _ => Err(("Internal".into(), format!("bad reply {line}"))),
                 };
-                if let Some(tx) = reader.pending().remove(&id) {
+                if let Some(tx) = reader.streams().remove(&id) {
+                    if let Err(e) = reply {
+                        let _ = tx.send(Err(e));
+                    }
+                } else if let Some(tx) = reader.pending().remove(&id) {
                     let _ = tx.send(reply);
                 }
             }
             // The worker is gone: every call still waiting learns it (dropped senders).
             reader.pending().clear();
+            reader.streams().clear();
         });
         conn
     }
 
-    fn pending(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        HashMap<u64, oneshot::Sender<Result<serde_json::Value, CallError>>>,
-    > {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, Streams> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn write(&self, req: &serde_json::Value) -> bool {
+        let mut line = req.to_string();
+        line.push('\n');
+        let mut stdin = self.stdin.lock().await;
+        stdin.write_all(line.as_bytes()).await.is_ok() && stdin.flush().await.is_ok()
+    }
+
+    async fn subscribe(&self, session: &str, after: u64) -> Result<EntryStream, CallError> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.streams().insert(id, tx);
+        let req = json!({"id": id, "op": "subscribe", "session": session, "after": after});
+        if !self.write(&req).await {
+            self.streams().remove(&id);
+            return Err(("Unavailable".into(), "the worker exited".into()));
+        }
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
     }
 
     async fn call(&self, mut req: serde_json::Value) -> Result<serde_json::Value, CallError> {
@@ -155,15 +225,10 @@ impl StdioConn {
         req["id"] = id.into();
         let (tx, rx) = oneshot::channel();
         self.pending().insert(id, tx);
-        let mut line = req.to_string();
-        line.push('\n');
         let lost = || ("Unavailable".to_string(), "the worker exited".to_string());
-        {
-            let mut stdin = self.stdin.lock().await;
-            if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
-                self.pending().remove(&id);
-                return Err(lost());
-            }
+        if !self.write(&req).await {
+            self.pending().remove(&id);
+            return Err(lost());
         }
         match tokio::time::timeout(OP_TIMEOUT, rx).await {
             Ok(Ok(reply)) => reply,

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use super::backend::EntryFields;
 use super::procs::{CallError, Conn, Slot};
-use crate::history::{Op, OpType};
+use crate::history::{Op, OpType, Streamed};
 
 /// Error kinds that promise the input was not stored: refused before anything was written,
 /// and not retryable. Everything else (timeouts, lost connections, `Fenced`, `Overloaded`,
@@ -170,7 +171,12 @@ pub(crate) async fn settle(
                     break;
                 }
                 Err(e) => {
-                    history.record(process, OpType::Info, session, &input_id, None);
+                    let kind = if DEFINITE.contains(&e.0.as_str()) {
+                        OpType::Fail
+                    } else {
+                        OpType::Info
+                    };
+                    history.record(process, kind, session, &input_id, None);
                     process += 1;
                     last = e;
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -182,4 +188,54 @@ pub(crate) async fn settle(
         }
     }
     failed
+}
+
+/// What subscribers saw, in the order they saw it.
+pub(crate) type Events = Arc<std::sync::Mutex<Vec<Streamed>>>;
+
+/// One subscriber of `session`, as a UI would be: follows its entries through a random
+/// process, and when the stream breaks or it has followed a while (2–10 s), subscribes again
+/// elsewhere after the last seq it saw.
+pub(crate) async fn subscriber(
+    index: u64,
+    seed: u64,
+    session: String,
+    slots: Arc<Vec<Arc<Slot>>>,
+    events: Events,
+    stop: Arc<AtomicBool>,
+) {
+    use futures::StreamExt;
+    let mut rng = StdRng::seed_from_u64(seed ^ (index + 1).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut last = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Some(conn) = pick(&slots, &mut rng) else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(mut stream) = conn.subscribe(&session, last).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let until =
+            tokio::time::Instant::now() + Duration::from_millis(rng.random_range(2000..10_000));
+        while !stop.load(Ordering::Relaxed) && tokio::time::Instant::now() < until {
+            match tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(e))) => {
+                    let f = EntryFields::of(&e);
+                    last = e.seq;
+                    let mut events = events.lock().unwrap_or_else(|p| p.into_inner());
+                    events.push(Streamed {
+                        subscriber: index,
+                        session: session.clone(),
+                        seq: e.seq,
+                        kind: f.kind,
+                        input_id: f.input_id,
+                        call_id: f.call_id,
+                    });
+                }
+                Ok(Some(Err(_)) | None) => break,
+            }
+        }
+    }
 }
