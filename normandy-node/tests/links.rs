@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use normandy_chaos::proxy::Fault;
 use normandy_core::{
     ContentBlock, EntryPayload, ErrorKind, InputId, SessionId, SessionRegistry, TurnOutcome,
 };

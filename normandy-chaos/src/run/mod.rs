@@ -407,7 +407,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
 /// The progress line: redrawn on a terminal, else one line per tenth of the run (CI logs).
 fn progress(done: usize, total: usize, history: &History, started: Instant) {
     let terminal = std::io::stderr().is_terminal();
-    if !terminal && done % total.div_ceil(10) != 0 && done != total {
+    if !terminal && !done.is_multiple_of(total.div_ceil(10)) && done != total {
         return;
     }
     let c = |i: usize| history.counts[i].load(Ordering::Relaxed);

@@ -6,16 +6,13 @@
 
 use std::collections::HashMap;
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::Ordering::SeqCst;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use normandy_cluster::NodeClient;
 use normandy_core::{ContentBlock, Entry, EntryPayload, InputId, SessionId, TurnOutcome};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 #[path = "../../../normandy-cluster/tests/support/mod.rs"]
@@ -425,7 +422,7 @@ pub async fn drop_schema(name: &str) {
     }
 }
 
-pub use normandy_chaos::proxy::{Fault, Proxy};
+pub use normandy_chaos::proxy::Proxy;
 
 /// A proxy in front of Redis ([`redis_url`]), and the `redis://` URL through it.
 pub async fn redis_proxy() -> (Proxy, String) {
