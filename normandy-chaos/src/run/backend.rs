@@ -273,6 +273,8 @@ impl RedisPair {
         let old = self.primary;
         self.servers[old].kill().await;
         let new = 1 - old;
+        // A replica paused before (a stale failover) is promoted as it is.
+        self.servers[new].signal(false);
         let url = format!("redis://{}", self.servers[new].addr());
         let _: String = query(&url, redis::cmd("REPLICAOF").arg("NO").arg("ONE").clone()).await?;
         self.primary = new;

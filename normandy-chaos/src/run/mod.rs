@@ -374,6 +374,7 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     };
     files.write(out)?;
     let report = check(&files);
+    write_info(out, &report)?;
 
     // Leave the servers as they were.
     if let Some(r) = &mut world.redis {
@@ -422,6 +423,20 @@ fn progress(done: usize, total: usize, history: &History, started: Instant) {
         if terminal { "   " } else { "\n" }
     );
     let _ = std::io::stderr().flush();
+}
+
+/// `info.jsonl`: what became of each input whose send had an unknown outcome,
+/// `{"input_id": "c2-41", "stored_seq": 7}` (`null`: never stored).
+fn write_info(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {
+    let mut text = String::new();
+    let stored = report.info_stored.iter().map(|(id, s)| (id, Some(*s)));
+    let absent = report.info_absent.iter().map(|id| (id, None));
+    for (id, seq) in stored.chain(absent) {
+        text += &serde_json::json!({"input_id": id, "stored_seq": seq}).to_string();
+        text.push('\n');
+    }
+    std::fs::write(out.join("info.jsonl"), text)?;
+    Ok(())
 }
 
 /// `tools.jsonl` as the tools wrote it.

@@ -32,6 +32,10 @@ pub(crate) enum FaultKind {
     RedisFailover,
     /// SIGSTOP of the Redis replica for `hold` (WAIT cannot be met meanwhile).
     ReplicaPause,
+    /// SIGSTOP of the Redis replica for `hold`, then SIGKILL of the primary and promotion of
+    /// the stale replica: what was written meanwhile is gone. With WAIT none of it was
+    /// acknowledged; without, the checker must report the acknowledged writes lost.
+    StaleFailover,
 }
 
 impl FaultKind {
@@ -48,6 +52,7 @@ impl FaultKind {
             FaultKind::RedisRestart => "redis-restart".into(),
             FaultKind::RedisFailover => "redis-failover".into(),
             FaultKind::ReplicaPause => "replica-pause".into(),
+            FaultKind::StaleFailover => "stale-failover".into(),
         }
     }
 }
@@ -86,7 +91,7 @@ fn kinds(tier: Tier) -> Vec<FaultKind> {
         k.extend([Blackhole(l), Delay(l), Reset(l)]);
     }
     if tier == Tier::RedisStore {
-        k.extend([RedisRestart, RedisFailover, ReplicaPause]);
+        k.extend([RedisRestart, RedisFailover, ReplicaPause, StaleFailover]);
     }
     k
 }
@@ -109,7 +114,9 @@ pub(crate) fn schedule(
                 FaultKind::Kill => ms(&mut rng, 0, 1500),
                 // Past the lease, so another node may take the sessions over meanwhile.
                 FaultKind::Pause => lease + ms(&mut rng, 300, 2000),
-                FaultKind::Blackhole(_) | FaultKind::ReplicaPause => ms(&mut rng, 300, 3000),
+                FaultKind::Blackhole(_) | FaultKind::ReplicaPause | FaultKind::StaleFailover => {
+                    ms(&mut rng, 300, 3000)
+                }
                 FaultKind::Delay(_) => ms(&mut rng, 300, 2000),
                 _ => Duration::ZERO,
             };
@@ -197,8 +204,12 @@ impl World {
                     r.restart_primary().await?;
                 }
             }
-            FaultKind::RedisFailover => {
+            FaultKind::RedisFailover | FaultKind::StaleFailover => {
                 if let Some(r) = &mut self.redis {
+                    if f.kind == FaultKind::StaleFailover {
+                        r.pause_replica(true);
+                        tokio::time::sleep(f.hold).await;
+                    }
                     let primary = r.fail_over().await?;
                     for p in &self.procs {
                         if let Some(proxy) = p.link(Link::Redis) {
