@@ -149,6 +149,7 @@ impl RedisServer {
             .arg("--logfile")
             .arg(self.dir.join("redis.log"))
             .kill_on_drop(true);
+        super::procs::die_with_parent(&mut cmd);
         if let Some(p) = replica_of {
             cmd.args(["--replicaof", "127.0.0.1", &p.to_string()]);
         }

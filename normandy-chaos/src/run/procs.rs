@@ -451,7 +451,7 @@ impl Proc {
 
 /// Has the kernel SIGKILL the child if the harness dies, so no node outlives a run.
 #[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
     // is async-signal-safe.
     unsafe {
