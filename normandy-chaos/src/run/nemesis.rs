@@ -265,3 +265,48 @@ async fn restart(p: &mut Proc) -> anyhow::Result<()> {
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("could not restart {}", p.name)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(tier: Tier, seed: u64) -> Vec<String> {
+        schedule(tier, 3, 200, seed, Duration::from_millis(1500))
+            .iter()
+            .map(|f| format!("{:?}", (f.gap, f.kind, f.target, f.hold, f.delay)))
+            .collect()
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_schedule_and_another_seed_another() {
+        assert_eq!(names(Tier::RedisStore, 7), names(Tier::RedisStore, 7));
+        assert_ne!(names(Tier::RedisStore, 7), names(Tier::RedisStore, 8));
+    }
+
+    #[test]
+    fn each_tier_suffers_only_the_faults_it_has_links_for() {
+        let kinds = |tier| -> std::collections::BTreeSet<String> {
+            schedule(tier, 3, 500, 1, Duration::from_millis(1500))
+                .iter()
+                .map(|f| f.kind.name())
+                .collect()
+        };
+        assert_eq!(
+            kinds(Tier::Lmdb).into_iter().collect::<Vec<_>>(),
+            ["kill", "pause"]
+        );
+        let pg_alone = kinds(Tier::PostgresAlone);
+        assert!(pg_alone.contains("pg-terminate") && pg_alone.contains("blackhole-peer"));
+        assert!(!pg_alone.iter().any(|k| k.contains("redis")));
+        let redis = kinds(Tier::RedisStore);
+        assert!(redis.contains("stale-failover") && redis.contains("replica-pause"));
+        assert!(!redis.iter().any(|k| k.contains("postgres")));
+        // A pause always outlasts the lease.
+        assert!(
+            schedule(Tier::Postgres, 2, 500, 1, Duration::from_millis(1500))
+                .iter()
+                .filter(|f| f.kind == FaultKind::Pause)
+                .all(|f| f.hold > Duration::from_millis(1500))
+        );
+    }
+}
