@@ -1,6 +1,6 @@
 //! The checker: the promise, decided from a run's files alone.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use crate::history::{Files, OpType};
@@ -16,11 +16,13 @@ pub enum ViolationKind {
     FailedButStored,
     /// One input id is stored twice in a session.
     DuplicateInput,
+    /// One input's turn ended twice (the turn ran twice).
+    TurnEndedTwice,
     /// An input in the final log that no client sent.
     UnknownInput,
     /// A session's seqs are not 1, 2, 3, … without gap or repeat.
     SeqNotDense,
-    /// An entry was written by an older epoch than the entry before it.
+    /// An entry carries an older epoch than the entry before it.
     EpochBackwards,
     /// An input acknowledged before another was sent (to the same session) is stored after it.
     RealTimeOrder,
@@ -61,10 +63,12 @@ pub struct Report {
     pub failed: usize,
     /// Unknown outcome (`info`, or no completion recorded).
     pub info: usize,
-    /// Of the unknown outcomes, those stored (input id → seq).
+    /// Inputs with an unknown outcome that a resend of the same id got acknowledged.
+    pub info_resolved: BTreeSet<String>,
+    /// The other inputs with an unknown outcome, those stored (input id → seq).
     pub info_stored: BTreeMap<String, u64>,
-    /// Of the unknown outcomes, those not stored.
-    pub info_absent: Vec<String>,
+    /// The other inputs with an unknown outcome, those not stored.
+    pub info_absent: BTreeSet<String>,
     /// Tool results checked.
     pub tool_results: usize,
     /// Tool results recorded in doubt.
@@ -96,11 +100,13 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "ops {}: ok {}, fail {}, info {} (stored {}, absent {})",
+            "ops {}: ok {}, fail {}, info {} (inputs: acknowledged on a resend {}, stored {}, \
+             absent {})",
             self.invoked,
             self.ok,
             self.failed,
             self.info,
+            self.info_resolved.len(),
             self.info_stored.len(),
             self.info_absent.len()
         )?;
@@ -177,8 +183,15 @@ pub fn check(files: &Files) -> Report {
             }
         }
         for e in log.iter().filter(|e| e.kind == "turn_end") {
-            if let Some(input) = e.input_id.as_deref() {
-                stored_ends.entry((session, input)).or_insert(e.seq);
+            if let Some(input) = e.input_id.as_deref()
+                && let Some(first) = stored_ends.insert((session, input), e.seq)
+            {
+                bad(
+                    ViolationKind::TurnEndedTwice,
+                    session,
+                    format!("input {input}: turn ends at seq {first} and {}", e.seq),
+                );
+                stored_ends.insert((session, input), first);
             }
         }
         for e in log.iter().filter(|e| e.kind == "input") {
@@ -219,12 +232,20 @@ pub fn check(files: &Files) -> Report {
         }
     }
     report.invoked = ops.len();
+    // How each input id's sends ended: a refusal promises nothing only when no other send of
+    // the same id may have landed; an unknown outcome is settled by a later `ok`.
+    let mut outcomes: HashMap<(&str, &str), Vec<Option<OpType>>> = HashMap::new();
+    for op in &ops {
+        outcomes
+            .entry((&op.session, &op.input_id))
+            .or_default()
+            .push(op.completed.map(|(k, _, _)| k));
+    }
     let mut sent: HashMap<(&str, &str), usize> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
-        sent.insert((&op.session, &op.input_id), i);
-        let stored = stored_inputs
-            .get(&(op.session.as_str(), op.input_id.as_str()))
-            .copied();
+        let key = (op.session.as_str(), op.input_id.as_str());
+        sent.insert(key, i);
+        let stored = stored_inputs.get(&key).copied();
         match op.completed {
             Some((OpType::Ok, _, acked)) => {
                 report.ok += 1;
@@ -237,28 +258,26 @@ pub fn check(files: &Files) -> Report {
                             op.input_id
                         ),
                     ),
-                    (Some(s), Some(a)) => {
-                        let end = stored_ends
-                            .get(&(op.session.as_str(), op.input_id.as_str()))
-                            .copied();
-                        if end != Some(a) {
+                    (Some(s), a) => {
+                        let end = stored_ends.get(&key).copied();
+                        if a.is_none() || end != a {
                             bad(
                                 ViolationKind::AckedAtOtherSeq,
                                 &op.session,
                                 format!(
                                     "input {} (stored at seq {s}) acknowledged with its turn \
-                                     ending at seq {a}; stored turn end: {end:?}",
+                                     ending at seq {a:?}; stored turn end: {end:?}",
                                     op.input_id
                                 ),
                             );
                         }
                     }
-                    _ => {}
                 }
             }
             Some((OpType::Fail, _, _)) => {
                 report.failed += 1;
-                if let Some(s) = stored {
+                let all_failed = outcomes[&key].iter().all(|k| *k == Some(OpType::Fail));
+                if let (Some(s), true) = (stored, all_failed) {
                     bad(
                         ViolationKind::FailedButStored,
                         &op.session,
@@ -268,11 +287,17 @@ pub fn check(files: &Files) -> Report {
             }
             _ => {
                 report.info += 1;
+                if outcomes[&key].contains(&Some(OpType::Ok)) {
+                    report.info_resolved.insert(op.input_id.clone());
+                    continue;
+                }
                 match stored {
                     Some(s) => {
                         report.info_stored.insert(op.input_id.clone(), s);
                     }
-                    None => report.info_absent.push(op.input_id.clone()),
+                    None => {
+                        report.info_absent.insert(op.input_id.clone());
+                    }
                 }
             }
         }
@@ -323,7 +348,8 @@ pub fn check(files: &Files) -> Report {
             }
         }
         // Real time: sweep the stored inputs by invocation, keeping the highest seq among the
-        // acknowledged inputs of other clients that completed before it was sent.
+        // acknowledged inputs (of any client, this one's too) that completed before it was
+        // sent.
         let mut done: Vec<(u64, u64, u64, &str)> = list
             .iter()
             .filter_map(|op| match op.completed {
@@ -410,24 +436,29 @@ pub fn check(files: &Files) -> Report {
                 ),
             );
         }
-        if let Some(first) = ran.first() {
-            let twice = if first.idempotent {
-                ran.iter().any(|r| r.key != first.key)
-            } else {
-                ran.len() > 1
-            };
-            if twice {
-                bad(
-                    ViolationKind::ToolRunTwice,
-                    &e.session,
-                    format!(
-                        "call {call} ({}idempotent) ran {} times, keys {:?}",
-                        if first.idempotent { "" } else { "non-" },
-                        ran.len(),
-                        ran.iter().map(|r| r.key.as_str()).collect::<Vec<_>>()
-                    ),
-                );
-            }
+    }
+    // Every call executed, with a result or not: a non-idempotent one once, an idempotent one
+    // under one key. Sorted, so a report reads the same each time.
+    let mut calls: Vec<_> = runs.iter().collect();
+    calls.sort_by_key(|(k, _)| **k);
+    for ((session, call), ran) in calls {
+        let first = ran[0];
+        let twice = if first.idempotent {
+            ran.iter().any(|r| r.key != first.key)
+        } else {
+            ran.len() > 1
+        };
+        if twice {
+            bad(
+                ViolationKind::ToolRunTwice,
+                session,
+                format!(
+                    "call {call} ({}idempotent) ran {} times, keys {:?}",
+                    if first.idempotent { "" } else { "non-" },
+                    ran.len(),
+                    ran.iter().map(|r| r.key.as_str()).collect::<Vec<_>>()
+                ),
+            );
         }
     }
     check_streams(files, &logs, &mut bad);
@@ -447,9 +478,11 @@ fn check_streams(
 ) {
     let mut last: HashMap<(u64, &str), u64> = HashMap::new();
     for ev in &files.events {
-        let stored = logs
-            .get(ev.session.as_str())
-            .and_then(|log| log.iter().find(|e| e.seq == ev.seq));
+        // Logs are sorted by seq (and dense, or reported): the entry is at `seq - 1`.
+        let stored = logs.get(ev.session.as_str()).and_then(|log| {
+            let at = usize::try_from(ev.seq).ok()?.checked_sub(1)?;
+            log.get(at).filter(|e| e.seq == ev.seq)
+        });
         match stored {
             Some(e)
                 if e.kind == ev.kind && e.input_id == ev.input_id && e.call_id == ev.call_id => {}

@@ -1,5 +1,5 @@
-//! The three JSON-lines files of a run, and reading them with errors that name the file and
-//! the line.
+//! The JSON-lines files of a run, and reading them with errors that name the file and the
+//! line.
 
 use std::path::{Path, PathBuf};
 
@@ -60,7 +60,9 @@ pub struct StoredEntry {
     /// The tool call's id, on a tool entry.
     #[serde(default)]
     pub call_id: Option<String>,
-    /// The epoch of the writer that committed the entry.
+    /// An epoch of the session: the harness writes the session's epoch at the end of the run,
+    /// as entries do not record the epoch of the writer that committed them (a checker given
+    /// per-entry epochs checks they never go back).
     pub epoch: u64,
     /// A tool result recorded as in doubt (the call may or may not have run).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -169,7 +171,7 @@ impl Files {
     }
 }
 
-fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, ReadError> {
+pub(crate) fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Vec<T>, ReadError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReadError::Io {
         path: path.to_owned(),
         source,

@@ -1,16 +1,18 @@
 //! The files a fault run writes and the checker that reads them (issue 18).
 //!
 //! A run records what its clients saw ([`history`]: every operation as `invoke`, then `ok` with
-//! the seq it was stored at, `fail`, or `info` when the outcome is unknown), then reads the
+//! the seq its turn ended at, `fail`, or `info` when the outcome is unknown), then reads the
 //! final log straight from the store and lists every tool execution a tool recorded outside
-//! the store. [`check()`] decides from those three files alone whether the promise held:
+//! the store (and, with subscribers, what they saw). [`check()`] decides from those files alone
+//! whether the promise held:
 //!
 //! - no input id stored twice in a session, and every session's seqs dense from 1;
 //! - every `ok` stored, its turn ending at the seq it was acknowledged with; nothing that
 //!   failed stored;
 //! - real time: an input acknowledged before another was invoked is stored before it, and each
 //!   client's inputs to one session are stored in the order it sent them;
-//! - epochs never go back along a session's log;
+//! - epochs never go back along a session's log (as far as the files carry them: entries do
+//!   not record their writer's epoch, so a run's `final.jsonl` gives the session's);
 //! - every tool call with a recorded result ran exactly once, or, where a crash fell between
 //!   the execution and its record, the result says so (in doubt) or an idempotent tool ran
 //!   again under the same key; no result without an execution;

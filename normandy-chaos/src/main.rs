@@ -10,7 +10,7 @@
 //! and Redis at `NORMANDY_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); tier 2r starts a
 //! Redis primary and replica of its own with `redis-server`. It exits 1 when the checker finds a
 //! violation or a session takes no input once the faults are healed. `check` re-checks a run's
-//! `history.jsonl`, `final.jsonl` and `tools.jsonl`.
+//! files (`history.jsonl`, `final.jsonl`, `tools.jsonl`, and `events.jsonl` if present).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -103,14 +103,18 @@ fn config(args: &[String]) -> anyhow::Result<RunConfig> {
             node_bin.display()
         );
     }
+    let (clients, sessions) = (number("clients", Some(6))?, number("sessions", Some(8))?);
+    if clients == 0 || sessions == 0 {
+        bail!("--clients and --sessions must be at least 1");
+    }
     let env = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.to_string());
     Ok(RunConfig {
         tier: Tier::parse(&need("tier")?)?,
         faults: number("faults", None)? as usize,
         seed: number("seed", None)?,
         out: PathBuf::from(need("out")?),
-        clients: number("clients", Some(6))? as usize,
-        sessions: number("sessions", Some(8))? as usize,
+        clients: clients as usize,
+        sessions: sessions as usize,
         node_bin,
         postgres_url: env(
             "NORMANDY_TEST_DATABASE_URL",

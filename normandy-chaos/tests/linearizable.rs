@@ -1,7 +1,8 @@
 //! The checker against an independent one: stateright's linearizability tester, on thousands
 //! of small random histories of one session's log, half of them corrupted.
 //!
-//! The model: clients append inputs (each id once) to a log; an acknowledgement names where the
+//! The model: clients append inputs to a log (an id resent after an unknown outcome takes
+//! effect once); an acknowledgement names where the
 //! input's turn ended, which in this model is the entry right after the input (so input k of
 //! the log is acknowledged with seq 2k). An unknown outcome (`info`) may or may not have been
 //! applied; a refused one (`fail`) was not. After the run a reader reads the whole log. The
@@ -66,26 +67,33 @@ struct Gen {
     ret: Option<(u64, OpType)>,
 }
 
-/// A random execution of a few clients, each doing a few operations one at a time.
+/// A random execution of a few clients, each doing a few operations one at a time. After an
+/// unknown outcome a client goes on as a new process and, half the time, resends the same input
+/// id, which takes effect only if the first attempt did not.
 fn execution(rng: &mut StdRng) -> Vec<Gen> {
     let mut ops = Vec::new();
-    let mut id = 0;
+    let mut next_id = 0;
     let clients = rng.random_range(2..4u64);
     for c in 0..clients {
         let mut t = rng.random_range(0..20u64);
         let mut thread = c;
-        for _ in 0..rng.random_range(1..4) {
-            id += 1;
+        let mut resend: Option<(u32, bool)> = None;
+        for _ in 0..rng.random_range(1..5) {
+            let (id, landed) = resend.take().unwrap_or_else(|| {
+                next_id += 1;
+                (next_id, false)
+            });
             // Distinct times: a client's own number in the low digits.
             let invoke = t * 100 + c;
-            let applied = invoke + rng.random_range(1..40) * 100;
-            let done = applied + rng.random_range(1..40) * 100;
+            let point = invoke + rng.random_range(1..40) * 100;
+            let done = point + rng.random_range(1..40) * 100;
+            let effect = (!landed).then_some(point);
             let (applied, ret) = match rng.random_range(0..10) {
-                0 => (None, Some((done, OpType::Fail))),
-                1 => (None, Some((done, OpType::Info))),
-                2 => (Some(applied), Some((done, OpType::Info))),
-                3 => (Some(applied), None),
-                _ => (Some(applied), Some((done, OpType::Ok))),
+                0 if !landed => (None, Some((done, OpType::Fail))),
+                1 if !landed => (None, Some((done, OpType::Info))),
+                2 => (effect, Some((done, OpType::Info))),
+                3 => (effect, None),
+                _ => (effect, Some((done, OpType::Ok))),
             };
             ops.push(Gen {
                 thread,
@@ -96,9 +104,11 @@ fn execution(rng: &mut StdRng) -> Vec<Gen> {
             });
             match ret {
                 Some((done, OpType::Info)) => {
-                    // After an unknown outcome the client goes on as a new process.
                     thread += 100;
                     t = done / 100 + 1;
+                    if rng.random_bool(0.5) {
+                        resend = Some((id, landed || applied.is_some()));
+                    }
                 }
                 Some((done, _)) => t = done / 100 + 1,
                 None => break,

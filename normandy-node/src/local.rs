@@ -6,11 +6,13 @@
 //! "op": "subscribe", "session": "s1", "after": 0}`. Replies, one per line, in any order: `{"id":
 //! 2, "ok": {"end_seq": 4}}` or `{"id": 2, "error": {"kind": "Fenced", "message": "…"}}`; a
 //! subscription answers `{"id": 3, "entry": {…}}` per committed entry, then `{"id": 3, "ok": {}}`
-//! when the stream ends (or an error). The process prints `READY <node id>` once it serves, resumes the
+//! when the stream ends (or an error); `{"id": 4, "op": "unsubscribe", "session": "-", "after":
+//! 3}` ends subscription 3 (no reply). The process prints `READY <node id>` once it serves, resumes the
 //! store's interrupted eager sessions in the background (every one: a single host's restart), and
 //! exits when stdin closes.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, bail};
 use normandy_core::{Input, InputId, NodeId, OwnerFilter, SessionId, Sessions, StartOptions};
@@ -82,13 +84,22 @@ pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
         }
     });
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    // Subscriptions by request id, so `unsubscribe` can end one.
+    let subscriptions: Arc<Mutex<HashMap<u64, tokio::task::AbortHandle>>> = Arc::default();
     while let Some(line) = lines.next_line().await? {
         let req: Request = match serde_json::from_str(&line) {
             Ok(r) => r,
             Err(e) => bail!("bad request line {line:?}: {e}"),
         };
-        let (sessions, tx) = (sessions.clone(), tx.clone());
-        tokio::spawn(async move {
+        if req.op == "unsubscribe" {
+            if let Some(task) = lock(&subscriptions).remove(&req.after) {
+                task.abort();
+            }
+            continue;
+        }
+        let (sessions, tx, subs) = (sessions.clone(), tx.clone(), subscriptions.clone());
+        let (id, subscribe) = (req.id, req.op == "subscribe");
+        let task = tokio::spawn(async move {
             let reply = match serve(&sessions, &req, &tx).await {
                 Ok(ok) => json!({"id": req.id, "ok": ok}),
                 Err(e) => json!({"id": req.id, "error": {
@@ -97,12 +108,20 @@ pub(crate) async fn local(flags: &Flags) -> anyhow::Result<()> {
                 }}),
             };
             let _ = tx.send(reply.to_string());
+            lock(&subs).remove(&req.id);
         });
+        if subscribe && !task.is_finished() {
+            lock(&subscriptions).insert(id, task.abort_handle());
+        }
     }
     drop(tx);
     sessions.shutdown().await;
     let _ = writer.await;
     Ok(())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 async fn serve(

@@ -115,7 +115,10 @@ fn an_info_that_never_landed_is_reported_absent_not_a_violation() {
     f.stored.retain(|e| e.session != "s2");
     let report = check(&f);
     assert!(report.is_valid(), "{report}");
-    assert_eq!(report.info_absent, vec!["i4".to_string()]);
+    assert_eq!(
+        report.info_absent.iter().collect::<Vec<_>>(),
+        [&"i4".to_string()]
+    );
 }
 
 #[test]
@@ -131,6 +134,46 @@ fn an_acknowledgement_naming_another_turn_end_is_caught() {
     let mut f = good();
     f.history[5].seq = Some(4);
     assert_eq!(kinds(&f), vec![ViolationKind::AckedAtOtherSeq]);
+}
+
+#[test]
+fn a_refusal_is_no_violation_when_a_resend_of_the_same_id_landed() {
+    use OpType::*;
+    let mut f = good();
+    // i5 refused, then resent under the same id with an unknown outcome, and stored: fine.
+    f.history.push(op(7, Invoke, "s2", "i5", 80, None));
+    f.history.push(op(7, Info, "s2", "i5", 90, None));
+    f.stored.push(entry("s2", 2, "input", Some("i5"), 1));
+    let report = check(&f);
+    assert!(report.is_valid(), "{report}");
+    assert_eq!(report.info_stored.get("i5"), Some(&2));
+}
+
+#[test]
+fn an_unknown_outcome_settled_by_a_resend_is_counted_apart() {
+    use OpType::*;
+    let mut f = good();
+    f.history.push(op(7, Invoke, "s2", "i4", 80, None));
+    f.history.push(op(7, Ok, "s2", "i4", 90, Some(2)));
+    f.stored.push(entry("s2", 2, "turn_end", Some("i4"), 1));
+    let report = check(&f);
+    assert!(report.is_valid(), "{report}");
+    assert!(report.info_resolved.contains("i4") && report.info_stored.is_empty());
+}
+
+#[test]
+fn a_turn_that_ended_twice_is_caught() {
+    let mut f = good();
+    f.stored.push(entry("s1", 9, "turn_end", Some("i2"), 2));
+    assert_eq!(kinds(&f), vec![ViolationKind::TurnEndedTwice]);
+}
+
+#[test]
+fn a_non_idempotent_tool_run_twice_without_a_result_is_caught() {
+    let mut f = good();
+    f.tools.push(tool("c2", "k2", false));
+    f.tools.push(tool("c2", "k2", false));
+    assert_eq!(kinds(&f), vec![ViolationKind::ToolRunTwice]);
 }
 
 #[test]

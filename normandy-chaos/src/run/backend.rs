@@ -294,6 +294,21 @@ impl RedisPair {
         self.servers[1 - self.primary].signal(stop);
     }
 
+    /// Both servers running, the replica going and linked to the primary — whatever a fault
+    /// that failed half-way left.
+    pub(crate) async fn heal(&mut self) -> anyhow::Result<()> {
+        let primary_port = self.servers[self.primary].port;
+        if self.servers[self.primary].child.is_none() {
+            self.servers[self.primary].start(None).await?;
+        }
+        let replica = &mut self.servers[1 - self.primary];
+        replica.signal(false);
+        if replica.child.is_none() {
+            replica.start(Some(primary_port)).await?;
+        }
+        self.wait_replica_linked().await
+    }
+
     pub(crate) async fn shutdown(&mut self) {
         self.pause_replica(false);
         for s in &mut self.servers {

@@ -1,6 +1,6 @@
 //! One fault run: the servers, the processes with a proxy on each link, the workload and the
 //! nemesis side by side, a settle phase once every fault is healed, the final log read
-//! straight from the store, the three files, and the checker's verdict.
+//! straight from the store, the run's files, and the checker's verdict.
 
 mod backend;
 mod nemesis;
@@ -22,7 +22,7 @@ use nemesis::{NemesisLog, World, schedule};
 use procs::{Link, Proc, ProcKind, SECRET};
 use workload::History;
 
-use crate::history::{Files, ToolRun};
+use crate::history::Files;
 use crate::proxy::Proxy;
 use crate::{Report, check};
 
@@ -100,12 +100,13 @@ impl RunSummary {
             t += &format!("pg backends killed {}\n", self.terminated);
         }
         t += &format!(
-            "operations       {} invoked: ok {}, fail {}, info {} (of their inputs: stored {}, \
-             never stored {})\n",
+            "operations       {} invoked: ok {}, fail {}, info {} (of their inputs: \
+             acknowledged on a resend {}, stored {}, never stored {})\n",
             r.invoked,
             r.ok,
             r.failed,
             r.info,
+            r.info_resolved.len(),
             r.info_stored.len(),
             r.info_absent.len()
         );
@@ -145,6 +146,15 @@ const LEASE: Duration = Duration::from_millis(1500);
 pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
     let out = &config.out;
+    // A run starts from nothing: what an earlier run left in `out` is removed (its store, its
+    // Redis files, its logs and files).
+    for dir in ["lmdb", "redis", "logs"] {
+        let _ = std::fs::remove_dir_all(out.join(dir));
+    }
+    for file in ["history", "final", "tools", "events", "info"] {
+        let _ = std::fs::remove_file(out.join(format!("{file}.jsonl")));
+    }
+    let _ = std::fs::remove_file(out.join("summary.txt"));
     std::fs::create_dir_all(out.join("logs"))
         .with_context(|| format!("cannot create {}", out.display()))?;
     let tool_log = out.join("tools.jsonl");
@@ -324,7 +334,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     if config.progress && std::io::stderr().is_terminal() {
         eprintln!();
     }
-    world.heal().await?;
+    if let Err(e) = world.heal().await {
+        log.errors.push(format!("healing at the end: {e:#}"));
+    }
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.await;
@@ -364,19 +376,9 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
             schema: tag.clone(),
         },
     };
-    let stored = final_store.read(&sessions).await?;
-    let tools = read_tools(&tool_log)?;
-    let files = Files {
-        history: history.ops(),
-        stored,
-        tools,
-        events: std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner())),
-    };
-    files.write(out)?;
-    let report = check(&files);
-    write_info(out, &report)?;
+    let stored = final_store.read(&sessions).await;
 
-    // Leave the servers as they were.
+    // Leave the servers as they were, whether the final log could be read or not.
     if let Some(r) = &mut world.redis {
         r.shutdown().await;
     }
@@ -390,6 +392,16 @@ pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     if config.tier == Tier::RedisPostgres {
         drop_keys(&config.redis_url, &tag).await;
     }
+
+    let files = Files {
+        history: history.ops(),
+        stored: stored?,
+        tools: crate::history::read_lines(&tool_log)?,
+        events: std::mem::take(&mut *events.lock().unwrap_or_else(|p| p.into_inner())),
+    };
+    files.write(out)?;
+    let report = check(&files);
+    write_info(out, &report)?;
     let summary = RunSummary {
         report,
         faults: log.by_kind,
@@ -429,26 +441,23 @@ fn progress(done: usize, total: usize, history: &History, started: Instant) {
 /// `{"input_id": "c2-41", "stored_seq": 7}` (`null`: never stored).
 fn write_info(out: &std::path::Path, report: &Report) -> anyhow::Result<()> {
     let mut text = String::new();
-    let stored = report.info_stored.iter().map(|(id, s)| (id, Some(*s)));
-    let absent = report.info_absent.iter().map(|id| (id, None));
-    for (id, seq) in stored.chain(absent) {
-        text += &serde_json::json!({"input_id": id, "stored_seq": seq}).to_string();
+    let stored = report
+        .info_stored
+        .iter()
+        .map(|(id, s)| (id, Some(*s), false));
+    let absent = report.info_absent.iter().map(|id| (id, None, false));
+    let resolved = report.info_resolved.iter().map(|id| (id, None, true));
+    for (id, seq, resolved) in stored.chain(absent).chain(resolved) {
+        let line = if resolved {
+            serde_json::json!({"input_id": id, "acknowledged_on_resend": true})
+        } else {
+            serde_json::json!({"input_id": id, "stored_seq": seq})
+        };
+        text += &line.to_string();
         text.push('\n');
     }
     std::fs::write(out.join("info.jsonl"), text)?;
     Ok(())
-}
-
-/// `tools.jsonl` as the tools wrote it.
-fn read_tools(path: &std::path::Path) -> anyhow::Result<Vec<ToolRun>> {
-    let text = std::fs::read_to_string(path)?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))
-        })
-        .collect()
 }
 
 /// Deletes the run's keys from the shared Redis (best effort).

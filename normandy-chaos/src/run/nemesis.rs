@@ -156,6 +156,11 @@ impl World {
         *log.by_kind.entry(f.kind.name()).or_insert(0) += 1;
         if let Err(e) = result {
             log.errors.push(format!("{}: {e:#}", f.kind.name()));
+            // Each fault healed before the next, even one that failed half-way.
+            if let Err(e) = self.heal().await {
+                log.errors
+                    .push(format!("healing after {}: {e:#}", f.kind.name()));
+            }
         }
     }
 
@@ -233,8 +238,14 @@ impl World {
 
     /// Every process up and running, every link passing bytes.
     pub(crate) async fn heal(&mut self) -> anyhow::Result<()> {
-        if let Some(r) = &self.redis {
-            r.pause_replica(false);
+        if let Some(r) = &mut self.redis {
+            r.heal().await?;
+            let primary = r.primary_addr();
+            for p in &self.procs {
+                if let Some(proxy) = p.link(Link::Redis) {
+                    proxy.point_at(&primary);
+                }
+            }
         }
         for p in &mut self.procs {
             for (_, proxy) in &p.links {

@@ -136,23 +136,24 @@ type Streams = HashMap<u64, tokio::sync::mpsc::UnboundedSender<Result<Entry, Cal
 
 /// A local worker's request/reply channel: requests numbered, replies matched by number.
 pub(crate) struct StdioConn {
-    stdin: tokio::sync::Mutex<ChildStdin>,
+    /// `None` once closed (the worker then shuts down).
+    stdin: tokio::sync::Mutex<Option<ChildStdin>>,
     pending: std::sync::Mutex<Pending>,
     streams: std::sync::Mutex<Streams>,
     next: AtomicU64,
 }
 
 impl StdioConn {
-    fn new(stdin: ChildStdin, stdout: tokio::process::ChildStdout) -> Arc<Self> {
+    fn new(stdin: ChildStdin, stdout: BufReader<tokio::process::ChildStdout>) -> Arc<Self> {
         let conn = Arc::new(Self {
-            stdin: tokio::sync::Mutex::new(stdin),
+            stdin: tokio::sync::Mutex::new(Some(stdin)),
             pending: std::sync::Mutex::default(),
             streams: std::sync::Mutex::default(),
             next: AtomicU64::new(1),
         });
         let reader = conn.clone();
         tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
+            let mut lines = stdout.lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
                     continue;
@@ -203,10 +204,22 @@ impl StdioConn {
         let mut line = req.to_string();
         line.push('\n');
         let mut stdin = self.stdin.lock().await;
+        let Some(stdin) = stdin.as_mut() else {
+            return false;
+        };
         stdin.write_all(line.as_bytes()).await.is_ok() && stdin.flush().await.is_ok()
     }
 
-    async fn subscribe(&self, session: &str, after: u64) -> Result<EntryStream, CallError> {
+    /// Closes the worker's stdin: it shuts down gracefully.
+    async fn close(&self) {
+        self.stdin.lock().await.take();
+    }
+
+    async fn subscribe(
+        self: &Arc<Self>,
+        session: &str,
+        after: u64,
+    ) -> Result<EntryStream, CallError> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.streams().insert(id, tx);
@@ -215,9 +228,15 @@ impl StdioConn {
             self.streams().remove(&id);
             return Err(("Unavailable".into(), "the worker exited".into()));
         }
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })))
+        let sub = Subscription {
+            rx,
+            id,
+            conn: self.clone(),
+        };
+        Ok(Box::pin(futures::stream::unfold(
+            sub,
+            |mut sub| async move { sub.rx.recv().await.map(|item| (item, sub)) },
+        )))
     }
 
     async fn call(&self, mut req: serde_json::Value) -> Result<serde_json::Value, CallError> {
@@ -237,6 +256,29 @@ impl StdioConn {
                 self.pending().remove(&id);
                 Err(timeout())
             }
+        }
+    }
+}
+
+/// A worker's subscription: dropping it ends the subscription in the worker too.
+struct Subscription {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Entry, CallError>>,
+    id: u64,
+    conn: Arc<StdioConn>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if self.conn.streams().remove(&self.id).is_none() {
+            return; // the worker ended it already
+        }
+        let (conn, id) = (self.conn.clone(), self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let next = conn.next.fetch_add(1, Ordering::Relaxed);
+                let req = json!({"id": next, "op": "unsubscribe", "session": "-", "after": id});
+                conn.write(&req).await;
+            });
         }
     }
 }
@@ -390,9 +432,7 @@ impl Proc {
                 drop(stdin);
                 Conn::Rpc(client)
             }
-            (ProcKind::Local, ["READY", _node]) => {
-                Conn::Stdio(StdioConn::new(stdin, lines.into_inner()))
-            }
+            (ProcKind::Local, ["READY", _node]) => Conn::Stdio(StdioConn::new(stdin, lines)),
             _ => {
                 let _ = child.start_kill();
                 bail!("{}: unexpected first line {first:?}", self.name);
@@ -432,12 +472,18 @@ impl Proc {
         if self.paused {
             self.pause(false);
         }
+        let conn = self.slot.conn();
         self.slot.set(None);
         let Some(mut child) = self.child.take() else {
             return;
         };
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        match conn {
+            Some(Conn::Stdio(c)) => c.close().await,
+            _ => {
+                if let Some(pid) = child.id() {
+                    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+                }
+            }
         }
         if tokio::time::timeout(Duration::from_secs(15), child.wait())
             .await

@@ -15,16 +15,25 @@ use crate::history::{Op, OpType, Streamed};
 
 /// Error kinds that promise the input was not stored: refused before anything was written,
 /// and not retryable. Everything else (timeouts, lost connections, `Fenced`, `Overloaded`,
-/// `DurabilityNotMet`, …) leaves the outcome unknown.
+/// `DurabilityNotMet`, and `NotFound`, which a commit of unknown outcome can end in) leaves the
+/// outcome unknown.
 const DEFINITE: &[&str] = &[
     "InvalidId",
     "InvalidInput",
     "InputTooLarge",
-    "NotFound",
     "AlreadyExists",
     "SessionClosed",
     "TemplateNotFound",
 ];
+
+/// How a send ended, as the history records it.
+fn classify(result: &Result<u64, CallError>) -> (OpType, Option<u64>) {
+    match result {
+        Ok(seq) => (OpType::Ok, Some(*seq)),
+        Err((kind, _)) if DEFINITE.contains(&kind.as_str()) => (OpType::Fail, None),
+        Err(_) => (OpType::Info, None),
+    }
+}
 
 /// The run's history, in the order things happened.
 pub(crate) struct History {
@@ -73,11 +82,7 @@ impl History {
         text: &str,
     ) -> OpType {
         self.record(process, OpType::Invoke, session, input_id, None);
-        let (kind, seq) = match conn.send(session, input_id, text).await {
-            Ok(seq) => (OpType::Ok, Some(seq)),
-            Err((kind, _)) if DEFINITE.contains(&kind.as_str()) => (OpType::Fail, None),
-            Err(_) => (OpType::Info, None),
-        };
+        let (kind, seq) = classify(&conn.send(session, input_id, text).await);
         self.record(process, kind, session, input_id, seq);
         kind
     }
@@ -117,6 +122,7 @@ pub(crate) async fn client(
         let (session, input_id, text) = retry.take().unwrap_or_else(|| {
             n += 1;
             let session = sessions[rng.random_range(0..sessions.len())].clone();
+            // A quarter call the non-idempotent tool, 15% the idempotent one.
             let text = match rng.random_range(0..100) {
                 0..25 => "tool call",
                 25..40 => "idem call",
@@ -154,7 +160,8 @@ pub(crate) async fn settle(
     let until = tokio::time::Instant::now() + deadline;
     let mut failed = Vec::new();
     for (i, session) in sessions.iter().enumerate() {
-        let input_id = format!("settle-{i}");
+        let mut attempt = 0;
+        let mut input_id = format!("settle-{i}");
         let mut process = first_process + i as u64 * 1000;
         let mut last: CallError = ("Unavailable".into(), "no process up".into());
         let mut done = false;
@@ -164,20 +171,21 @@ pub(crate) async fn settle(
                 continue;
             };
             history.record(process, OpType::Invoke, session, &input_id, None);
-            match conn.send(session, &input_id, "settle").await {
-                Ok(seq) => {
-                    history.record(process, OpType::Ok, session, &input_id, Some(seq));
+            let result = conn.send(session, &input_id, "settle").await;
+            let (kind, seq) = classify(&result);
+            history.record(process, kind, session, &input_id, seq);
+            match result {
+                Ok(_) => {
                     done = true;
                     break;
                 }
                 Err(e) => {
-                    let kind = if DEFINITE.contains(&e.0.as_str()) {
-                        OpType::Fail
-                    } else {
-                        OpType::Info
-                    };
-                    history.record(process, kind, session, &input_id, None);
                     process += 1;
+                    if kind == OpType::Fail {
+                        // Refused for good: the next try is a new input.
+                        attempt += 1;
+                        input_id = format!("settle-{i}-{attempt}");
+                    }
                     last = e;
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -195,7 +203,7 @@ pub(crate) type Events = Arc<std::sync::Mutex<Vec<Streamed>>>;
 
 /// One subscriber of `session`, as a UI would be: follows its entries through a random
 /// process, and when the stream breaks or it has followed a while (2–10 s), subscribes again
-/// elsewhere after the last seq it saw.
+/// through a random process (perhaps the same) after the last seq it saw.
 pub(crate) async fn subscriber(
     index: u64,
     seed: u64,
