@@ -145,7 +145,14 @@ const LEASE: Duration = Duration::from_millis(1500);
 /// Runs one fault run and writes its files into `config.out`.
 pub async fn run(config: &RunConfig) -> anyhow::Result<RunSummary> {
     let started = Instant::now();
-    let out = &config.out;
+    std::fs::create_dir_all(&config.out)
+        .with_context(|| format!("cannot create {}", config.out.display()))?;
+    // Absolute: redis-server opens its log file after changing into its `--dir`, and the
+    // processes are handed paths they must resolve the same way.
+    let out = &config
+        .out
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", config.out.display()))?;
     // A run starts from nothing: what an earlier run left in `out` is removed (its store, its
     // Redis files, its logs and files).
     for dir in ["lmdb", "redis", "logs"] {
