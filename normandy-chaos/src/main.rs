@@ -1,15 +1,16 @@
 //! `normandy-chaos`: a fault run against real node processes, or the checker on a run's files.
 //!
 //! ```text
-//! normandy-chaos run --tier 0d|1|2|2p|2r --faults N --seed S --out DIR
+//! normandy-chaos run --tier 0d|1|2|2p|2r[,…] --faults N --seed S --out DIR
 //!     [--clients 6] [--sessions 8] [--node-bin PATH] [--no-wait] [--quiet]
 //! normandy-chaos check DIR
 //! ```
 //! `run` finds `normandy-node` beside its own executable unless `--node-bin` says where;
 //! Postgres at `NORMANDY_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`)
 //! and Redis at `NORMANDY_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`); tier 2r starts a
-//! Redis primary and replica of its own with `redis-server`. It exits 1 when the checker finds a
-//! violation or a session takes no input once the faults are healed. `check` re-checks a run's
+//! Redis primary and replica of its own with `redis-server`. Several tiers (`--tier 0d,1,2p`)
+//! run one after the other, each into `DIR/<tier>`. It exits 1 when the checker finds a
+//! violation or a session takes no input once the faults are healed, in any tier. `check` re-checks a run's
 //! files (`history.jsonl`, `final.jsonl`, `tools.jsonl`, and `events.jsonl` if present).
 
 use std::collections::HashMap;
@@ -20,7 +21,7 @@ use normandy_chaos::run::{RunConfig, Tier, run};
 use normandy_chaos::{Files, check};
 
 const USAGE: &str = "usage:
-  normandy-chaos run --tier 0d|1|2|2p|2r --faults N --seed S --out DIR
+  normandy-chaos run --tier 0d|1|2|2p|2r[,…] --faults N --seed S --out DIR
       [--clients 6] [--sessions 8] [--node-bin PATH] [--no-wait] [--quiet]
   normandy-chaos check DIR";
 
@@ -31,14 +32,29 @@ fn main() -> anyhow::Result<()> {
     };
     match cmd.as_str() {
         "run" => {
-            let config = config(rest)?;
+            let configs = configs(rest)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            let summary = rt.block_on(run(&config))?;
-            print!("{}", summary.table(&config));
-            println!("files in {}", config.out.display());
-            if !summary.passed() {
+            // Every tier runs, even after one failed: the summary names each verdict.
+            let mut failed = Vec::new();
+            for config in &configs {
+                match rt.block_on(run(config)) {
+                    Ok(summary) => {
+                        print!("{}", summary.table(config));
+                        println!("files in {}", config.out.display());
+                        if !summary.passed() {
+                            failed.push(config.tier.name());
+                        }
+                    }
+                    Err(e) => {
+                        println!("tier {}: the run failed: {e:#}", config.tier.name());
+                        failed.push(config.tier.name());
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                eprintln!("failed: tier {}", failed.join(", "));
                 std::process::exit(1);
             }
             Ok(())
@@ -59,6 +75,36 @@ fn main() -> anyhow::Result<()> {
         }
         other => bail!("unknown command {other:?}\n{USAGE}"),
     }
+}
+
+/// One run's settings per tier of `--tier` (a comma-separated list; with several, each
+/// writes into `--out`/<tier>).
+fn configs(args: &[String]) -> anyhow::Result<Vec<RunConfig>> {
+    let base = config(args)?;
+    let tiers = tier_list(args)?;
+    if tiers.len() == 1 {
+        return Ok(vec![RunConfig {
+            tier: tiers[0],
+            ..base
+        }]);
+    }
+    Ok(tiers
+        .into_iter()
+        .map(|tier| RunConfig {
+            tier,
+            out: base.out.join(tier.name()),
+            ..base.clone()
+        })
+        .collect())
+}
+
+fn tier_list(args: &[String]) -> anyhow::Result<Vec<Tier>> {
+    let list = args
+        .iter()
+        .position(|a| a == "--tier")
+        .and_then(|i| args.get(i + 1))
+        .with_context(|| format!("missing --tier\n{USAGE}"))?;
+    list.split(',').map(|t| Tier::parse(t.trim())).collect()
 }
 
 fn config(args: &[String]) -> anyhow::Result<RunConfig> {
@@ -109,7 +155,7 @@ fn config(args: &[String]) -> anyhow::Result<RunConfig> {
     }
     let env = |k: &str, default: &str| std::env::var(k).unwrap_or_else(|_| default.to_string());
     Ok(RunConfig {
-        tier: Tier::parse(&need("tier")?)?,
+        tier: tier_list(args)?[0],
         faults: number("faults", None)? as usize,
         seed: number("seed", None)?,
         out: PathBuf::from(need("out")?),

@@ -32,7 +32,7 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   bench <engine|llm|lmdb|postgres|redis|all> [--quick]
                       benchmarks, each beside its raw baseline from the same run
-  chaos --tier <0d|1|2|2p|2r> --faults N --seed S --out DIR [--clients 6] [--sessions 8]
+  chaos --tier <0d|1|2|2p|2r>[,…] --faults N --seed S --out DIR [--clients 6] [--sessions 8]
         [--no-wait] [--quiet]
                       a fault run against real node processes, checked (normandy-chaos)
   llm-server [--model qwen|gemma] [--port N] [--print-env]
