@@ -118,47 +118,37 @@ impl DemoTools {
     }
 }
 
-/// The non-idempotent demo tool: counts its runs per call id.
-struct CountTool(DemoTools);
-
-#[async_trait]
-impl Tool for CountTool {
-    fn spec(&self) -> ToolSpec {
-        ToolSpec {
-            name: "count".into(),
-            description: "Counts how often this call ran (a stand-in for a paid action).".into(),
-            input_schema: serde_json::json!({"type": "object"}),
-        }
-    }
-
-    fn idempotent(&self) -> bool {
-        false
-    }
-
-    async fn call(&self, _input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
-        self.0.run(&ctx, false).await
-    }
+/// A demo tool: `count` (non-idempotent: counts its runs per call id, a stand-in for a paid
+/// action) or `lookup` (idempotent: safe to run again under the same key).
+struct DemoTool {
+    tools: DemoTools,
+    idempotent: bool,
 }
 
-/// The idempotent demo tool: safe to run again under the same key.
-struct LookupTool(DemoTools);
-
 #[async_trait]
-impl Tool for LookupTool {
+impl Tool for DemoTool {
     fn spec(&self) -> ToolSpec {
+        let (name, description) = if self.idempotent {
+            ("lookup", "Looks something up (safe to repeat).")
+        } else {
+            (
+                "count",
+                "Counts how often this call ran (a stand-in for a paid action).",
+            )
+        };
         ToolSpec {
-            name: "lookup".into(),
-            description: "Looks something up (safe to repeat).".into(),
+            name: name.into(),
+            description: description.into(),
             input_schema: serde_json::json!({"type": "object"}),
         }
     }
 
     fn idempotent(&self) -> bool {
-        true
+        self.idempotent
     }
 
     async fn call(&self, _input: serde_json::Value, ctx: ToolContext) -> ToolOutput {
-        self.0.run(&ctx, true).await
+        self.tools.run(&ctx, self.idempotent).await
     }
 }
 
@@ -198,8 +188,14 @@ pub(crate) fn catalog(
         (
             ConfigTemplate::new(name, "scripted").resume_policy(policy),
             CatalogEntry::with_client(demo_client(model_latency))
-                .tool(CountTool(tools.clone()))
-                .tool(LookupTool(tools.clone())),
+                .tool(DemoTool {
+                    tools: tools.clone(),
+                    idempotent: false,
+                })
+                .tool(DemoTool {
+                    tools: tools.clone(),
+                    idempotent: true,
+                }),
         )
     };
     let (t1, e1) = entry(ResumePolicy::Lazy);

@@ -396,20 +396,18 @@ pub(crate) struct EntryFields {
 
 impl EntryFields {
     pub(crate) fn of(e: &normandy_core::Entry) -> Self {
-        let kind = serde_json::to_value(&e.payload)
-            .ok()
-            .and_then(|v| v.get("kind").and_then(|k| k.as_str()).map(String::from))
-            .unwrap_or_else(|| "unknown".into());
-        let (input_id, call_id, in_doubt) = match &e.payload {
+        let (input_id, call_id) = match &e.payload {
             EntryPayload::Input { input_id, .. } | EntryPayload::TurnEnd { input_id, .. } => {
-                (Some(input_id.to_string()), None, false)
+                (Some(input_id.to_string()), None)
             }
-            EntryPayload::ToolStarted { call_id, .. } => (None, Some(call_id.clone()), false),
-            EntryPayload::ToolResult {
-                call_id, in_doubt, ..
-            } => (None, Some(call_id.clone()), in_doubt.is_some()),
-            _ => (None, None, false),
+            EntryPayload::ToolStarted { call_id, .. }
+            | EntryPayload::ToolResult { call_id, .. } => (None, Some(call_id.clone())),
+            EntryPayload::Assistant { .. } => (None, None),
         };
+        let (kind, in_doubt) = (
+            e.payload.kind_name().to_string(),
+            e.payload.in_doubt().is_some(),
+        );
         Self {
             kind,
             input_id,

@@ -19,6 +19,7 @@ use anyhow::Context;
 pub use backend::Tier;
 use backend::{FinalStore, RedisPair, create_schema, host_port};
 use nemesis::{NemesisLog, World, schedule};
+pub use procs::die_with_parent;
 use procs::{Link, Proc, ProcKind, SECRET};
 use workload::History;
 

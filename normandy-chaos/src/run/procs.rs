@@ -495,9 +495,10 @@ impl Proc {
     }
 }
 
-/// Has the kernel SIGKILL the child if the harness dies, so no node outlives a run.
+/// Has the kernel SIGKILL the child when its parent dies (`PR_SET_PDEATHSIG`), so no node
+/// outlives a harness or a test that was killed.
 #[allow(unsafe_code)]
-pub(crate) fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
     // is async-signal-safe.
     unsafe {

@@ -176,7 +176,7 @@ impl Node {
             cmd.args(["--postgres-url", &url])
                 .args(["--postgres-schema", schema]);
         }
-        set_pdeathsig(&mut cmd);
+        normandy_chaos::run::die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("spawn normandy-node");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
@@ -285,17 +285,6 @@ impl Node {
         self.client
             .send(id, input.clone(), vec![ContentBlock::text(text)])
             .await
-    }
-}
-
-#[allow(unsafe_code)]
-fn set_pdeathsig(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which
-    // is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
     }
 }
 
